@@ -1,0 +1,592 @@
+"""Gaussians over a flat parameter vector in three structures with one interface.
+
+* :class:`DenseGaussian` ``N(m, L L^T)``                     exact, O(p^2) memory;
+* :class:`LowRankGaussian` ``N(m, W W^T + diag(d))``         O(p k) memory;
+* :class:`DiagGaussian` ``N(m, diag(s^2))``                  the uncorrelated case.
+
+Two closed operations (DESIGN.md): ``condition(I, v)`` fixes coordinates ``I`` to ``v`` and returns the
+Gaussian over the complement ``K`` (mean ``m_K + S_KI S_II^{-1}(v - m_I)``, covariance
+``S_KK - S_KI S_II^{-1} S_IK``, by Cholesky solves; Woodbury for low-rank), and ``marginalize(K)``.
+Both keep the structure. ``kl`` is closed form between any two structures and differentiable, so it
+is also the KL term of the ELBO. Nothing here knows about networks or data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .layout import Layout
+
+__all__ = [
+    "Gaussian",
+    "DenseGaussian",
+    "LowRankGaussian",
+    "DiagGaussian",
+    "NotPositiveDefiniteError",
+    "load",
+    "cholesky_jitter",
+    "FORMAT_VERSION",
+]
+
+FORMAT_VERSION = 1
+#: relative jitter levels tried (times the mean diagonal) when a block is not numerically PD
+JITTER_LEVELS = (0.0, 1e-12, 1e-10, 1e-8, 1e-6)
+
+
+class NotPositiveDefiniteError(ValueError):
+    """A covariance (block) could not be made positive definite within the jitter policy."""
+
+
+def cholesky_jitter(a: torch.Tensor, what: str = "covariance") -> torch.Tensor:
+    """Cholesky factor of a symmetric matrix with the package's jitter policy.
+
+    Tries ``a + eps * mean(diag(a)) * I`` for ``eps`` in :data:`JITTER_LEVELS`; warns with the amount
+    used when ``eps > 0``; raises :class:`NotPositiveDefiniteError` when even the largest fails.
+    """
+    if a.shape[-1] == 0:
+        return a.clone()
+    scale = a.diagonal(dim1=-2, dim2=-1).abs().mean().clamp_min(torch.finfo(a.dtype).tiny)
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    for eps in JITTER_LEVELS:
+        m = a if eps == 0 else a + (eps * scale) * eye
+        L, info = torch.linalg.cholesky_ex(m)
+        if int(info.max()) == 0 and bool(torch.isfinite(L).all()):
+            if eps > 0:
+                warnings.warn(
+                    f"{what} was not numerically positive definite; added jitter {eps * float(scale):.3g} "
+                    f"({eps:g} x mean diagonal) to the diagonal",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return L
+    raise NotPositiveDefiniteError(
+        f"{what} ({a.shape[-1]}x{a.shape[-1]}) is not positive definite even with jitter "
+        f"{JITTER_LEVELS[-1]:g} x mean diagonal; the matrix is singular or indefinite "
+        "(check for NaN/inf, duplicated coordinates, or coordinates that are exact functions of others)"
+    )
+
+
+def _as_index(index: Sequence[int] | torch.Tensor, p: int) -> torch.Tensor:
+    t = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+    if t.numel():
+        if int(t.min()) < 0 or int(t.max()) >= p:
+            raise IndexError(f"coordinate indices out of range for a Gaussian of dimension {p}")
+        if t.unique().numel() != t.numel():
+            raise ValueError("repeated coordinate indices; each coordinate can be fixed only once")
+    return t
+
+
+def _complement(index: torch.Tensor, p: int) -> torch.Tensor:
+    mask = torch.ones(p, dtype=torch.bool)
+    mask[index] = False
+    return mask.nonzero().reshape(-1)
+
+
+def _tri_solve(L: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.solve_triangular(L, b, upper=False)
+
+
+class Gaussian(ABC):
+    """A Gaussian over a flat vector, with an optional :class:`Layout` naming its coordinates."""
+
+    kind: str = ""
+
+    def __init__(self, loc: torch.Tensor, layout: Layout | None = None, meta: dict | None = None):
+        if loc.dim() != 1:
+            raise ValueError(f"loc must be a vector [p], got shape {tuple(loc.shape)}")
+        self.loc = loc
+        if layout is not None and layout.size != loc.shape[-1]:
+            raise ValueError(
+                f"layout has p={layout.size} coordinates but the Gaussian has {loc.shape[-1]}; "
+                "the posterior does not belong to this architecture"
+            )
+        self.layout = layout
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def dim(self) -> int:
+        return self.loc.shape[-1]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.loc
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.loc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.loc.device
+
+    @property
+    @abstractmethod
+    def variance(self) -> torch.Tensor: ...
+
+    @abstractmethod
+    def covariance(self) -> torch.Tensor:
+        """The dense p x p covariance (only when asked: O(p^2) memory)."""
+
+    @abstractmethod
+    def _factor_form(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(A, e)`` with covariance ``A A^T + diag(e)`` (either may be None)."""
+
+    @abstractmethod
+    def logdet(self) -> torch.Tensor:
+        """log det of the covariance."""
+
+    @abstractmethod
+    def _quad(self, b: torch.Tensor) -> torch.Tensor:
+        """``b_j^T S^{-1} b_j`` for each column of ``b`` (``[p, n]`` -> ``[n]``)."""
+
+    @abstractmethod
+    def _trace_inv(self, A: torch.Tensor | None, e: torch.Tensor | None) -> torch.Tensor:
+        """``tr(S^{-1} (A A^T + diag(e)))``."""
+
+    @abstractmethod
+    def _replace(self, **tensors: torch.Tensor) -> Gaussian: ...
+
+    @abstractmethod
+    def _tensors(self) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def rsample(self, n: int = 1, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def sample(self, n: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws, shape ``[n, p]``."""
+        with torch.no_grad():
+            return self.rsample(n, generator)
+
+    def _eps(self, *shape: int, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randn(*shape, dtype=self.dtype, device=self.device, generator=generator)
+
+    # ----------------------------------------------------------------- densities
+    def mahalanobis(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - m)^T S^{-1} (x - m)`` for ``x`` of shape ``[..., p]``."""
+        diff = x - self.loc
+        flat = diff.reshape(-1, self.dim).T
+        return self._quad(flat).reshape(diff.shape[:-1])
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Log density at ``x`` of shape ``[..., p]``."""
+        return -0.5 * (self.dim * math.log(2 * math.pi) + self.logdet() + self.mahalanobis(x))
+
+    def entropy(self) -> torch.Tensor:
+        return 0.5 * (self.dim * (1 + math.log(2 * math.pi)) + self.logdet())
+
+    def kl(self, other: Gaussian) -> torch.Tensor:
+        """Closed-form ``KL(self || other)`` for any pair of structures (differentiable)."""
+        if other.dim != self.dim:
+            raise ValueError(f"KL between Gaussians of dimension {self.dim} and {other.dim}")
+        A, e = self._factor_form()
+        tr = other._trace_inv(A, e)
+        diff = (other.loc - self.loc).unsqueeze(-1)
+        maha = other._quad(diff).sum()
+        return 0.5 * (tr + maha - self.dim + other.logdet() - self.logdet())
+
+    # ----------------------------------------------------------------- structure operations
+    @abstractmethod
+    def marginalize(self, keep: Sequence[int] | torch.Tensor) -> Gaussian:
+        """``N(m_K, S_KK)`` over coordinates ``keep`` (in the given order)."""
+
+    @abstractmethod
+    def _condition(self, I: torch.Tensor, K: torch.Tensor, v: torch.Tensor) -> Gaussian: ...
+
+    def condition(
+        self,
+        index: Sequence[int] | torch.Tensor,
+        value: float | torch.Tensor = 0.0,
+        layout: Layout | None = None,
+    ) -> Gaussian:
+        """Fix coordinates ``index`` to ``value``; the Gaussian over the remaining coordinates, in order.
+
+        ``value`` is a scalar or a vector of ``len(index)``. ``layout`` names the result's coordinates.
+        """
+        I = _as_index(index, self.dim)
+        if I.numel() == self.dim:
+            raise ValueError("cannot condition on every coordinate: nothing would remain")
+        v = torch.as_tensor(value, dtype=self.dtype, device=self.device)
+        v = v.expand(I.shape) if v.dim() == 0 else v.reshape(-1)
+        if v.shape != I.shape:
+            raise ValueError(f"{I.numel()} coordinates to fix but {v.numel()} values given")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("conditioning values contain NaN or inf")
+        K = _complement(I, self.dim)
+        if I.numel() == 0:
+            out = self._replace()
+        else:
+            out = self._condition(I.to(self.device), K.to(self.device), v)
+        out.layout = layout
+        if layout is not None and layout.size != out.dim:
+            raise ValueError(f"result layout has p={layout.size} but {out.dim} coordinates remain")
+        return out
+
+    def tempered(self, tau: float) -> Gaussian:
+        """The same Gaussian with covariance multiplied by ``tau`` (``tau >= 1`` weakens a prior)."""
+        if not tau > 0:
+            raise ValueError(f"temperature must be positive, got {tau}")
+        return self._scaled(math.sqrt(tau))
+
+    @abstractmethod
+    def _scaled(self, c: float) -> Gaussian: ...
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Gaussian:
+        t = {k: v.to(device=device, dtype=dtype) for k, v in self._tensors().items()}
+        return type(self)(**t, layout=self.layout, meta=self.meta)
+
+    def detach(self) -> Gaussian:
+        t = {k: v.detach() for k, v in self._tensors().items()}
+        return type(self)(**t, layout=self.layout, meta=self.meta)
+
+    @abstractmethod
+    def precision(self) -> torch.Tensor:
+        """Dense p x p precision (only when asked)."""
+
+    @abstractmethod
+    def to_pyro(self):
+        """The matching Pyro distribution (event shape ``[p]``)."""
+
+    # ----------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write tensors, layout and metadata to one file, atomically. Refuses to overwrite by default."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": "pyro-distill-gaussian",
+            "version": FORMAT_VERSION,
+            "kind": self.kind,
+            "tensors": {k: v.detach().cpu() for k, v in self._tensors().items()},
+            "layout": self.layout.to_dict() if self.layout is not None else None,
+            "meta": self.meta,
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.dim}, dtype={self.dtype})"
+
+
+# ============================================================================ dense
+class DenseGaussian(Gaussian):
+    """``N(loc, L L^T)`` with ``L = scale_tril`` lower triangular, positive diagonal."""
+
+    kind = "dense"
+
+    def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor, layout: Layout | None = None,
+                 meta: dict | None = None):
+        super().__init__(loc, layout, meta)
+        p = loc.shape[-1]
+        if scale_tril.shape != (p, p):
+            raise ValueError(f"scale_tril must be [{p}, {p}], got {tuple(scale_tril.shape)}")
+        self.scale_tril = scale_tril
+
+    @classmethod
+    def from_covariance(cls, loc: torch.Tensor, cov: torch.Tensor, **kw) -> DenseGaussian:
+        cov = 0.5 * (cov + cov.T)
+        return cls(loc, cholesky_jitter(cov, "covariance"), **kw)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.scale_tril**2).sum(-1)
+
+    def covariance(self) -> torch.Tensor:
+        return self.scale_tril @ self.scale_tril.T
+
+    def _factor_form(self):
+        return self.scale_tril, None
+
+    def logdet(self) -> torch.Tensor:
+        return 2 * self.scale_tril.diagonal().abs().log().sum()
+
+    def _quad(self, b):
+        return (_tri_solve(self.scale_tril, b) ** 2).sum(0)
+
+    def precision(self):
+        Linv = _tri_solve(self.scale_tril, torch.eye(self.dim, dtype=self.dtype, device=self.device))
+        return Linv.T @ Linv
+
+    def _trace_inv(self, A, e):
+        out = torch.zeros((), dtype=self.dtype, device=self.device)
+        if A is not None:
+            out = out + (_tri_solve(self.scale_tril, A) ** 2).sum()
+        if e is not None:
+            Linv = _tri_solve(self.scale_tril, torch.eye(self.dim, dtype=self.dtype, device=self.device))
+            out = out + ((Linv**2).sum(0) * e).sum()
+        return out
+
+    def rsample(self, n=1, generator=None):
+        z = self._eps(n, self.dim, generator=generator)
+        return self.loc + z @ self.scale_tril.T
+
+    def marginalize(self, keep):
+        K = _as_index(keep, self.dim).to(self.device)
+        if K.numel() and bool((K == torch.arange(K.numel(), device=K.device)).all()):
+            return DenseGaussian(self.loc[K], self.scale_tril[: K.numel(), : K.numel()].clone())
+        LK = self.scale_tril[K]
+        return DenseGaussian(self.loc[K], cholesky_jitter(LK @ LK.T, "marginal covariance"))
+
+    def _condition(self, I, K, v):
+        L = self.scale_tril
+        LI, LK = L[I], L[K]
+        # The columns past the largest row index of a lower-triangular L are zero: skip them.
+        cI = int(I.max()) + 1
+        S_II = LI[:, :cI] @ LI[:, :cI].T
+        S_KI = LK[:, :cI] @ LI[:, :cI].T
+        C = cholesky_jitter(S_II, "covariance of the conditioned coordinates")
+        A = _tri_solve(C, S_KI.T)  # C^{-1} S_IK, |I| x |K|
+        r = _tri_solve(C, (v - self.loc[I]).unsqueeze(-1)).squeeze(-1)
+        loc = self.loc[K] + A.T @ r
+        S_KK = LK @ LK.T
+        S_KK.sub_(A.T @ A)
+        S_KK = 0.5 * (S_KK + S_KK.T)
+        return DenseGaussian(loc, cholesky_jitter(S_KK, "conditional covariance"))
+
+    def _scaled(self, c):
+        return DenseGaussian(self.loc, self.scale_tril * c, self.layout, self.meta)
+
+    def _replace(self, **t):
+        d = self._tensors() | t
+        return DenseGaussian(**d, layout=self.layout, meta=self.meta)
+
+    def _tensors(self):
+        return {"loc": self.loc, "scale_tril": self.scale_tril}
+
+    def to_pyro(self):
+        import pyro.distributions as dist
+
+        return dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril, validate_args=False)
+
+
+# ============================================================================ low rank
+class LowRankGaussian(Gaussian):
+    """``N(loc, W W^T + diag(d))`` with ``W = cov_factor`` ``[p, k]`` and ``d = cov_diag > 0``."""
+
+    kind = "lowrank"
+    #: rows processed at once when conditioning (bounds the temporary memory)
+    chunk_rows = 1 << 17
+
+    def __init__(self, loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: torch.Tensor,
+                 layout: Layout | None = None, meta: dict | None = None):
+        super().__init__(loc, layout, meta)
+        p = loc.shape[-1]
+        if cov_factor.dim() != 2 or cov_factor.shape[0] != p:
+            raise ValueError(f"cov_factor must be [{p}, k], got {tuple(cov_factor.shape)}")
+        if cov_diag.shape != (p,):
+            raise ValueError(f"cov_diag must be [{p}], got {tuple(cov_diag.shape)}")
+        self.cov_factor = cov_factor
+        self.cov_diag = cov_diag
+
+    @property
+    def rank(self) -> int:
+        return self.cov_factor.shape[-1]
+
+    @property
+    def variance(self):
+        return (self.cov_factor**2).sum(-1) + self.cov_diag
+
+    def covariance(self):
+        return self.cov_factor @ self.cov_factor.T + torch.diag(self.cov_diag)
+
+    def _factor_form(self):
+        return self.cov_factor, self.cov_diag
+
+    def _capacitance_tril(self) -> torch.Tensor:
+        W, d = self.cov_factor, self.cov_diag
+        Wt = W / d.unsqueeze(-1)
+        C = W.T @ Wt
+        C.diagonal().add_(1.0)
+        return torch.linalg.cholesky(C)
+
+    def logdet(self):
+        return self.cov_diag.log().sum() + 2 * self._capacitance_tril().diagonal().log().sum()
+
+    def _quad(self, b):
+        # Woodbury: b^T S^{-1} b = b^T D^{-1} b - ||L_C^{-1} W^T D^{-1} b||^2
+        W, d = self.cov_factor, self.cov_diag
+        db = b / d.unsqueeze(-1)
+        t = _tri_solve(self._capacitance_tril(), W.T @ db)
+        return (b * db).sum(0) - (t**2).sum(0)
+
+    def precision(self):
+        W, d = self.cov_factor, self.cov_diag
+        Lc = self._capacitance_tril()
+        T = _tri_solve(Lc, (W / d.unsqueeze(-1)).T)
+        return torch.diag(1 / d) - T.T @ T
+
+    def _trace_inv(self, A, e):
+        W, d = self.cov_factor, self.cov_diag
+        Lc = self._capacitance_tril()
+        Wd = W / d.unsqueeze(-1)  # D^{-1} W
+        out = torch.zeros((), dtype=self.dtype, device=self.device)
+        if A is not None:
+            out = out + ((A**2) / d.unsqueeze(-1)).sum() - (_tri_solve(Lc, Wd.T @ A) ** 2).sum()
+        if e is not None:
+            Tcols = _tri_solve(Lc, Wd.T)  # k x p
+            out = out + (e / d).sum() - ((Tcols**2).sum(0) * e).sum()
+        return out
+
+    def rsample(self, n=1, generator=None):
+        z = self._eps(n, self.rank, generator=generator)
+        eps = self._eps(n, self.dim, generator=generator)
+        return self.loc + z @ self.cov_factor.T + eps * self.cov_diag.sqrt()
+
+    def marginalize(self, keep):
+        K = _as_index(keep, self.dim).to(self.device)
+        return LowRankGaussian(self.loc[K], self.cov_factor[K], self.cov_diag[K])
+
+    def _condition(self, I, K, v):
+        # Woodbury: with C = I_k + W_I^T D_I^{-1} W_I = L_C L_C^T,
+        #   mean = m_K + W_K C^{-1} W_I^T D_I^{-1} (v - m_I),  cov = D_K + (W_K L_C^{-T})(W_K L_C^{-T})^T.
+        W, d = self.cov_factor, self.cov_diag
+        WI, dI = W[I], d[I]
+        C = WI.T @ (WI / dI.unsqueeze(-1))
+        C.diagonal().add_(1.0)
+        Lc = cholesky_jitter(C, "capacitance matrix")
+        r = WI.T @ ((v - self.loc[I]) / dI)  # k
+        s = torch.cholesky_solve(r.unsqueeze(-1), Lc).squeeze(-1)  # C^{-1} W_I^T D_I^{-1}(v - m_I)
+        # new factor W_K L_C^{-T}, computed in row chunks so no |K| x k temporary beyond the result
+        Tinv_T = _tri_solve(Lc, torch.eye(Lc.shape[0], dtype=W.dtype, device=W.device)).T  # L_C^{-T}, k x k
+        newW = torch.empty(K.numel(), W.shape[1], dtype=W.dtype, device=W.device)
+        loc = torch.empty(K.numel(), dtype=W.dtype, device=W.device)
+        for a in range(0, K.numel(), self.chunk_rows):
+            kk = K[a : a + self.chunk_rows]
+            Wk = W[kk]
+            torch.matmul(Wk, Tinv_T, out=newW[a : a + kk.numel()])
+            torch.addmv(self.loc[kk], Wk, s, out=loc[a : a + kk.numel()])
+            del Wk
+        return LowRankGaussian(loc, newW, d[K])
+
+    def _scaled(self, c):
+        return LowRankGaussian(self.loc, self.cov_factor * c, self.cov_diag * c**2, self.layout, self.meta)
+
+    def _replace(self, **t):
+        d = self._tensors() | t
+        return LowRankGaussian(**d, layout=self.layout, meta=self.meta)
+
+    def _tensors(self):
+        return {"loc": self.loc, "cov_factor": self.cov_factor, "cov_diag": self.cov_diag}
+
+    def to_pyro(self):
+        import pyro.distributions as dist
+
+        return dist.LowRankMultivariateNormal(self.loc, self.cov_factor, self.cov_diag, validate_args=False)
+
+
+# ============================================================================ diagonal
+class DiagGaussian(Gaussian):
+    """``N(loc, diag(scale^2))``: conditioning drops coordinates."""
+
+    kind = "diag"
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, layout: Layout | None = None,
+                 meta: dict | None = None):
+        super().__init__(loc, layout, meta)
+        if scale.shape != loc.shape:
+            raise ValueError(f"scale must have shape {tuple(loc.shape)}, got {tuple(scale.shape)}")
+        self.scale = scale
+
+    @property
+    def variance(self):
+        return self.scale**2
+
+    def covariance(self):
+        return torch.diag(self.scale**2)
+
+    def _factor_form(self):
+        return None, self.scale**2
+
+    def logdet(self):
+        return 2 * self.scale.log().sum()
+
+    def _quad(self, b):
+        return ((b / self.scale.unsqueeze(-1)) ** 2).sum(0)
+
+    def precision(self):
+        return torch.diag(self.scale**-2)
+
+    def _trace_inv(self, A, e):
+        out = torch.zeros((), dtype=self.dtype, device=self.device)
+        var = self.scale**2
+        if A is not None:
+            out = out + (torch.linalg.vector_norm(A, dim=-1) ** 2 / var).sum()
+        if e is not None:
+            out = out + (e / var).sum()
+        return out
+
+    def rsample(self, n=1, generator=None):
+        return self.loc + self._eps(n, self.dim, generator=generator) * self.scale
+
+    def marginalize(self, keep):
+        K = _as_index(keep, self.dim).to(self.device)
+        return DiagGaussian(self.loc[K], self.scale[K])
+
+    def _condition(self, I, K, v):
+        return DiagGaussian(self.loc[K], self.scale[K])
+
+    def _scaled(self, c):
+        return DiagGaussian(self.loc, self.scale * c, self.layout, self.meta)
+
+    def _replace(self, **t):
+        d = self._tensors() | t
+        return DiagGaussian(**d, layout=self.layout, meta=self.meta)
+
+    def _tensors(self):
+        return {"loc": self.loc, "scale": self.scale}
+
+    def to_pyro(self):
+        import pyro.distributions as dist
+
+        return dist.Normal(self.loc, self.scale, validate_args=False).to_event(1)
+
+
+_KINDS: dict[str, type[Gaussian]] = {c.kind: c for c in (DenseGaussian, LowRankGaussian, DiagGaussian)}
+
+
+def load(path: str | os.PathLike, layout: Layout | None = None, map_location: str = "cpu") -> Gaussian:
+    """Read a Gaussian written by :meth:`Gaussian.save`.
+
+    When ``layout`` is given, the saved layout must equal it (a posterior of another architecture is
+    refused with both layouts in the message).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no saved Gaussian at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise ValueError(f"{path} is not a readable pyro-distill Gaussian file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != "pyro-distill-gaussian":
+        raise ValueError(f"{path} is not a pyro-distill Gaussian file")
+    if payload.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer format version {payload['version']}; upgrade pyro-distill")
+    kind = payload.get("kind")
+    if kind not in _KINDS:
+        raise ValueError(f"{path}: unknown Gaussian kind {kind!r}")
+    saved_layout = Layout.from_dict(payload["layout"]) if payload.get("layout") is not None else None
+    if layout is not None and saved_layout is not None and saved_layout != layout:
+        raise ValueError(
+            f"{path} holds a posterior of another architecture:\n  saved:    {saved_layout}\n  expected: {layout}"
+        )
+    try:
+        return _KINDS[kind](**payload["tensors"], layout=saved_layout or layout, meta=payload.get("meta") or {})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: inconsistent tensors for a {kind} Gaussian: {exc}") from exc

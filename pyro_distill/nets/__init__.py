@@ -1,0 +1,6 @@
+"""Networks as Pyro models over one flat latent site ``"w"``."""
+
+from .base import LIKELIHOODS, BayesianNet, net_from_config, register_net
+from .mlp import ACTIVATIONS, IDEMPOTENT, MLP
+
+__all__ = ["BayesianNet", "MLP", "ACTIVATIONS", "IDEMPOTENT", "LIKELIHOODS", "net_from_config", "register_net"]
