@@ -1,0 +1,1 @@
+"""Subcommands of ``pyro-distill``, one module per area."""
