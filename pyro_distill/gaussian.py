@@ -373,7 +373,11 @@ class DenseGaussian(Gaussian):
     def to_pyro(self):
         import pyro.distributions as dist
 
-        return dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril, validate_args=False)
+        L = self.scale_tril
+        neg = L.diagonal() < 0
+        if bool(neg.any()):  # only |L_ii| matters here, but Pyro's log det takes log(L_ii): flip those columns
+            L = L * torch.where(neg, -1.0, 1.0).to(L.dtype)
+        return dist.MultivariateNormal(self.loc, scale_tril=L, validate_args=False)
 
 
 # ============================================================================ low rank
