@@ -1,5 +1,9 @@
 """Network surgery: removal operations that map an architecture and the Gaussian over its weights."""
 
 from .base import Operation, Plan, SurgeryError, apply, embed, operation_from_dict, register_operation
+from .mlp import RemoveLayer, RemoveNeurons, SameFamily, remove_layer, remove_neurons, same_family
+from .plan import SELECTORS, plan
 
 __all__ = ["Operation", "Plan", "SurgeryError", "apply", "embed", "operation_from_dict", "register_operation"]
+__all__ += ["SameFamily", "RemoveNeurons", "RemoveLayer", "same_family", "remove_neurons", "remove_layer",
+            "plan", "SELECTORS"]
