@@ -1,0 +1,662 @@
+"""ArviZ diagnostics of a Gaussian posterior over a network's flat weights, before and after removal.
+
+* :func:`to_inference_data` turns ``(net, q, X, y)`` into an ``az.InferenceData``: ``posterior`` (one
+  variable per layout block, with named dims), ``posterior_predictive``, pointwise ``log_likelihood``,
+  ``observed_data``, ``constant_data`` and ``sample_stats`` (``lp = log p(w, D)``, ``log_q``), so LOO,
+  WAIC and the posterior k-hat can all be recomputed from a saved file.
+* :func:`posterior_khat`: the Pareto k-hat of the importance ratios ``log p(w, D) - log q(w)`` over draws
+  of ``q`` (Yao et al. 2018, "Yes, but did it work?"): k < 0.5 good, 0.5-0.7 usable, > 0.7 unreliable.
+* :func:`diagnose`: PSIS-LOO, WAIC, ``az.compare`` and the k-hat of several models (teacher, the
+  conditioned teacher = the student prior, students) on the same data, as one table.
+* :func:`nuts_reference` / :func:`compare_to_reference`: Pyro NUTS on the network's own Pyro model as
+  the reference posterior of a small net, and how far the SVI Gaussian is from it.
+
+LOO, WAIC and k-hat are computed on the data the posterior was fitted to (the training split): that
+is what they estimate. The test split enters only as a held-out log predictive density.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .gaussian import Gaussian
+from .nets.base import BayesianNet
+
+with warnings.catch_warnings():  # arviz 0.23 announces its 1.0 refactor on import
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az
+
+__all__ = [
+    "to_inference_data",
+    "idata_from_draws",
+    "weights_from_idata",
+    "block_dims",
+    "save_idata",
+    "load_idata",
+    "diagnose_model_folder",
+    "KhatResult",
+    "posterior_khat",
+    "khat_from_idata",
+    "khat_reading",
+    "ModelDiagnosis",
+    "diagnose_idata",
+    "diagnose",
+    "format_table",
+    "nuts_reference",
+    "reference_summary",
+    "compare_to_reference",
+    "load_data_spec",
+    "restricted_prior",
+    "student_to_teacher_index",
+]
+
+#: ArviZ's group names used here, in the order they are written
+GROUPS = ("posterior", "posterior_predictive", "log_likelihood", "sample_stats", "observed_data", "constant_data")
+#: upper bound on floats held at once by one chunk of forward passes
+_CHUNK_FLOATS = 2e7
+
+
+# ============================================================================ naming
+def _dim_names_mlp(net) -> dict[str, tuple[str, ...]]:
+    sizes = net.sizes
+    L = len(sizes) - 1
+
+    def unit(t: int) -> str:
+        return "input" if t == 0 else ("output" if t == L else f"layer{t}_neuron")
+
+    out = {}
+    for t in range(1, L + 1):
+        out[f"layer{t}.weight"] = (unit(t), unit(t - 1))
+        out[f"layer{t}.bias"] = (unit(t),)
+    return out
+
+
+def block_dims(net: BayesianNet) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+    """(dims per block, coords per dim) for the ``posterior`` group.
+
+    An MLP's weight ``layer{t}.weight`` has dims ``(layer{t}_neuron, layer{t-1}_neuron)`` with the first
+    layer's inputs called ``input`` and the last layer's neurons ``output``, so the neuron dim of layer
+    t is shared by its weight rows, its bias and the next layer's weight columns. Other families may
+    define ``net.block_dims() -> {block: dims}``; the fallback is ``<block>_dim<i>``. Coordinates are
+    0-based indices.
+    """
+    custom = getattr(net, "block_dims", None)
+    if callable(custom):
+        names = dict(custom())
+    elif hasattr(net, "sizes") and all(n.startswith("layer") for n in net.layout.names):
+        names = _dim_names_mlp(net)
+    else:
+        names = {}
+    dims: dict[str, list[str]] = {}
+    coords: dict[str, np.ndarray] = {}
+    for b in net.layout:
+        d = list(names.get(b.name) or [f"{b.name.replace('.', '_')}_dim{i}" for i in range(len(b.shape))])
+        if len(d) != len(b.shape):
+            raise ValueError(f"block {b.name!r} of shape {b.shape} was given dims {d}")
+        for name, n in zip(d, b.shape):
+            if name in coords and len(coords[name]) != n:
+                raise ValueError(f"dim {name!r} has size {len(coords[name])} in one block and {n} in {b.name!r}")
+            coords[name] = np.arange(n)
+        dims[b.name] = d
+    return dims, coords
+
+
+# ============================================================================ draws -> InferenceData
+def _draws(gaussian: Gaussian, draws: int, chains: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=gaussian.device).manual_seed(int(seed))
+    return gaussian.sample(draws * chains, generator=gen).reshape(chains, draws, gaussian.dim)
+
+
+def _chunk_size(net: BayesianNet, N: int) -> int:
+    width = max(max(b.shape) if b.shape else 1 for b in net.layout)
+    return max(1, int(_CHUNK_FLOATS // max(1, N * width)))
+
+
+def _sample_y(net: BayesianNet, out: torch.Tensor, gen: torch.Generator, noise_scale) -> torch.Tensor:
+    """One replicated label (or value) per datum and draw, from the net's observation model."""
+    if net.likelihood == "categorical":
+        u = torch.rand(out.shape, generator=gen, dtype=out.dtype, device=out.device).clamp_(1e-12, 1 - 1e-12)
+        return torch.argmax(out - torch.log(-torch.log(u)), -1)  # Gumbel-max
+    s = net.noise_scale if noise_scale is None else noise_scale
+    if s is None:
+        raise ValueError("this network's noise scale is fitted: pass noise_scale to draw predictive samples")
+    mu = out.squeeze(-1) if out.shape[-1] == 1 else out
+    return mu + float(s) * torch.randn(mu.shape, generator=gen, dtype=mu.dtype, device=mu.device)
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def idata_from_draws(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
+                     prior: Gaussian | None = None, q: Gaussian | None = None, seed: int = 0,
+                     attrs: Mapping[str, Any] | None = None, noise_scale: float | None = None,
+                     include_x: bool = True) -> az.InferenceData:
+    """InferenceData for given weight draws ``w`` of shape ``[chains, draws, p]`` (from q, NUTS, ...).
+
+    ``sample_stats.lp`` is ``log p(w) + sum_n log p(y_n | x_n, w)`` under ``prior`` (default: the net's
+    fan-in prior); ``sample_stats.log_q`` is ``log q(w)`` when ``q`` is given.
+    """
+    if w.dim() != 3 or w.shape[-1] != net.num_params:
+        raise ValueError(f"draws must be [chains, draws, p={net.num_params}], got {tuple(w.shape)}")
+    net.check_data(X, y)
+    if X.shape[0] == 0:
+        raise ValueError("no observations: LOO, WAIC and the k-hat need at least one datum")
+    dtype = w.dtype
+    X = X.to(dtype=dtype, device=w.device)
+    y = y.to(device=w.device, dtype=dtype if y.is_floating_point() else y.dtype)
+    prior = (prior if prior is not None else net.default_prior(dtype, w.device)).to(w.device, dtype)
+    if prior.dim != net.num_params:
+        raise ValueError(f"prior has {prior.dim} coordinates but the network has p={net.num_params}")
+    C, D, p = w.shape
+    flat = w.reshape(C * D, p)
+    N = X.shape[0]
+    chunk = _chunk_size(net, N)
+    gen = torch.Generator(device=w.device).manual_seed(int(seed) + 1)
+    ll_parts, yrep_parts = [], []
+    with torch.no_grad():
+        for a in range(0, C * D, chunk):
+            out = net.forward(flat[a : a + chunk], X)
+            ll_parts.append(net.output_dist(out, noise_scale).log_prob(y))
+            yrep_parts.append(_sample_y(net, out, gen, noise_scale))
+        ll = torch.cat(ll_parts)  # [S, N]
+        yrep = torch.cat(yrep_parts)
+        log_prior = prior.log_prob(flat)
+        lp = log_prior + ll.sum(-1)
+        log_q = q.to(w.device, dtype).log_prob(flat) if q is not None else None
+
+    dims, coords = block_dims(net)
+    coords = dict(coords) | {"obs": np.arange(N)}
+    post = {b.name: v.reshape(C, D, *b.shape).cpu().numpy() for b, v in
+            zip(net.layout, (flat[:, b.offset : b.stop] for b in net.layout))}
+    obs_dims = ["obs"] if yrep.dim() == 2 else ["obs", "obs_output"]
+    if yrep.dim() == 3:
+        coords["obs_output"] = np.arange(yrep.shape[-1])
+    stats = {"lp": lp.reshape(C, D).cpu().numpy(), "log_prior": log_prior.reshape(C, D).cpu().numpy()}
+    if log_q is not None:
+        stats["log_q"] = log_q.reshape(C, D).cpu().numpy()
+    all_dims = dict(dims) | {"y": obs_dims}
+    const = {"X": X.cpu().numpy()} if include_x else None
+    if include_x:
+        all_dims["X"] = ["obs", "feature"]
+        coords["feature"] = np.arange(X.shape[-1])
+    base_attrs = {
+        "net_config": _json(net.config()),
+        "p": int(net.num_params),
+        "likelihood": net.likelihood,
+        "num_observations": int(N),
+        "prior_source": _json(prior.meta.get("source", prior.kind)),
+        "seed": int(seed),
+        "inference_library": "pyro-distill",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    idata = az.from_dict(
+        posterior=post,
+        posterior_predictive={"y": yrep.reshape(C, D, *yrep.shape[1:]).cpu().numpy()},
+        log_likelihood={"y": ll.reshape(C, D, N).cpu().numpy()},
+        sample_stats=stats,
+        observed_data={"y": y.cpu().numpy()},
+        constant_data=const,
+        coords=coords,
+        dims=all_dims,
+        attrs=base_attrs | {k: (v if isinstance(v, int | float | str) else _json(v)) for k, v in (attrs or {}).items()},
+    )
+    return idata
+
+
+def to_inference_data(net: BayesianNet, gaussian: Gaussian, X: torch.Tensor, y: torch.Tensor, draws: int = 1000,
+                      chains: int = 1, seed: int = 0, source: str | Mapping[str, Any] | None = None,
+                      prior: Gaussian | None = None, noise_scale: float | None = None,
+                      include_x: bool = True) -> az.InferenceData:
+    """``az.InferenceData`` of ``draws x chains`` draws of ``gaussian`` for ``net`` on data ``(X, y)``.
+
+    Groups: ``posterior`` (one variable per layout block, dims from :func:`block_dims`),
+    ``posterior_predictive`` and ``log_likelihood`` (variable ``y``, dims ``chain, draw, obs``; the
+    log-likelihood is ``net.log_likelihood`` pointwise), ``observed_data``, ``constant_data`` (``X``),
+    ``sample_stats`` (``lp``, ``log_prior``, ``log_q``). Attributes: ``net_config`` (JSON), ``source``
+    (``gaussian.meta`` as JSON unless ``source`` is given), ``gaussian_kind``, ``draws``, ``seed``.
+    ``prior`` is the prior in ``lp`` (default: the net's fan-in prior); pass a student's own prior.
+    Draws are independent, so the "chains" only split them for ArviZ.
+    """
+    if draws < 1 or chains < 1:
+        raise ValueError(f"draws and chains must be positive, got draws={draws}, chains={chains}")
+    if gaussian.dim != net.num_params:
+        raise ValueError(f"the Gaussian has {gaussian.dim} coordinates but {net!r} has p={net.num_params}: "
+                         "it belongs to another architecture")
+    if gaussian.layout is not None and gaussian.layout != net.layout:
+        raise ValueError(f"the Gaussian's layout {gaussian.layout} does not match the network's {net.layout}")
+    if X.is_floating_point() and gaussian.dtype != X.dtype:
+        gaussian = gaussian.to(dtype=X.dtype)
+    w = _draws(gaussian, draws, chains, seed)
+    src = gaussian.meta if source is None else source
+    attrs = {"source": _json(src), "gaussian_kind": gaussian.kind, "draws": int(draws), "chains": int(chains)}
+    return idata_from_draws(net, w, X, y, prior=prior, q=gaussian, seed=seed, attrs=attrs, noise_scale=noise_scale,
+                            include_x=include_x)
+
+
+def weights_from_idata(idata: az.InferenceData, net: BayesianNet) -> torch.Tensor:
+    """The flat draws ``[chains, draws, p]`` back from the ``posterior`` group (float64)."""
+    post = idata.posterior
+    missing = [n for n in net.layout.names if n not in post]
+    if missing:
+        raise ValueError(f"the posterior group lacks blocks {missing}: was it made for another architecture?")
+    parts = {n: torch.as_tensor(post[n].values, dtype=torch.float64) for n in net.layout.names}
+    return net.layout.flatten(parts)
+
+
+# ============================================================================ saving
+def save_idata(folder: str | os.PathLike, idata: az.InferenceData, overwrite: bool = False,
+               filename: str = "idata.nc") -> Path:
+    """Write ``folder/idata.nc`` atomically (temporary file + rename); ``az.from_netcdf`` opens it.
+    Refuses to replace an existing file unless ``overwrite``."""
+    folder = Path(folder)
+    path = folder / filename
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        idata.to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_idata(path: str | os.PathLike) -> az.InferenceData:
+    """Open a saved ``idata.nc`` (a model folder or the file) fully into memory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "idata.nc"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; run `pyro-distill diagnose {path.parent}` first")
+    idata = az.from_netcdf(path)
+    for g in idata.groups():
+        getattr(idata, g).load()
+    return idata
+
+
+def load_data_spec(spec: Mapping[str, Any] | str):
+    """A :class:`pyro_distill.data.Dataset` from a data spec: ``{"name": "digits", "split_seed": 0}`` (or the
+    name alone). Optional ``"fraction"`` (+ ``"subsample_seed"``) takes a training subsample."""
+    from . import data as dmod
+
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = spec.get("name")
+    makers = {"digits": dmod.digits, "synthetic_regression": dmod.synthetic_regression,
+              "synthetic_classification": dmod.synthetic_classification}
+    if name not in makers:
+        raise ValueError(f"unknown data set {name!r} in the data spec; known: {sorted(makers)} "
+                         "(set card.json's \"data\" or pass --data)")
+    seed = int(spec.get("split_seed", spec.get("seed", 0)))
+    ds = makers[name](seed=seed)
+    if spec.get("fraction") not in (None, 1, 1.0):
+        ds = dmod.subsample(ds, float(spec["fraction"]), seed=int(spec.get("subsample_seed", 0)))
+    return ds
+
+
+def _resolve_prior(folder: Path, net: BayesianNet, card: Mapping[str, Any]) -> tuple[Gaussian, str]:
+    """The prior a model was fitted under: ``prior.pt`` in its folder, ``card["prior_path"]``, else the
+    net's default (fan-in) prior."""
+    from . import gaussian as gmod
+
+    for cand in (folder / "prior.pt", card.get("prior_path")):
+        if cand and Path(cand).exists():
+            return gmod.load(cand, layout=net.layout), str(cand)
+    return net.default_prior(), "default prior"
+
+
+def diagnose_model_folder(folder: str | os.PathLike, X: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                          draws: int = 1000, seed: int = 0, prior: Gaussian | None = None, overwrite: bool = False,
+                          save: bool = True) -> az.InferenceData:
+    """Build (and by default save as ``folder/idata.nc``) the InferenceData of a model folder written by
+    :func:`pyro_distill.store.save_model`. ``X, y`` default to the training split of the card's data spec.
+    A saved file made with the same draws, seed and data is reused; a different one is not silently
+    replaced (``overwrite=True`` replaces it)."""
+    from .store import IDATA_FILE, load_model
+
+    folder = Path(folder)
+    net, q, card = load_model(folder)
+    if X is None or y is None:
+        if "data" not in card:
+            raise ValueError(f"{folder}/card.json has no \"data\" spec: pass X, y (CLI: --data digits)")
+        ds = load_data_spec(card["data"])
+        X, y = ds.X, ds.y
+    path = folder / IDATA_FILE
+    if path.exists() and not overwrite:
+        old = load_idata(path)
+        a = old.attrs
+        if (a.get("draws") == draws and a.get("seed") == seed and a.get("num_observations") == X.shape[0]):
+            return old
+        if save:
+            raise FileExistsError(f"{path} was made with draws={a.get('draws')}, seed={a.get('seed')}, "
+                                  f"N={a.get('num_observations')}; pass overwrite=True (--overwrite) to replace it")
+    pr, pr_src = (prior, prior.meta.get("source", "given")) if prior is not None else _resolve_prior(folder, net, card)
+    idata = to_inference_data(net, q, X, y, draws=draws, seed=seed, prior=pr)
+    idata.attrs["model_folder"] = str(folder)
+    idata.attrs["prior_path"] = str(pr_src)
+    if save:
+        save_idata(folder, idata, overwrite=overwrite)
+    return idata
+
+
+# ============================================================================ k-hat of q
+def khat_reading(k: float) -> str:
+    """Yao et al. (2018): k < 0.5 good, 0.5-0.7 usable, > 0.7 unreliable."""
+    if not math.isfinite(k) and k < 0:
+        return "good (constant ratios: q equals the target)"
+    if k < 0.5:
+        return "good"
+    if k <= 0.7:
+        return "usable"
+    return "unreliable"
+
+
+@dataclass
+class KhatResult:
+    """Pareto k-hat of ``log p(w, D) - log q(w)`` over ``n`` draws of q, its reading, and the PSIS
+    effective sample size of the normalized smoothed weights."""
+
+    k: float
+    reading: str
+    n: int
+    ess: float
+
+    def __str__(self) -> str:
+        return f"k-hat = {self.k:.2f} ({self.reading}; PSIS ESS {self.ess:.0f} of {self.n})"
+
+
+def _khat(log_ratio: np.ndarray) -> KhatResult:
+    lw = np.asarray(log_ratio, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(lw)):
+        raise ValueError("log p(w, D) - log q(w) is not finite for some draws; check the prior and the data")
+    n = lw.size
+    spread = float(lw.max() - lw.min())
+    if spread <= 1e-9 * max(1.0, float(np.abs(lw).max())):
+        return KhatResult(float("-inf"), khat_reading(float("-inf")), n, float(n))
+    slw, k = az.psislw(lw - lw.max(), reff=1.0)
+    w = np.exp(slw - slw.max())
+    w /= w.sum()
+    k = float(k)
+    return KhatResult(k, khat_reading(k), n, float(1.0 / np.sum(w**2)))
+
+
+def khat_from_idata(idata: az.InferenceData) -> KhatResult:
+    """The posterior k-hat from a saved InferenceData (needs ``sample_stats.lp`` and ``log_q``)."""
+    ss = idata.get("sample_stats")
+    if ss is None or "lp" not in ss or "log_q" not in ss:
+        raise ValueError("this InferenceData has no sample_stats.lp / log_q (it was not made from a Gaussian q)")
+    return _khat((ss["lp"] - ss["log_q"]).values)
+
+
+def posterior_khat(net: BayesianNet, q: Gaussian, X: torch.Tensor, y: torch.Tensor, prior: Gaussian | None = None,
+                   draws: int = 1000, seed: int = 0) -> KhatResult:
+    """Pareto k-hat of ``log p(w, D) - log q(w)``, ``w ~ q`` (``p(w, D)`` = ``prior`` times the likelihood
+    of ``(X, y)``), via ArviZ's PSIS. Measures how well q approximates ``p(w | D)`` as a whole."""
+    X = X.to(q.dtype) if X.is_floating_point() else X
+    w = _draws(q, draws, 1, seed).reshape(draws, -1)
+    prior = (prior if prior is not None else net.default_prior(q.dtype, q.device)).to(q.device, q.dtype)
+    with torch.no_grad():
+        chunk = _chunk_size(net, X.shape[0])
+        ll = torch.cat([net.log_likelihood(w[a : a + chunk], X, y).sum(-1) for a in range(0, draws, chunk)])
+        lr = prior.log_prob(w) + ll - q.log_prob(w)
+    return _khat(lr.cpu().numpy())
+
+
+# ============================================================================ before / after table
+@dataclass
+class ModelDiagnosis:
+    """One row of the diagnose table."""
+
+    name: str
+    p: int
+    n_obs: int
+    elpd_loo: float
+    se_loo: float
+    p_loo: float
+    loo_k_max: float
+    loo_k_bad: int  # observations with pointwise k > 0.7
+    elpd_waic: float
+    se_waic: float
+    p_waic: float
+    khat_q: float
+    khat_reading: str
+    khat_ess: float
+    test_lpd: float | None = None  # mean held-out log predictive density per datum
+    test_acc: float | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _test_metrics(idata_like: tuple[BayesianNet, torch.Tensor], Xte: torch.Tensor, yte: torch.Tensor) -> tuple:
+    net, w = idata_like
+    flat = w.reshape(-1, w.shape[-1])
+    Xte = Xte.to(flat.dtype)
+    chunk = _chunk_size(net, Xte.shape[0])
+    with torch.no_grad():
+        ll = torch.cat([net.log_likelihood(flat[a : a + chunk], Xte, yte) for a in range(0, flat.shape[0], chunk)])
+        lpd = float((torch.logsumexp(ll, 0) - math.log(ll.shape[0])).mean())
+        acc = None
+        if net.likelihood == "categorical":
+            probs = sum(torch.softmax(net.forward(flat[a : a + chunk], Xte), -1).sum(0)
+                        for a in range(0, flat.shape[0], chunk)) / flat.shape[0]
+            acc = float((probs.argmax(-1) == yte).double().mean())
+    return lpd, acc
+
+
+def diagnose_idata(name: str, idata: az.InferenceData, net: BayesianNet | None = None,
+                   Xte: torch.Tensor | None = None, yte: torch.Tensor | None = None) -> ModelDiagnosis:
+    """LOO, WAIC and the q k-hat of one InferenceData (plus held-out metrics when ``net, Xte, yte``)."""
+    msgs: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the same facts are reported below as table warnings
+        loo = az.loo(idata, pointwise=True)
+        waic = az.waic(idata)
+    if loo.warning:
+        msgs.append("LOO: some pointwise Pareto k > 0.7 (PSIS-LOO unreliable for those observations)")
+    if waic.warning:
+        msgs.append("WAIC: posterior variance of log p(y_i | w) > 0.4 for some observations (prefer LOO)")
+    kq = khat_from_idata(idata)
+    pk = np.asarray(loo.pareto_k)
+    lpd = acc = None
+    if net is not None and Xte is not None and yte is not None:
+        lpd, acc = _test_metrics((net, weights_from_idata(idata, net).to(torch.float32 if Xte.dtype == torch.float32
+                                                                             else torch.float64)), Xte, yte)
+    if kq.k > 0.7:
+        msgs.append("q k-hat > 0.7: the Gaussian is far from this model's exact posterior")
+    return ModelDiagnosis(
+        name=name, p=int(idata.attrs.get("p", -1)), n_obs=int(pk.size), elpd_loo=float(loo.elpd_loo),
+        se_loo=float(loo.se), p_loo=float(loo.p_loo), loo_k_max=float(pk.max()), loo_k_bad=int((pk > 0.7).sum()),
+        elpd_waic=float(waic.elpd_waic), se_waic=float(waic.se), p_waic=float(waic.p_waic), khat_q=kq.k,
+        khat_reading=kq.reading, khat_ess=kq.ess, test_lpd=lpd, test_acc=acc, warnings=msgs)
+
+
+def diagnose(models: Mapping[str, tuple[BayesianNet, Gaussian, Gaussian | None]], X: torch.Tensor, y: torch.Tensor,
+             Xte: torch.Tensor | None = None, yte: torch.Tensor | None = None, draws: int = 1000, seed: int = 0,
+             idatas: Mapping[str, az.InferenceData] | None = None):
+    """The before/after table: for each ``name -> (net, q, prior)`` (prior = what ``p(w, D)`` uses; None =
+    fan-in) on the SAME training data ``(X, y)``: PSIS-LOO, WAIC, the q k-hat; held-out lpd and accuracy
+    when ``Xte, yte``; and ``az.compare`` across them. Precomputed InferenceData may be passed in ``idatas``.
+
+    Returns ``(rows, idatas, compare_df)`` (``compare_df`` is None with fewer than two models).
+    """
+    out_idata: dict[str, az.InferenceData] = {}
+    rows = []
+    for name, (net, q, prior) in models.items():
+        idata = (idatas or {}).get(name) or to_inference_data(net, q, X, y, draws=draws, seed=seed, prior=prior)
+        out_idata[name] = idata
+        rows.append(diagnose_idata(name, idata, net, Xte, yte))
+    cmp = None
+    if len(out_idata) >= 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cmp = az.compare(dict(out_idata), ic="loo")
+    return rows, out_idata, cmp
+
+
+def format_table(rows: Sequence[ModelDiagnosis], compare=None) -> str:
+    """A plain-text table: elpd_loo (se), p_loo, pointwise LOO k, WAIC, q k-hat with its reading, test
+    metrics, and ``az.compare``'s elpd difference and weight when given; warnings listed underneath."""
+    head = (f"{'model':<22} {'p':>6} {'elpd_loo':>10} {'se':>7} {'p_loo':>7} {'LOO k>0.7':>9} {'elpd_waic':>10} "
+            f"{'q k-hat':>8}  {'reading':<11} {'test lpd/N':>10} {'test acc':>8}")
+    if compare is not None:
+        head += f" {'d_elpd':>8} {'dse':>6} {'weight':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        t_lpd = f"{r.test_lpd:10.4f}" if r.test_lpd is not None else f"{'-':>10}"
+        t_acc = f"{r.test_acc:8.4f}" if r.test_acc is not None else f"{'-':>8}"
+        line = (f"{r.name:<22} {r.p:>6} {r.elpd_loo:10.1f} {r.se_loo:7.1f} {r.p_loo:7.1f} "
+                f"{r.loo_k_bad:>4}/{r.n_obs:<4} {r.elpd_waic:10.1f} {r.khat_q:8.2f}  "
+                f"{r.khat_reading.split(' ')[0]:<11} "
+                f"{t_lpd} {t_acc}")
+        if compare is not None and r.name in compare.index:
+            c = compare.loc[r.name]
+            line += f" {c['elpd_diff']:8.1f} {c['dse']:6.1f} {c['weight']:6.2f}"
+        lines.append(line)
+    lines.append("q k-hat: Pareto k of log p(w, D) - log q(w) over draws of q (Yao et al. 2018): "
+                 "< 0.5 good, 0.5-0.7 usable, > 0.7 unreliable.")
+    for r in rows:
+        for m in r.warnings:
+            lines.append(f"warning [{r.name}]: {m}")
+    return "\n".join(lines)
+
+
+# ============================================================================ surgery helpers
+def student_to_teacher_index(ops: Sequence, teacher: BayesianNet) -> torch.Tensor:
+    """For each student flat coordinate, the teacher flat coordinate it came from (operations replayed)."""
+    net = teacher
+    idx = torch.arange(teacher.num_params)
+    for op in ops:
+        idx = idx[op.keep(net)]
+        net = op.architecture(net)
+    return idx
+
+
+def restricted_prior(teacher: BayesianNet, ops: Sequence, prior: Gaussian | None = None) -> Gaussian:
+    """The teacher's prior on the coordinates the student keeps. For an independent teacher prior, the
+    exact teacher posterior conditioned on the removed coordinates IS the student's posterior under this
+    prior, so it is the target against which the conditioned teacher (student prior) is judged."""
+    prior = prior if prior is not None else teacher.default_prior(torch.float64)
+    g = prior.marginalize(student_to_teacher_index(ops, teacher))
+    g.meta = {"source": "teacher prior restricted to the student's coordinates"}
+    return g
+
+
+# ============================================================================ NUTS reference
+def nuts_reference(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian | None = None,
+                   num_chains: int = 4, num_samples: int = 500, warmup_steps: int = 500,
+                   init: Gaussian | torch.Tensor | None = None, seed: int = 0, max_tree_depth: int = 8,
+                   target_accept_prob: float = 0.8, jit_compile: bool = False,
+                   progress: bool = False) -> az.InferenceData:
+    """Reference posterior by Pyro NUTS on ``net.model`` (one site ``"w"``), ``num_chains`` chains run one
+    after another (no multiprocessing on a shared CPU). Chains start at draws of ``init`` (a Gaussian,
+    e.g. the SVI fit: a network posterior has many symmetric modes, and chains started in different ones
+    never mix; starting them near q compares q with the mode it sits in) or at given ``[chains, p]``
+    weights, or at draws of the prior. Returns InferenceData (as :func:`idata_from_draws`) with
+    ``sample_stats.diverging`` and the wall time in ``attrs``; R-hat/ESS via :func:`reference_summary`.
+    """
+    import pyro
+    from pyro.infer import MCMC, NUTS
+
+    dtype = X.dtype if X.is_floating_point() else torch.float64
+    prior = (prior if prior is not None else net.default_prior(dtype, X.device)).to(X.device, dtype)
+    g = torch.Generator().manual_seed(seed)
+    if init is None:
+        starts = prior.sample(num_chains, generator=g)
+    elif isinstance(init, Gaussian):
+        starts = init.to(X.device, dtype).sample(num_chains, generator=g)
+    else:
+        starts = torch.as_tensor(init, dtype=dtype).reshape(num_chains, net.num_params)
+    chains, divs = [], []
+    t0 = time.perf_counter()
+    for c in range(num_chains):
+        pyro.set_rng_seed(seed * 1000 + c)
+        pyro.clear_param_store()
+        kernel = NUTS(net.model, max_tree_depth=max_tree_depth, target_accept_prob=target_accept_prob,
+                      jit_compile=jit_compile, ignore_jit_warnings=True, full_mass=False)
+        mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
+                    initial_params={"w": starts[c]}, disable_progbar=not progress)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            mcmc.run(X, y, prior)
+        chains.append(mcmc.get_samples()["w"].detach())
+        diag = mcmc.diagnostics()
+        divs.append(int(sum(len(v) for v in diag.get("divergences", {}).values())))
+    wall = time.perf_counter() - t0
+    w = torch.stack(chains)
+    idata = idata_from_draws(net, w, X, y, prior=prior, seed=seed,
+                             attrs={"source": _json({"source": "nuts", "num_chains": num_chains,
+                                                      "num_samples": num_samples, "warmup_steps": warmup_steps,
+                                                      "max_tree_depth": max_tree_depth}),
+                                    "nuts_wall_s": float(wall), "divergences_per_chain": _json(divs)})
+    return idata
+
+
+def reference_summary(idata: az.InferenceData) -> dict[str, dict[str, float]]:
+    """Per block: max R-hat (rank-normalized, split) and min bulk / tail ESS over its coordinates."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rhat = az.rhat(idata)
+        ess_b = az.ess(idata, method="bulk")
+        ess_t = az.ess(idata, method="tail")
+    return {v: {"rhat_max": float(rhat[v].max()), "ess_bulk_min": float(ess_b[v].min()),
+                "ess_tail_min": float(ess_t[v].min())} for v in idata.posterior.data_vars}
+
+
+def compare_to_reference(net: BayesianNet, q: Gaussian, ref: az.InferenceData, X: torch.Tensor, y: torch.Tensor,
+                         prior: Gaussian | None = None, draws: int = 1000, seed: int = 0,
+                         Xte: torch.Tensor | None = None) -> dict[str, Any]:
+    """How far the Gaussian q is from the NUTS reference.
+
+    Per block: mean error ``mean |m_q - m_ref| / sd_ref`` and the marginal-variance ratio
+    ``exp(mean |log var_q / var_ref|)`` (1 = equal); predictive agreement on ``Xte`` (or ``X``): the share
+    of inputs where the posterior-mean class agrees, and the mean total-variation distance between
+    predictive distributions; and ``elpd_loo(q) - elpd_loo(ref)`` on ``(X, y)``.
+    """
+    wr = weights_from_idata(ref, net).to(q.dtype)
+    flat_r = wr.reshape(-1, net.num_params)
+    m_r, v_r = flat_r.mean(0), flat_r.var(0)
+    blocks = {}
+    for b in net.layout:
+        s = slice(b.offset, b.stop)
+        blocks[b.name] = {
+            "mean_err_sd": float(((q.mean[s] - m_r[s]).abs() / v_r[s].sqrt()).mean()),
+            "var_ratio_geo": float((q.variance[s] / v_r[s]).log().abs().mean().exp()),
+            "var_ratio_median": float((q.variance[s] / v_r[s]).median()),
+        }
+    idq = to_inference_data(net, q, X, y, draws=draws, seed=seed, prior=prior)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lq, lr = az.loo(idq), az.loo(ref)
+    Xe = (Xte if Xte is not None else X).to(q.dtype)
+    wq = weights_from_idata(idq, net).to(q.dtype).reshape(-1, net.num_params)
+    with torch.no_grad():
+        if net.likelihood == "categorical":
+            pq = torch.softmax(net.forward(wq, Xe), -1).mean(0)
+            pr = torch.softmax(net.forward(flat_r, Xe), -1).mean(0)
+            agree = float((pq.argmax(-1) == pr.argmax(-1)).double().mean())
+            tv = float(0.5 * (pq - pr).abs().sum(-1).mean())
+            pred = {"class_agreement": agree, "mean_tv": tv}
+        else:
+            fq, fr = net.forward(wq, Xe), net.forward(flat_r, Xe)
+            pred = {"mean_abs_diff_of_means": float((fq.mean(0) - fr.mean(0)).abs().mean()),
+                    "sd_ratio": float((fq.std(0) / fr.std(0)).mean())}
+    return {"blocks": blocks, "predictive": pred, "elpd_loo_q": float(lq.elpd_loo),
+            "elpd_loo_ref": float(lr.elpd_loo), "elpd_loo_diff": float(lq.elpd_loo - lr.elpd_loo),
+            "se_loo_ref": float(lr.se)}

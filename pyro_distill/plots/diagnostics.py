@@ -1,0 +1,148 @@
+"""Diagnostic figures (ArviZ + matplotlib): blocks before vs after conditioning, a layer's correlation
+before and after removal, posterior predictive checks, and Pareto k-hat plots. Small PNGs."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ..diagnostics import az, khat_from_idata  # noqa: E402
+
+__all__ = ["plot_forest_compare", "plot_correlation_before_after", "plot_ppc", "plot_khat", "correlation"]
+
+DPI = 90
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_forest_compare(idatas: Mapping[str, az.InferenceData], var_names: Sequence[str], path: str | os.PathLike,
+                        coords: Mapping[str, Sequence[int]] | None = None, title: str = "") -> Path:
+    """Forest plot (94% HDI, quartiles) of the same blocks in several InferenceData, e.g. the teacher's
+    coordinates (mapped to the student's names), the conditioned teacher (student prior) and the student."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        n_rows = 0
+        first = next(iter(idatas.values()))
+        for v in var_names:
+            da = first.posterior[v]
+            if coords:
+                da = da.sel({k: list(c) for k, c in coords.items() if k in da.dims})
+            n_rows += int(np.prod([da.sizes[d] for d in da.dims if d not in ("chain", "draw")]))
+        axes = az.plot_forest(list(idatas.values()), model_names=list(idatas), var_names=list(var_names),
+                              coords=dict(coords) if coords else None, combined=True,
+                              figsize=(6, 1.2 + 0.28 * n_rows * max(1, len(idatas)) ** 0.5), textsize=8)
+    fig = axes.ravel()[0].figure
+    fig.suptitle(title or "before vs after conditioning", fontsize=9)
+    return _save(fig, path)
+
+
+def correlation(cov: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Correlation matrix of a covariance."""
+    c = np.asarray(cov, dtype=np.float64)
+    s = np.sqrt(np.clip(np.diag(c), 1e-300, None))
+    return c / s[:, None] / s[None, :]
+
+
+def plot_correlation_before_after(covs: Mapping[str, torch.Tensor | np.ndarray], path: str | os.PathLike,
+                                  title: str = "", labels: Sequence[str] | None = None) -> Path:
+    """Heatmaps of the correlation of the same coordinates (one layer) under several Gaussians, side by
+    side: e.g. the teacher posterior (before removal), the conditioned teacher, the student posterior."""
+    n = len(covs)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 0.6, 3.2), squeeze=False)
+    im = None
+    for ax, (name, cov) in zip(axes[0], covs.items()):
+        r = correlation(cov)
+        im = ax.imshow(r, vmin=-1, vmax=1, cmap="RdBu_r", interpolation="nearest")
+        off = r[~np.eye(len(r), dtype=bool)]
+        ax.set_title(f"{name}\nmean |corr| off-diag {np.abs(off).mean():.3f}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if labels:
+        axes[0][0].set_ylabel(", ".join(labels), fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_ppc(idatas: Mapping[str, az.InferenceData], path: str | os.PathLike, title: str = "") -> Path:
+    """Posterior predictive checks. Classification: observed class counts against the replicated counts
+    (mean and 90% interval over draws), and the histogram of each observation's predictive probability
+    of its observed label. Regression: ArviZ's density overlay."""
+    n = len(idatas)
+    first = next(iter(idatas.values()))
+    discrete = np.issubdtype(first.observed_data["y"].dtype, np.integer)
+    fig, axes = plt.subplots(2 if discrete else 1, n, figsize=(3.3 * n, 5.0 if discrete else 2.8), squeeze=False)
+    for j, (name, idata) in enumerate(idatas.items()):
+        if not discrete:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                az.plot_ppc(idata, ax=axes[0][j], num_pp_samples=50, legend=j == 0, textsize=8)
+            axes[0][j].set_title(name, fontsize=8)
+            continue
+        yobs = idata.observed_data["y"].values
+        yrep = idata.posterior_predictive["y"].values.reshape(-1, yobs.shape[0])
+        K = int(max(yobs.max(), yrep.max())) + 1
+        obs_counts = np.bincount(yobs, minlength=K)
+        rep_counts = np.stack([np.bincount(r, minlength=K) for r in yrep])
+        lo, mid, hi = np.percentile(rep_counts, [5, 50, 95], axis=0)
+        ax = axes[0][j]
+        ax.bar(np.arange(K), obs_counts, color="0.8", label="observed")
+        ax.errorbar(np.arange(K), mid, yerr=[mid - lo, hi - mid], fmt="o", ms=3, color="C0", label="replicated 90%")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("class", fontsize=8)
+        if j == 0:
+            ax.set_ylabel("count", fontsize=8)
+            ax.legend(fontsize=7)
+        ll = idata.log_likelihood["y"].values.reshape(-1, yobs.shape[0])
+        p_obs = np.exp(ll).mean(0)
+        ax = axes[1][j]
+        ax.hist(p_obs, bins=np.linspace(0, 1, 21), color="C1")
+        ax.set_xlabel("predictive p(observed label)", fontsize=8)
+        ax.set_title(f"mean {p_obs.mean():.3f}", fontsize=8)
+        ax.set_yscale("log")
+    fig.suptitle(title or "posterior predictive check", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_khat(idatas: Mapping[str, az.InferenceData], path: str | os.PathLike, title: str = "") -> Path:
+    """Pointwise PSIS-LOO Pareto k per observation for each model, with the posterior k-hat of
+    ``log p(w, D) - log q(w)`` and its reading in the panel title; lines at 0.5 and 0.7."""
+    n = len(idatas)
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 2.6), squeeze=False, sharey=True)
+    for ax, (name, idata) in zip(axes[0], idatas.items()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loo = az.loo(idata, pointwise=True)
+        k = np.asarray(loo.pareto_k).reshape(-1)
+        ax.scatter(np.arange(k.size), k, s=4, c=np.where(k > 0.7, "C3", np.where(k > 0.5, "C1", "C0")))
+        for h, c in ((0.5, "C1"), (0.7, "C3")):
+            ax.axhline(h, color=c, lw=0.8, ls="--")
+        try:
+            kq = khat_from_idata(idata)
+            sub = f"q k-hat {kq.k:.2f} ({kq.reading.split(' ')[0]})"
+        except ValueError:
+            sub = "no q (MCMC draws)"
+        ax.set_title(f"{name}\nLOO k>0.7: {(k > 0.7).sum()}/{k.size}; {sub}", fontsize=8)
+        ax.set_xlabel("observation", fontsize=8)
+    axes[0][0].set_ylabel("PSIS-LOO Pareto k", fontsize=8)
+    fig.suptitle(title or "Pareto k diagnostics", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
