@@ -1,0 +1,214 @@
+"""Transformer surgery: removing a head, an attention sublayer, an FFN or a block by conditioning is exact."""
+
+import pytest
+import torch
+
+from pyro_distill.data.token_tasks import digits_sequences, match_task
+from pyro_distill.gaussian import DenseGaussian, DiagGaussian, LowRankGaussian
+from pyro_distill.nets import Transformer, net_from_config
+from pyro_distill.surgery import (
+    Plan,
+    RemoveAttentionSublayer,
+    RemoveBlock,
+    RemoveFFN,
+    RemoveHead,
+    SurgeryError,
+    apply,
+    plan_transformer,
+)
+
+D = torch.float64
+
+
+def _teacher(embedding="patch", pooling="mean", heads=(3, 2), ffn=(True, True)):
+    return Transformer(input_dim=5 if embedding == "patch" else 6, n_classes=3, max_len=7, d_model=6,
+                       heads=list(heads), ffn=list(ffn), d_head=2, d_ff=5, embedding=embedding, pooling=pooling)
+
+
+def _inputs(net, N=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = net.max_len
+    if net.embedding == "patch":
+        x = torch.randn(N, T, net.input_dim, generator=g, dtype=D)
+        x[0, 4:] = float("nan")
+        x[1, 2:] = float("nan")
+    else:
+        x = torch.randint(0, net.input_dim, (N, T), generator=g).to(D)
+        x[0, 4:] = -1
+        x[1, 1:] = -1
+    return x
+
+
+def _dense(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = net.num_params
+    A = torch.randn(p, p, generator=g, dtype=D) / p**0.5
+    cov = A @ A.T + 0.05 * torch.eye(p, dtype=D)
+    return DenseGaussian.from_covariance(torch.randn(p, generator=g, dtype=D), cov, layout=net.layout)
+
+
+def _lowrank(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = net.num_params
+    return LowRankGaussian(torch.randn(p, generator=g, dtype=D), 0.3 * torch.randn(p, 4, generator=g, dtype=D),
+                           0.1 + torch.rand(p, generator=g, dtype=D), layout=net.layout)
+
+
+OPS = [RemoveHead(0, 1), RemoveHead(1, 0), RemoveAttentionSublayer(0), RemoveAttentionSublayer(1), RemoveFFN(0),
+       RemoveFFN(1), RemoveBlock(0), RemoveBlock(1)]
+
+
+@pytest.mark.parametrize("embedding,pooling", [("patch", "mean"), ("token", "cls")])
+@pytest.mark.parametrize("op", OPS, ids=repr)
+def test_removal_is_exact(op, embedding, pooling):
+    """Teacher with the conditioned coordinates fixed (the rest drawn from the conditioned Gaussian,
+    marginalized ones arbitrary) computes exactly the student's function, padding included."""
+    teacher = _teacher(embedding, pooling)
+    q = _dense(teacher)
+    student, prior = op.apply(teacher, q)
+    assert student.layout == prior.layout and prior.dim == student.num_params
+    assert student.config() == op.architecture(teacher).config()
+    w_s = prior.sample(5, generator=torch.Generator().manual_seed(1))
+    fill = torch.randn(teacher.num_params, dtype=D) * 3
+    w_t = op.embed(teacher, w_s, fill=fill)
+    x = _inputs(teacher)
+    out_t, out_s = teacher(w_t, x), student(w_s, x)
+    assert torch.isfinite(out_s).all()
+    torch.testing.assert_close(out_t, out_s, rtol=1e-10, atol=1e-10)
+    # the removal really changes the function when the coordinates are not fixed
+    w_t2 = w_t.clone()
+    I, _ = op.fixed(teacher)
+    w_t2[..., I] = torch.randn(I.numel(), dtype=D)
+    assert not torch.allclose(teacher(w_t2, x), out_s)
+
+
+def test_marginalized_blocks_vanish_and_heads_are_renumbered():
+    teacher = _teacher()
+    q = DiagGaussian(torch.randn(teacher.num_params, dtype=D), torch.rand(teacher.num_params, dtype=D) + 0.1,
+                     layout=teacher.layout)
+    student, prior = RemoveHead(0, 1).apply(teacher, q)
+    assert student.heads == [2, 2]
+    names = student.layout.names
+    assert "block0.attn.head2.q" not in names and "block0.attn.head1.q" in names
+    # diagonal: conditioning = dropping coordinates, so the student's head 1 is the teacher's head 2
+    for m in "qkvo":
+        torch.testing.assert_close(prior.loc[student.layout.slice(f"block0.attn.head1.{m}")],
+                                   q.loc[teacher.layout.slice(f"block0.attn.head2.{m}")])
+    s2, _ = RemoveAttentionSublayer(1).apply(teacher, q)
+    assert not any(n.startswith("block1.ln1") or n.startswith("block1.attn") for n in s2.layout.names)
+    s3, _ = RemoveFFN(0).apply(teacher, q)
+    assert not any(n.startswith("block0.ln2") or n.startswith("block0.ffn") for n in s3.layout.names)
+    s4, p4 = RemoveBlock(0).apply(teacher, q)
+    assert s4.heads == [2] and not any(n.startswith("block1") for n in s4.layout.names)
+    torch.testing.assert_close(p4.loc[s4.layout.slice("block0.ffn.w1")], q.loc[teacher.layout.slice("block1.ffn.w1")])
+
+
+@pytest.mark.parametrize("make", [_dense, _lowrank])
+def test_composition_equals_joint_condition(make):
+    teacher = _teacher()
+    q = make(teacher)
+    ops = [RemoveHead(0, 0), RemoveFFN(1), RemoveAttentionSublayer(1), RemoveHead(0, 1)]
+    student, seq = apply(ops, teacher, q)
+    assert type(seq) is type(q)
+    # the same coordinates in the teacher's space, conditioned and marginalized at once
+    net, pos = teacher, torch.arange(teacher.num_params)
+    fixed, marg = [], []
+    for op in ops:
+        I, _, M = op.removed(net)
+        fixed.append(pos[I])
+        marg.append(pos[M])
+        pos = pos[op.keep(net)]
+        net = op.architecture(net)
+    I_all, M_all = torch.cat(fixed).sort().values, torch.cat(marg)
+    joint = q.condition(I_all, torch.zeros(I_all.numel(), dtype=D))
+    rest = teacher.layout.complement(I_all)
+    keep = (~torch.isin(rest, M_all)).nonzero().reshape(-1)
+    joint = joint.marginalize(keep)
+    assert torch.equal(rest[keep], pos)
+    torch.testing.assert_close(seq.loc, joint.loc, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(seq.variance, joint.variance, rtol=1e-8, atol=1e-10)
+    if make is _dense:
+        torch.testing.assert_close(seq.covariance(), joint.covariance(), rtol=1e-8, atol=1e-10)
+    assert student.heads == [1, 0] and student.ffn == [True, False]
+
+
+def test_bad_inputs_raise_clear_errors():
+    teacher = _teacher(heads=(2, 1))
+    q = _dense(teacher)
+    s1, q1 = RemoveHead(0, 0).apply(teacher, q)
+    with pytest.raises(SurgeryError, match="last head.*remove_attention_sublayer"):
+        RemoveHead(0, 0).apply(s1, q1)
+    with pytest.raises(SurgeryError, match="block 5 is out of range"):
+        RemoveBlock(5).apply(teacher, q)
+    with pytest.raises(SurgeryError, match="heads 0..1"):
+        RemoveHead(0, 2).check(teacher)
+    s2, q2 = RemoveFFN(0).apply(teacher, q)
+    with pytest.raises(SurgeryError, match="no FFN"):
+        RemoveFFN(0).apply(s2, q2)
+    s3, _ = RemoveAttentionSublayer(1).apply(teacher, q)
+    with pytest.raises(SurgeryError, match="no attention"):
+        RemoveAttentionSublayer(1).check(s3)
+    with pytest.raises(SurgeryError, match="another architecture"):
+        RemoveHead(0, 0).apply(teacher, q1)
+    with pytest.raises(SurgeryError, match="at least as many heads"):
+        plan_transformer(teacher, teacher.replace(heads=[3, 1]), selector="first")
+    with pytest.raises(ValueError, match="n_blocks"):
+        Transformer(5, 3, 7, d_model=6, heads=2)
+    with pytest.raises(ValueError, match="PAD"):
+        teacher(q.loc, torch.full((2, 3), 7.0)) if teacher.embedding == "token" else _teacher("token")(
+            _teacher("token").default_prior(D).loc, torch.full((2, 3), 7.0))
+
+
+def test_plan_reaches_the_student_and_evidence_picks_the_dead_head():
+    teacher = _teacher(heads=(3, 2))
+    p = teacher.num_params
+    loc = torch.full((p,), 2.0, dtype=D)
+    sd = torch.full((p,), 0.05, dtype=D)
+    dead = teacher.layout.indices("block0.attn.head2.o")
+    loc[dead] = 0.0
+    blk1 = torch.cat([teacher.layout.indices(n) for n in ("block1.attn.head0.o", "block1.attn.head1.o",
+                                                           "block1.attn.o_bias", "block1.ffn.w2", "block1.ffn.b2")])
+    loc[blk1] = 0.0
+    q = DiagGaussian(loc, sd, layout=teacher.layout)
+    student = teacher.replace(heads=[2], ffn=[True])
+    plan = plan_transformer(teacher, student, selector="evidence", posterior=q)
+    assert plan[0] == RemoveBlock(1) and RemoveHead(0, 2) in plan
+    s, prior = apply(plan, teacher, q)
+    assert s.config() == student.config() and prior.layout == student.layout
+    again = Plan.from_dict(plan.to_dict())
+    assert list(again) == list(plan)
+    # other structures: fewer heads, a block without attention, a block without FFN
+    for target in ([1, 2], [0, 2], [3, 0]):
+        st = teacher.replace(heads=target)
+        s, _ = apply(plan_transformer(teacher, st, selector="snr", posterior=q), teacher, q)
+        assert s.config() == st.config()
+    st = teacher.replace(ffn=[False, True])
+    assert plan_transformer(teacher, st, selector="last") == [RemoveFFN(0)]
+    assert net_from_config(student.config()).config() == student.config()
+
+
+def test_forward_batched_and_padding_invariant():
+    net = _teacher()
+    w = net.default_prior(D).sample(3, generator=torch.Generator().manual_seed(0))
+    x = _inputs(net)
+    out = net(w, x)
+    assert out.shape == (3, 9, 3)
+    torch.testing.assert_close(out[1], net(w[1], x))
+    # what sits under padding does not matter
+    x2 = x.clone()
+    x2[0, 4:] = 0.0
+    x2 = torch.where(torch.isnan(x), x, x2)
+    torch.testing.assert_close(net(w, x2), out)
+    short = net(w, x[:1, :4])
+    torch.testing.assert_close(short, out[:, :1])
+
+
+def test_tasks_are_deterministic_and_padded():
+    a, b = match_task(n_train=40, n_test=20, seed=3), match_task(n_train=40, n_test=20, seed=3)
+    assert torch.equal(a.X, b.X) and torch.equal(a.y, b.y)
+    assert (a.X == -1).any() and a.X.shape == (40, 12) and 15 <= int(a.y.sum()) <= 25
+    marked = (a.X >= 4).sum(1)
+    assert (marked == 2).all()
+    d = digits_sequences(seed=0, pad_fraction=0.3)
+    assert d.X.shape[1:] == (8, 8) and torch.isnan(d.X).any() and d.num_classes == 10
+    assert not torch.isnan(d.X[:, :5]).any()
