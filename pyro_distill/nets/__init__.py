@@ -4,3 +4,4 @@ from .base import LIKELIHOODS, BayesianNet, net_from_config, register_net
 from .mlp import ACTIVATIONS, IDEMPOTENT, MLP
 
 __all__ = ["BayesianNet", "MLP", "ACTIVATIONS", "IDEMPOTENT", "LIKELIHOODS", "net_from_config", "register_net"]
+from .transformer import Transformer  # noqa: E402,F401

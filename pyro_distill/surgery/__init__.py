@@ -7,3 +7,5 @@ from .plan import SELECTORS, plan
 __all__ = ["Operation", "Plan", "SurgeryError", "apply", "embed", "operation_from_dict", "register_operation"]
 __all__ += ["SameFamily", "RemoveNeurons", "RemoveLayer", "same_family", "remove_neurons", "remove_layer",
             "plan", "SELECTORS"]
+from .transformer import (  # noqa: E402,F401
+    RemoveAttentionSublayer, RemoveBlock, RemoveFFN, RemoveHead, plan_transformer, transformer_scores)
