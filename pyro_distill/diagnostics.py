@@ -42,6 +42,7 @@ __all__ = [
     "to_inference_data",
     "idata_from_draws",
     "weights_from_idata",
+    "posterior_only_idata",
     "block_dims",
     "save_idata",
     "load_idata",
@@ -244,6 +245,18 @@ def to_inference_data(net: BayesianNet, gaussian: Gaussian, X: torch.Tensor, y: 
     attrs = {"source": _json(src), "gaussian_kind": gaussian.kind, "draws": int(draws), "chains": int(chains)}
     return idata_from_draws(net, w, X, y, prior=prior, q=gaussian, seed=seed, attrs=attrs, noise_scale=noise_scale,
                             include_x=include_x)
+
+
+def posterior_only_idata(net: BayesianNet, w: torch.Tensor, attrs: Mapping[str, Any] | None = None
+                         ) -> az.InferenceData:
+    """An InferenceData with only the ``posterior`` group, for draws ``w`` ``[chains, draws, p]`` of ``net``
+    (e.g. a teacher's draws restricted to the coordinates a student keeps, named as the student's)."""
+    if w.dim() != 3 or w.shape[-1] != net.num_params:
+        raise ValueError(f"draws must be [chains, draws, p={net.num_params}], got {tuple(w.shape)}")
+    dims, coords = block_dims(net)
+    C, D, _ = w.shape
+    post = {b.name: w[..., b.offset : b.stop].reshape(C, D, *b.shape).cpu().numpy() for b in net.layout}
+    return az.from_dict(posterior=post, dims=dims, coords=coords, attrs=dict(attrs or {}))
 
 
 def weights_from_idata(idata: az.InferenceData, net: BayesianNet) -> torch.Tensor:

@@ -1,0 +1,177 @@
+"""``pyro-distill diagnose models/<name> [--against models/<other> ...]``: ArviZ table and figures.
+
+For every model folder: PSIS-LOO, WAIC and the posterior k-hat on the training split of its data, the
+held-out log predictive density and accuracy, and ``az.compare`` across the models. A student whose
+folder holds its prior (``prior.pt``, with the surgery in its metadata or a ``plan`` in the card) and
+whose teacher is among the models also gets a row for that prior, the conditioned teacher, judged
+against the teacher's prior restricted to the student's coordinates (the exact target of conditioning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "diagnose", help="ArviZ diagnostics (LOO, WAIC, k-hat, compare) and figures for model folders",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="a model folder (models/<name>)")
+    p.add_argument("--against", nargs="+", action="extend", default=[], metavar="FOLDER",
+                   help="more model folders to compare (teacher, students)")
+    p.add_argument("--data", default=None, help="data set when the card has no \"data\" spec (e.g. digits)")
+    p.add_argument("--split-seed", type=int, default=0, help="split seed with --data (default 0)")
+    p.add_argument("--draws", type=int, default=1000, help="draws from each Gaussian (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="figure folder (default figures/diagnostics/<model name>)")
+    p.add_argument("--no-save", action="store_true", help="do not write idata.nc into the model folders")
+    p.add_argument("--overwrite", action="store_true", help="replace an idata.nc made with other settings")
+    p.add_argument("--no-prior-row", action="store_true", help="skip the student-prior (conditioned teacher) rows")
+    p.add_argument("--no-figures", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _ops_of(card: dict[str, Any], prior) -> list[dict] | None:
+    if prior is not None and prior.meta.get("surgery"):
+        return list(prior.meta["surgery"])
+    for key in ("plan", "surgery"):
+        v = card.get(key)
+        if isinstance(v, dict) and "ops" in v:
+            return list(v["ops"])
+        if isinstance(v, list):
+            return v
+    return None
+
+
+def _find_teacher(ops_d: list[dict], student, entries: dict[str, dict]) -> tuple[str, list] | None:
+    from ..surgery import operation_from_dict
+
+    ops = [operation_from_dict(d) for d in ops_d]
+    for name, e in entries.items():
+        net = e["net"]
+        try:
+            for op in ops:
+                net = op.architecture(net)
+        except Exception:  # noqa: BLE001 - not this model's plan
+            continue
+        if net.config() == student.config() and e["net"].config() != student.config():
+            return name, ops
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import diagnostics as D
+    from ..diagnostics import _resolve_prior
+    from ..store import load_model
+
+    folders = [Path(args.model)] + [Path(f) for f in args.against]
+    entries: dict[str, dict[str, Any]] = {}
+    for f in folders:
+        net, q, card = load_model(f)
+        name = f.name if f.name not in entries else str(f)
+        prior, src = _resolve_prior(f, net, card)
+        entries[name] = {"folder": f, "net": net, "q": q, "card": card, "prior": prior,
+                         "has_prior": src != "default prior"}
+    specs = {json.dumps(e["card"]["data"], sort_keys=True) for e in entries.values() if "data" in e["card"]}
+    if len(specs) > 1:
+        raise ValueError(f"the models were fitted on different data ({sorted(specs)}); diagnose them separately")
+    if specs:
+        spec = json.loads(specs.pop())
+    elif args.data:
+        spec = {"name": args.data, "split_seed": args.split_seed}
+    else:
+        raise ValueError("no card has a \"data\" spec; pass --data (e.g. --data digits)")
+    ds = D.load_data_spec(spec)
+    X, y, Xte, yte = ds.X, ds.y, ds.Xte, ds.yte
+
+    models: dict[str, tuple] = {}
+    idatas = {}
+    relations = []  # (student, teacher, ops)
+    for name, e in entries.items():
+        idatas[name] = D.diagnose_model_folder(e["folder"], X, y, draws=args.draws, seed=args.seed,
+                                               prior=e["prior"], overwrite=args.overwrite, save=not args.no_save)
+        models[name] = (e["net"], e["q"], e["prior"])
+    for name, e in entries.items():
+        ops_d = _ops_of(e["card"], e["prior"] if e["has_prior"] else None)
+        found = _find_teacher(ops_d, e["net"], entries) if ops_d else None
+        if not found:
+            continue
+        tname, ops = found
+        relations.append((name, tname, ops))
+        if e["has_prior"] and not args.no_prior_row:
+            target = D.restricted_prior(entries[tname]["net"], ops, entries[tname]["prior"].to(dtype=torch.float64))
+            pname = f"{name} prior"
+            q = e["prior"].to(dtype=X.dtype)
+            models[pname] = (e["net"], q, target.to(dtype=X.dtype))
+            idatas[pname] = D.to_inference_data(e["net"], q, X, y, draws=args.draws, seed=args.seed,
+                                                prior=target.to(dtype=X.dtype),
+                                                source={"source": "conditioned teacher (student prior)",
+                                                        "teacher": tname})
+    # order: teachers first, then each student's prior, then the students
+    order = [n for n in entries if n not in {r[0] for r in relations}]
+    for s, _, _ in relations:
+        order += [n for n in (f"{s} prior", s) if n in models and n not in order]
+    order += [n for n in models if n not in order]
+    models = {n: models[n] for n in order}
+    rows, idatas, cmp = D.diagnose(models, X, y, Xte, yte, draws=args.draws, seed=args.seed,
+                                   idatas={n: idatas[n] for n in order})
+    table = D.format_table(rows, cmp)
+    print(f"data: {ds.description}; LOO/WAIC/k-hat on the training split (N={X.shape[0]}), "
+          f"test lpd/acc on the test split (N={Xte.shape[0]}); {args.draws} draws per model")
+    print(table)
+
+    out = Path(args.out) if args.out else Path("figures") / "diagnostics" / folders[0].name
+    out.mkdir(parents=True, exist_ok=True)
+    from ..store import atomic_write_text
+
+    atomic_write_text(out / "table.txt", table + "\n")
+    atomic_write_text(out / "diagnose.json", json.dumps(
+        {"data": spec, "draws": args.draws, "seed": args.seed, "rows": [r.to_dict() for r in rows],
+         "compare": None if cmp is None else json.loads(cmp.drop(columns=["warning", "scale"], errors="ignore")
+                                                       .to_json(orient="index"))}, indent=2))
+    if not args.no_figures:
+        for path in make_figures(idatas, relations, entries, models, out):
+            print(f"wrote {path}")
+    return 0
+
+
+def make_figures(idatas: dict, relations: list, entries: dict, models: dict, out: Path) -> list[Path]:
+    """k-hat and PPC figures for all models; forest and correlation heatmaps for the first teacher/student
+    pair (teacher coordinates mapped onto the student's names)."""
+    from .. import diagnostics as D
+    from ..plots import diagnostics as P
+
+    paths = [P.plot_khat(idatas, out / "khat.png"), P.plot_ppc(idatas, out / "ppc.png")]
+    if not relations:
+        return paths
+    sname, tname, ops = relations[0]
+    snet, tnet = entries[sname]["net"], entries[tname]["net"]
+    idx = D.student_to_teacher_index(ops, tnet)
+    wt = D.weights_from_idata(idatas[tname], tnet)[..., idx]
+    forest = {f"{tname} (kept coords)": D.posterior_only_idata(snet, wt)}
+    if f"{sname} prior" in idatas:
+        forest[f"{sname} prior"] = idatas[f"{sname} prior"]
+    forest[sname] = idatas[sname]
+    biases = [b.name for b in snet.layout if b.name.endswith("bias")] or snet.layout.names[:1]
+    dims, _ = D.block_dims(snet)
+    coords = {dims[b][0]: list(range(min(8, snet.layout.shape(b)[0]))) for b in biases}
+    paths.append(P.plot_forest_compare(forest, biases, out / "forest.png", coords=coords,
+                                       title=f"{tname} -> {sname}: biases (first 8 units) before vs after"))
+    weights = [b for b in snet.layout if b.name.endswith("weight")] or list(snet.layout)
+    blk = weights[-1]
+    sidx = torch.arange(blk.offset, blk.stop)
+    covs = {f"{tname} (before removal)": entries[tname]["q"].marginalize(idx[sidx]).covariance()}
+    if f"{sname} prior" in models:
+        covs[f"{sname} prior (conditioned)"] = models[f"{sname} prior"][1].marginalize(sidx).covariance()
+    covs[f"{sname} posterior"] = entries[sname]["q"].marginalize(sidx).covariance()
+    paths.append(P.plot_correlation_before_after(
+        {k: v.detach().double().numpy() for k, v in covs.items()}, out / "correlation.png",
+        title=f"correlation of {sname}'s {blk.name} ({blk.numel} coords) before and after removal"))
+    return paths
