@@ -1,0 +1,210 @@
+"""ArviZ diagnostics: InferenceData groups and coords, log-likelihood against the Pyro model, the posterior
+k-hat on an exact posterior vs a poor guide, NUTS on a 2-parameter model, netCDF round trip, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from pyro_distill import diagnostics as D
+from pyro_distill.gaussian import DenseGaussian, DiagGaussian
+from pyro_distill.nets import MLP
+from pyro_distill.nets.base import net_from_config
+
+DT = torch.float64
+
+
+@pytest.fixture
+def small():
+    g = torch.Generator().manual_seed(0)
+    net = MLP([3, 4, 2])
+    X = torch.randn(15, 3, generator=g, dtype=DT)
+    y = torch.randint(0, 2, (15,), generator=g)
+    p = net.num_params
+    A = torch.randn(p, p, generator=g, dtype=DT) * 0.05
+    q = DenseGaussian(0.3 * torch.randn(p, generator=g, dtype=DT), torch.tril(A) + 0.2 * torch.eye(p, dtype=DT),
+                      layout=net.layout, meta={"source": "unit test"})
+    return net, q, X, y
+
+
+def blr(n: int = 40, d: int = 2, noise: float = 0.5, seed: int = 0):
+    """Bayesian linear regression as an MLP with no hidden layer; returns net, data, exact posterior."""
+    g = torch.Generator().manual_seed(seed)
+    net = MLP([d, 1], activation="identity", likelihood="gaussian", noise_scale=noise)
+    X = torch.randn(n, d, generator=g, dtype=DT)
+    y = X @ torch.arange(1.0, d + 1, dtype=DT) - 0.5 + noise * torch.randn(n, generator=g, dtype=DT)
+    Phi = torch.cat([X, torch.ones(n, 1, dtype=DT)], 1)  # layout: layer1.weight (1 x d), then layer1.bias
+    prec = torch.diag(1 / net.default_prior(DT).variance) + Phi.T @ Phi / noise**2
+    cov = torch.cholesky_inverse(torch.linalg.cholesky(prec))
+    mean = cov @ (Phi.T @ y) / noise**2
+    return net, X, y, DenseGaussian.from_covariance(mean, cov, layout=net.layout)
+
+
+def test_groups_shapes_coords_attrs(small):
+    net, q, X, y = small
+    idata = D.to_inference_data(net, q, X, y, draws=30, chains=2, seed=1)
+    for g in D.GROUPS:
+        assert g in idata.groups(), g
+    post = idata.posterior
+    assert list(post.data_vars) == net.layout.names
+    assert post["layer1.weight"].dims == ("chain", "draw", "layer1_neuron", "input")
+    assert post["layer1.weight"].shape == (2, 30, 4, 3)
+    assert post["layer2.weight"].dims == ("chain", "draw", "output", "layer1_neuron")
+    assert post["layer1.bias"].dims == ("chain", "draw", "layer1_neuron")
+    assert post.sizes["output"] == 2 and list(post["input"].values) == [0, 1, 2]
+    assert idata.posterior_predictive["y"].shape == (2, 30, 15)
+    yrep = idata.posterior_predictive["y"].values
+    assert yrep.min() >= 0 and yrep.max() <= 1 and np.issubdtype(yrep.dtype, np.integer)
+    assert idata.log_likelihood["y"].dims == ("chain", "draw", "obs")
+    np.testing.assert_array_equal(idata.observed_data["y"].values, y.numpy())
+    np.testing.assert_allclose(idata.constant_data["X"].values, X.numpy())
+    assert net_from_config(json.loads(idata.attrs["net_config"])).config() == net.config()
+    assert json.loads(idata.attrs["source"]) == {"source": "unit test"}
+    assert idata.attrs["draws"] == 30 and idata.attrs["gaussian_kind"] == "dense"
+    # the draws are the Gaussian's: same seed, same draws
+    w = D.weights_from_idata(idata, net)
+    w2 = D.weights_from_idata(D.to_inference_data(net, q, X, y, draws=30, chains=2, seed=1), net)
+    torch.testing.assert_close(w, w2)
+
+
+def test_log_likelihood_matches_pyro_model(small):
+    net, q, X, y = small
+    idata = D.to_inference_data(net, q, X, y, draws=25, seed=3)
+    w = D.weights_from_idata(idata, net).reshape(25, -1)
+    tr = poutine.trace(poutine.condition(net.model, data={"w": w})).get_trace(X, y)
+    site = tr.nodes["y"]
+    ll_model = site["fn"].log_prob(site["value"])  # [draws, N]
+    ll = torch.as_tensor(idata.log_likelihood["y"].values).reshape(25, -1)
+    torch.testing.assert_close(ll, ll_model)
+    torch.testing.assert_close(ll.sum(-1), net.log_likelihood(w, X, y).sum(-1))
+    prior_lp = tr.nodes["w"]["fn"].log_prob(w)
+    lp = torch.as_tensor(idata.sample_stats["lp"].values).reshape(-1)
+    torch.testing.assert_close(lp, prior_lp + ll_model.sum(-1))
+    torch.testing.assert_close(torch.as_tensor(idata.sample_stats["log_q"].values).reshape(-1), q.log_prob(w))
+
+
+def test_khat_exact_posterior_small_poor_guide_large():
+    net, X, y, post = blr()
+    exact = D.posterior_khat(net, post, X, y, draws=1000)
+    assert exact.k < 0.5 and exact.reading.startswith("good")
+    near = D.posterior_khat(net, post.tempered(1.2), X, y, draws=1000)  # a little too wide: still good
+    assert near.k < 0.5
+    narrow = D.posterior_khat(net, post.tempered(0.15), X, y, draws=1000)  # far too narrow
+    assert narrow.k > 0.7 and narrow.reading == "unreliable"
+    shifted = DenseGaussian(post.mean + 4 * post.variance.sqrt(), post.scale_tril, layout=net.layout)
+    assert D.posterior_khat(net, shifted, X, y, draws=1000).k > 0.7
+    # the same number from the InferenceData
+    idata = D.to_inference_data(net, post.tempered(0.15), X, y, draws=1000)
+    assert D.khat_from_idata(idata).k > 0.7
+
+
+def test_khat_reading_thresholds():
+    assert D.khat_reading(0.3) == "good"
+    assert D.khat_reading(0.6) == "usable"
+    assert D.khat_reading(0.9) == "unreliable"
+
+
+def test_netcdf_round_trip(small, tmp_path):
+    az = D.az
+    net, q, X, y = small
+    idata = D.to_inference_data(net, q, X, y, draws=20, chains=2)
+    path = D.save_idata(tmp_path / "m", idata)
+    back = az.from_netcdf(path)
+    for g in D.GROUPS:
+        a, b = getattr(idata, g), getattr(back, g)
+        for v in a.data_vars:
+            np.testing.assert_array_equal(a[v].values, b[v].values)
+            assert a[v].dims == b[v].dims
+    assert back.attrs["net_config"] == idata.attrs["net_config"]
+    torch.testing.assert_close(D.weights_from_idata(back, net), D.weights_from_idata(idata, net))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        D.save_idata(tmp_path / "m", idata)
+    assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_nuts_recovers_two_parameter_posterior():
+    net, X, y, post = blr(n=30, d=1)
+    assert net.num_params == 2
+    ref = D.nuts_reference(net, X, y, num_chains=2, num_samples=300, warmup_steps=200, init=post, seed=0,
+                           max_tree_depth=5)
+    w = D.weights_from_idata(ref, net).reshape(-1, 2)
+    sd = post.variance.sqrt()
+    assert ((w.mean(0) - post.mean).abs() / sd).max() < 0.3
+    assert ((w.var(0) / post.variance) - 1).abs().max() < 0.3
+    summ = D.reference_summary(ref)
+    assert all(s["rhat_max"] < 1.05 for s in summ.values())
+    cmp = D.compare_to_reference(net, post, ref, X, y, draws=500)
+    assert cmp["blocks"]["layer1.weight"]["mean_err_sd"] < 0.3
+    assert abs(cmp["elpd_loo_diff"]) < 1.0
+
+
+def test_restricted_prior_and_index_map():
+    from pyro_distill import surgery
+
+    teacher = MLP([3, 4, 4, 2])
+    ops = [surgery.RemoveLayer(2), surgery.RemoveNeurons(1, [0, 3])]
+    idx = D.student_to_teacher_index(ops, teacher)
+    student = MLP([3, 2, 2])
+    assert idx.numel() == student.num_params
+    w = torch.randn(5, teacher.num_params, dtype=DT)
+    ws = w[:, idx]
+    # the student's first layer is the teacher's neurons 1, 2 of layer 1
+    torch.testing.assert_close(student.layout.view(ws, "layer1.weight"),
+                               teacher.layout.view(w, "layer1.weight")[:, [1, 2]])
+    rp = D.restricted_prior(teacher, ops)
+    assert isinstance(rp, DiagGaussian) and rp.dim == student.num_params
+    # the output layer keeps the teacher's fan-in scale (1/sqrt(4)), not the student's (1/sqrt(2))
+    torch.testing.assert_close(student.layout.view(rp.variance.sqrt(), "layer2.weight"),
+                               torch.full((2, 2), 0.5, dtype=DT))
+
+
+def test_bad_input_errors(small):
+    net, q, X, y = small
+    with pytest.raises(ValueError, match="another architecture"):
+        D.to_inference_data(MLP([3, 5, 2]), q, X, y, draws=5)
+    with pytest.raises(ValueError, match="draws"):
+        D.to_inference_data(net, q, X, y, draws=0)
+    with pytest.raises(ValueError, match="labels"):
+        D.to_inference_data(net, q, X, torch.full((15,), 7), draws=5)
+    with pytest.raises(FileNotFoundError, match="diagnose"):
+        D.load_idata("/nonexistent/folder")
+
+
+def test_diagnose_table_and_cli(tmp_path, capsys):
+    from pyro_distill import surgery
+    from pyro_distill.cli import main
+    from pyro_distill.store import save_model
+
+    teacher = MLP([20, 4, 4, 3])
+    g = torch.Generator().manual_seed(0)
+    qt = DenseGaussian(0.3 * torch.randn(teacher.num_params, generator=g),
+                       0.05 * torch.eye(teacher.num_params), layout=teacher.layout, meta={"source": "unit test"})
+    ops = surgery.Plan([surgery.RemoveLayer(2), surgery.RemoveNeurons(1, [0])], teacher=teacher.config())
+    student, prior = surgery.apply(ops, teacher, qt)
+    spec = {"name": "synthetic_classification", "split_seed": 0}
+    save_model(tmp_path / "teacher", teacher, qt, card={"data": spec})
+    save_model(tmp_path / "student", student, prior.tempered(0.5), card={"data": spec, "plan": ops.to_dict()})
+    prior.save(tmp_path / "student" / "prior.pt")
+    out = tmp_path / "fig"
+    rc = main(["diagnose", str(tmp_path / "student"), "--against", str(tmp_path / "teacher"), "--draws", "60",
+               "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for name in ("teacher", "student prior", "student"):
+        assert name in text
+    assert "q k-hat" in text and "unreliable" in text
+    for f in ("khat.png", "ppc.png", "forest.png", "correlation.png", "table.txt", "diagnose.json"):
+        assert (out / f).stat().st_size > 0, f
+    rows = json.loads((out / "diagnose.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["teacher", "student prior", "student"]
+    assert all(math.isfinite(r["elpd_loo"]) for r in rows)
+    assert (tmp_path / "student" / "idata.nc").exists() and (tmp_path / "teacher" / "idata.nc").exists()
+    # a second run reuses the saved files; other settings are refused without --overwrite
+    assert main(["diagnose", str(tmp_path / "student"), "--draws", "60", "--no-figures"]) == 0
+    assert main(["diagnose", str(tmp_path / "student"), "--draws", "50", "--no-figures"]) == 1
+    assert "overwrite" in capsys.readouterr().err
