@@ -5,3 +5,4 @@ from .mlp import ACTIVATIONS, IDEMPOTENT, MLP
 
 __all__ = ["BayesianNet", "MLP", "ACTIVATIONS", "IDEMPOTENT", "LIKELIHOODS", "net_from_config", "register_net"]
 from .transformer import Transformer  # noqa: E402,F401
+from .attention_rnn import AttentionRNN  # noqa: E402,F401

@@ -9,3 +9,4 @@ __all__ += ["SameFamily", "RemoveNeurons", "RemoveLayer", "same_family", "remove
             "plan", "SELECTORS"]
 from .transformer import (  # noqa: E402,F401
     RemoveAttentionSublayer, RemoveBlock, RemoveFFN, RemoveHead, plan_transformer, transformer_scores)
+from .rnn import ATTENTION_VARIANTS, RemoveAttention, remove_attention  # noqa: E402,F401

@@ -1,0 +1,246 @@
+"""Attention RNN, its attention-removal surgery, the sequence tasks and the rnn_attention experiment kind."""
+
+from __future__ import annotations
+
+import json
+
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from pyro_distill.data.sequences import BOS, EOS, PAD, dates, digit_sum, exact_match, sequence_task, token_accuracy
+from pyro_distill.gaussian import DenseGaussian, LowRankGaussian
+from pyro_distill.inference import fit_map, fit_posterior
+from pyro_distill.nets import AttentionRNN, net_from_config
+from pyro_distill.surgery import RemoveAttention, SurgeryError, operation_from_dict, remove_attention
+
+D = torch.float64
+VARIANTS = ["w", "uv", "all"]
+
+
+@pytest.fixture(scope="module")
+def task():
+    return dates(n_train=60, n_val=10, n_test=10, seed=1)
+
+
+@pytest.fixture(scope="module")
+def net(task):
+    return AttentionRNN(**task.net_kwargs(), emb=5, hidden=6, attn=4)
+
+
+def _padded_batch(task, n=12):
+    """A batch whose source lengths differ (so padding really occurs)."""
+    X = task.X[:n]
+    lengths = (task.src(X) != PAD).sum(-1)
+    assert lengths.min() < task.src_len and lengths.unique().numel() > 1
+    return X
+
+
+# ----------------------------------------------------------------------------- data
+def test_task_generator_is_deterministic_and_splits_are_disjoint():
+    a, b = dates(50, 10, 10, seed=3), dates(50, 10, 10, seed=3)
+    for k in ("X", "y", "Xval", "yval", "Xte", "yte"):
+        assert torch.equal(getattr(a, k), getattr(b, k))
+    assert a.pairs == b.pairs
+    c = dates(50, 10, 10, seed=4)
+    assert a.pairs["train"] != c.pairs["train"]
+    src = [s for part in a.pairs.values() for s, _ in part]
+    assert len(set(src)) == len(src)
+    s1, s2 = digit_sum(30, 5, 5, seed=0), digit_sum(30, 5, 5, seed=0)
+    assert torch.equal(s1.X, s2.X) and torch.equal(s1.y, s2.y)
+
+
+def test_task_packing_and_vocab_round_trip():
+    t = sequence_task("dates", n_train=40, n_val=5, n_test=5, seed=0)
+    for i, (src, tgt) in enumerate(t.pairs["train"][:10]):
+        assert t.src_vocab.decode(t.X[i, : t.src_len].tolist()) == src
+        assert t.tgt_vocab.decode(t.y[i].tolist()) == tgt
+        n = len(tgt) + 1
+        assert t.y[i, n - 1] == EOS and (t.y[i, n:] == PAD).all()
+        tin = t.X[i, t.src_len :]
+        assert tin[0] == BOS and torch.equal(tin[1:n], t.y[i, : n - 1])
+        assert len(tgt) == 10 and tgt[4] == "-" and tgt[7] == "-"
+    s = digit_sum(20, 5, 5)
+    for src, tgt in s.pairs["train"]:
+        assert int(tgt) == sum(int(c) for c in src)
+    with pytest.raises(ValueError, match="unknown sequence task"):
+        sequence_task("nope")
+
+
+def test_metrics_on_hand_made_tokens():
+    y = torch.tensor([[5, 6, EOS, PAD], [7, EOS, PAD, PAD]])
+    pred = torch.tensor([[5, 6, EOS, 9], [7, 8, EOS, PAD]])  # first right (junk after EOS ignored)
+    assert exact_match(pred, y).item() == 0.5
+    assert token_accuracy(pred, y).item() == pytest.approx(4 / 5)
+
+
+# ----------------------------------------------------------------------------- network
+def test_layouts_student_is_teacher_without_attention(net):
+    stu = net.replace(uniform_context=True)
+    assert [n for n in net.layout.names if not n.startswith("attn.")] == stu.layout.names
+    assert {"attn.w", "attn.U", "attn.V"} <= set(net.layout.names)
+    assert net_from_config(net.config()).layout == net.layout
+    assert net.prior_scales().shape == (net.num_params,)
+
+
+def test_forward_is_vectorized_over_weight_samples(task, net):
+    X = _padded_batch(task, 6)
+    W = torch.stack([net.init_weights(torch.Generator().manual_seed(s), D) for s in range(3)])
+    out = net(W, X)
+    assert out.shape == (3, 6, task.tgt_len, task.tgt_vocab.size)
+    for s in range(3):
+        assert torch.allclose(out[s], net(W[s], X), atol=1e-12)
+    toks = net.decode(W, X)
+    assert toks.shape == (3, 6, task.tgt_len)
+    assert torch.equal(toks[1], net.decode(W[1], X))
+    # the first greedy step sees BOS, like teacher forcing
+    assert torch.equal(toks[..., 0], out[..., 0, :].argmax(-1))
+
+
+def test_padding_does_not_change_outputs(task, net):
+    """Extra right padding of the source changes nothing (masked attention, gathered last state)."""
+    X = _padded_batch(task, 6)
+    w = net.init_weights(torch.Generator().manual_seed(0), D)
+    wide = net.replace(src_len=task.src_len + 3)
+    src, tin = net.split(X)
+    Xw = torch.cat([src, torch.zeros(len(X), 3, dtype=torch.long), tin], 1)
+    assert torch.allclose(net(w, X), wide(w, Xw), atol=1e-12)
+
+
+def test_log_likelihood_ignores_padding_and_model_site(task, net):
+    X, y = task.X[:5], task.y[:5]
+    w = net.init_weights(torch.Generator().manual_seed(1), D)
+    ll = net.log_likelihood(w, X, y)
+    lp = torch.log_softmax(net(w, X), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(ll, (lp * (y != PAD)).sum(-1), atol=1e-12)
+    tr = poutine.trace(poutine.condition(net.model, data={"w": w.expand(2, -1)})).get_trace(X, y)
+    site = tr.nodes["y"]
+    assert site["fn"].batch_shape == (2, 5) and site["fn"].log_prob(site["value"]).shape == (2, 5)
+    with pytest.raises(ValueError, match="labels must be"):
+        net.check_data(X, y[:, :-1])
+    with pytest.raises(ValueError, match="token ids"):
+        net.split(X.double())
+
+
+# ----------------------------------------------------------------------------- surgery
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_conditioned_teacher_is_the_student(task, net, variant):
+    """With the attention coordinates fixed (any values for the marginalized ones) the teacher's
+    attention is exactly 1/T_valid and its outputs equal the student's (float64, padded batch)."""
+    op = RemoveAttention(variant)
+    stu = op.architecture(net)
+    X = _padded_batch(task)
+    ws = torch.stack([stu.init_weights(torch.Generator().manual_seed(s), D) for s in range(3)])
+    fill = torch.randn(net.num_params, dtype=D, generator=torch.Generator().manual_seed(9)) * 3
+    wt = op.embed(net, ws, fill=fill)
+    m = (task.src(X) != PAD).to(D)
+    uniform = m / m.sum(-1, keepdim=True)
+    att = net.attention(wt, X)
+    assert torch.equal(att, uniform[None, :, None, :].expand_as(att))
+    assert torch.equal(stu.attention(ws, X), att)
+    assert torch.allclose(net(wt, X), stu(ws, X), rtol=0, atol=1e-12)
+    assert torch.equal(net.decode(wt, X), stu.decode(ws, X))
+
+
+def test_unconditioned_attention_is_not_uniform(task, net):
+    w = net.init_weights(torch.Generator().manual_seed(0), D)
+    X = _padded_batch(task)
+    att = net.attention(w, X)
+    assert torch.allclose(att.sum(-1), torch.ones((), dtype=D))
+    pad = (task.src(X) == PAD)[:, None, :].expand_as(att)
+    assert (att[pad] == 0).all()
+    m = (task.src(X) != PAD).to(D)
+    assert (att - (m / m.sum(-1, keepdim=True))[:, None, :]).abs().max() > 1e-3
+
+
+def _lowrank(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = net.num_params
+    return LowRankGaussian(torch.randn(p, dtype=D, generator=g), torch.randn(p, 4, dtype=D, generator=g) * 0.3,
+                           torch.rand(p, dtype=D, generator=g) + 0.05, layout=net.layout)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variants_give_valid_gaussians_matching_a_dense_reference(net, variant):
+    q = _lowrank(net)
+    stu, g = remove_attention(net, q, variant)
+    assert isinstance(g, LowRankGaussian) and g.dim == stu.num_params and g.layout == stu.layout
+    assert stu.layout == net.replace(uniform_context=True).layout
+    assert bool((g.cov_diag > 0).all()) and torch.isfinite(g.log_prob(g.loc))
+    # dense reference: marginalize the unused blocks, condition the fixed ones on 0
+    op = RemoveAttention(variant)
+    I, _, M = op.removed(net)
+    keep = op.keep(net)
+    S = q.covariance()
+    cov = S[keep][:, keep] - S[keep][:, I] @ torch.linalg.solve(S[I][:, I], S[I][:, keep])
+    mean = q.loc[keep] + S[keep][:, I] @ torch.linalg.solve(S[I][:, I], -q.loc[I])
+    assert torch.allclose(g.loc, mean, atol=1e-9)
+    assert torch.allclose(g.covariance(), cov, atol=1e-9)
+    assert torch.linalg.eigvalsh(g.covariance()).min() > 0
+    # a dense posterior stays dense
+    _, gd = remove_attention(net, DenseGaussian.from_covariance(q.loc, S, layout=net.layout), variant)
+    assert gd.kind == "dense" and torch.allclose(gd.covariance(), cov, atol=1e-9)
+
+
+def test_surgery_errors_and_round_trip(net):
+    with pytest.raises(SurgeryError, match="variant"):
+        RemoveAttention("v")
+    with pytest.raises(SurgeryError, match="uniform_context"):
+        RemoveAttention().architecture(net.replace(uniform_context=True))
+    op = RemoveAttention("uv")
+    assert operation_from_dict(op.to_dict()) == op
+    _, g = op.apply(net, _lowrank(net))
+    assert g.meta["surgery"] == [{"op": "remove_attention", "variant": "uv"}]
+
+
+# ----------------------------------------------------------------------------- fitting and the experiment
+def test_map_and_lowrank_svi_run_on_token_inputs(task, net):
+    w, h = fit_map(net, task.X, task.y, steps=15, lr=1e-2, batch_size=16)
+    assert w.dtype == torch.float32 and h.map_loss[-1] < h.map_loss[0]
+    q, hist = fit_posterior(net, task.X, task.y, guide="lowrank", steps=5, map_steps=5, batch_size=16,
+                            cov_init="prior", rank=3, elbo_eval_particles=2)
+    assert q.dim == net.num_params and all(torch.isfinite(torch.tensor(hist.elbo)))
+    stu, prior = remove_attention(net, q, "w")
+    q2, _ = fit_posterior(stu, task.X, task.y, guide="lowrank", prior=prior, init=prior, steps=3, batch_size=16,
+                          elbo_eval_particles=2)
+    assert q2.dim == stu.num_params
+
+
+def test_rnn_attention_experiment_tiny_run(tmp_path):
+    from pyro_distill.experiments.core import run
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text("""
+name = "rnn_tiny"
+kind = "rnn_attention"
+seeds = 1
+workers = 1
+tasks = ["digit_sum"]
+save_models = false
+[data]
+n_train = 40
+n_val = 10
+n_test = 10
+[net]
+emb = 4
+hidden = 5
+attn = 3
+[teacher]
+map_steps = 4
+steps = 3
+[student]
+steps = 4
+[kd]
+teacher_samples = 2
+[eval]
+every = 2
+samples = 2
+""")
+    run_dir = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    methods = [r["method"] for r in rows]
+    assert methods == ["teacher", "vi_conditioned_prior", "vi_standard_prior", "teacher_init", "deterministic", "kd"]
+    for r in rows:
+        assert 0 <= r["exact_match"] <= 1 and 0 <= r["token_acc"] <= 1 and r["nll_tok"] > 0
+    curves = (run_dir / "curves.csv").read_text().splitlines()
+    assert any(",kd,0,0,val_nll_tok," in c for c in curves) and any(",kd,0,4,val_nll_tok," in c for c in curves)
