@@ -245,3 +245,7 @@ samples = 2
         assert 0 <= r["exact_match"] <= 1 and 0 <= r["token_acc"] <= 1 and r["nll_tok"] > 0
     curves = (run_dir / "curves.csv").read_text().splitlines()
     assert any(",kd,0,0,val_nll_tok," in c for c in curves) and any(",kd,0,4,val_nll_tok," in c for c in curves)
+    from pyro_distill.experiments.rnn import make_figures
+
+    (png,) = make_figures(run_dir, tmp_path / "fig")
+    assert png.name == "rnn_attention_curves.png" and png.stat().st_size > 1000

@@ -13,7 +13,9 @@ Per task (``dates``: attention matters; ``digit_sum``: it matters little) and se
      (the published follow-up's baseline: weights copied, then trained);
   4. ``deterministic``: MAP from a random start;
   5. ``kd``: token-level Hinton KD (:func:`pyro_distill.baselines.kd_loss` on every non-pad target
-     token) from the teacher's posterior predictive, random start.
+     token) from the teacher's posterior predictive, random start;
+  6. (optional) ``vi_conditioned_prior_tempered``: as 1, the prior's covariance multiplied by
+     ``student.prior_temperature`` (a tight teacher posterior makes a prior that pins the student).
 
 Curves: validation token NLL and exact match at the mean weights every ``eval.every`` steps, step 0
 included (does the conditioned / copied student start lower?). Final metrics on the test split:
@@ -39,20 +41,22 @@ from .core import SeedContext, register_kind
 
 __all__ = ["DEFAULTS", "METHODS", "run_seed", "evaluate_seq", "make_figures"]
 
-METHODS = ("vi_conditioned_prior", "vi_standard_prior", "teacher_init", "deterministic", "kd")
+METHODS = ("vi_conditioned_prior", "vi_standard_prior", "teacher_init", "deterministic", "kd",
+           "vi_conditioned_prior_tempered")
 
 DEFAULTS: dict[str, Any] = {
     "tasks": ["dates", "digit_sum"],
-    "methods": list(METHODS),
+    "methods": list(METHODS[:5]),
     "variant": "w",
     "batch_size": 64,
     "dtype": "float32",
     "save_models": True,
     "data": {"n_train": 4000, "n_val": 500, "n_test": 1000},
     "net": {"emb": 16, "hidden": 32, "attn": 16},
-    "teacher": {"map_steps": 600, "steps": 200, "lr": 1e-3, "factor_lr": 1e-4, "map_lr": 1e-2, "num_particles": 1,
+    "teacher": {"map_steps": 800, "steps": 400, "lr": 1e-3, "factor_lr": 1e-4, "map_lr": 1e-2, "num_particles": 1,
                 "rank": 10},
-    "student": {"steps": 500, "lr": 1e-2, "svi_lr": 1e-2, "factor_lr": 1e-3, "num_particles": 1, "rank": 10},
+    "student": {"steps": 800, "lr": 1e-2, "svi_lr": 1e-2, "factor_lr": 1e-3, "num_particles": 1, "rank": 10,
+                "prior_temperature": 100.0},
     "kd": {"gamma": 0.5, "temperature": 2.0, "teacher_samples": 8},
     "eval": {"every": 100, "samples": 8},
 }
@@ -202,10 +206,11 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
     for method in cfg["methods"]:
         cb = curve_cb(method)
         t0 = time.perf_counter()
-        if method == "vi_conditioned_prior":
-            start = prior_c
+        if method in ("vi_conditioned_prior", "vi_conditioned_prior_tempered"):
+            pc = prior_c if method == "vi_conditioned_prior" else prior_c.tempered(S["prior_temperature"])
+            start = pc
             cb(0, start.loc)
-            q, _ = fit_posterior(student, X, y, guide="lowrank", prior=prior_c, init=prior_c, steps=S["steps"],
+            q, _ = fit_posterior(student, X, y, guide="lowrank", prior=pc, init=pc, steps=S["steps"],
                                  lr=S["svi_lr"], factor_lr=S["factor_lr"], num_particles=S["num_particles"],
                                  batch_size=B, seed=seed,
                                  dtype=dtype, callback=lambda s, qq, cb=cb: cb(s, qq), eval_every=every,
@@ -245,7 +250,8 @@ register_kind("rnn_attention", DEFAULTS, run_seed)
 
 # ============================================================================ figure
 def make_figures(run_dir: str | Path, out_dir: str | Path = "figures") -> list[Path]:
-    """``figures/rnn_attention_curves.png``: validation token NLL vs step (mean ± sd over seeds) per task."""
+    """``figures/rnn_attention_curves.png``: validation token NLL (top) and exact match (bottom) vs step,
+    mean ± sd over seeds, one column per task; the teacher's test value as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,34 +260,41 @@ def make_figures(run_dir: str | Path, out_dir: str | Path = "figures") -> list[P
     from .core import read_rows
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    curves = [r for r in read_rows(run_dir / "curves.csv") if r["metric"] == "val_nll_tok"]
-    if not curves:
+    curves = read_rows(run_dir / "curves.csv")
+    if not any(r["metric"] == "val_nll_tok" for r in curves):
         raise FileNotFoundError(f"{run_dir}/curves.csv has no val_nll_tok curves; is this an rnn_attention run?")
     rows = read_rows(run_dir / "metrics.csv")
     settings = list(dict.fromkeys(r["setting"] for r in curves))
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.2), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
-        for method in dict.fromkeys(r["method"] for r in curves if r["setting"] == setting):
-            pts: dict[int, list[float]] = {}
-            for r in curves:
-                if r["setting"] == setting and r["method"] == method:
-                    pts.setdefault(int(r["step"]), []).append(float(r["value"]))
-            steps = sorted(pts)
-            m = torch.tensor([sum(pts[s]) / len(pts[s]) for s in steps])
-            sd = torch.tensor([torch.tensor(pts[s]).std().item() if len(pts[s]) > 1 else 0.0 for s in steps])
-            ax.plot(steps, m, label=method, lw=1.3)
-            ax.fill_between(steps, m - sd, m + sd, alpha=0.2)
-        tv = [r["nll_tok"] for r in rows if r["setting"] == setting and r["method"] == "teacher"]
-        if tv:
-            ax.axhline(sum(tv) / len(tv), color="k", ls="--", lw=1, label="teacher (test)")
-        ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("validation NLL per token")
-        ax.set_title(setting)
-    axes[0][0].legend(fontsize=7)
+    panels = [("val_nll_tok", "nll_tok", "validation NLL per token", True),
+              ("val_exact_match", "exact_match", "validation exact match", False)]
+    fig, axes = plt.subplots(2, len(settings), figsize=(4.2 * len(settings), 5.6), squeeze=False)
+    for col, setting in enumerate(settings):
+        for row, (metric, tkey, label, log) in enumerate(panels):
+            ax = axes[row][col]
+            sel = [r for r in curves if r["setting"] == setting and r["metric"] == metric]
+            for method in dict.fromkeys(r["method"] for r in sel):
+                pts: dict[int, list[float]] = {}
+                for r in sel:
+                    if r["method"] == method:
+                        pts.setdefault(int(r["step"]), []).append(float(r["value"]))
+                steps = sorted(pts)
+                vals = [torch.tensor(pts[s], dtype=torch.float64) for s in steps]
+                m = torch.stack([v.mean() for v in vals])
+                sd = torch.stack([v.std() if len(v) > 1 else torch.zeros((), dtype=torch.float64) for v in vals])
+                ax.plot(steps, m, label=method, lw=1.3)
+                ax.fill_between(steps, m - sd, m + sd, alpha=0.2)
+            tv = [r[tkey] for r in rows if r["setting"] == setting and r["method"] == "teacher"]
+            if tv:
+                ax.axhline(sum(tv) / len(tv), color="k", ls="--", lw=1, label="teacher (test)")
+            if log:
+                ax.set_yscale("log")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(label)
+            ax.set_title(setting)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "rnn_attention_curves.png"
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
     return [path]
