@@ -201,11 +201,13 @@ def fit_map(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian 
     """
     _seed(seed)
     history = history or FitHistory()
-    prior = prior if prior is not None else net.default_prior(X.dtype, X.device)
+    # token inputs (long) carry no float dtype: the weights then follow the prior (or float32)
+    wdtype = X.dtype if X.is_floating_point() else (prior.dtype if prior is not None else torch.float32)
+    prior = prior if prior is not None else net.default_prior(wdtype, X.device)
     if init is None:
         g = torch.Generator().manual_seed(seed or 0)
-        init = net.init_weights(g, X.dtype).to(X.device)
-    w = init.detach().clone().to(X).requires_grad_(True)
+        init = net.init_weights(g, wdtype).to(X.device)
+    w = init.detach().clone().to(device=X.device, dtype=wdtype).requires_grad_(True)
     params = [w]
     log_noise = None
     if fit_noise:
