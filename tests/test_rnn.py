@@ -217,6 +217,8 @@ kind = "rnn_attention"
 seeds = 1
 workers = 1
 tasks = ["digit_sum"]
+methods = ["vi_conditioned_prior", "vi_standard_prior", "teacher_init", "deterministic", "kd",
+           "vi_conditioned_prior_tempered", "vi_marginal_prior", "deterministic_attention"]
 save_models = false
 [data]
 n_train = 40
@@ -240,7 +242,12 @@ samples = 2
     run_dir = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
     rows = json.loads((run_dir / "metrics.json").read_text())
     methods = [r["method"] for r in rows]
-    assert methods == ["teacher", "vi_conditioned_prior", "vi_standard_prior", "teacher_init", "deterministic", "kd"]
+    assert methods == ["teacher", "vi_conditioned_prior", "vi_standard_prior", "teacher_init", "deterministic", "kd",
+                       "vi_conditioned_prior_tempered", "vi_marginal_prior", "deterministic_attention"]
+    by = {r["method"]: r for r in rows}
+    assert by["deterministic_attention"]["p"] == by["teacher"]["p"] > by["kd"]["p"]
+    # the copied mean IS the marginal's mean: both start from the same validation loss
+    assert by["vi_marginal_prior"]["val_nll_start"] == pytest.approx(by["teacher_init"]["val_nll_start"], rel=1e-5)
     for r in rows:
         assert 0 <= r["exact_match"] <= 1 and 0 <= r["token_acc"] <= 1 and r["nll_tok"] > 0
     curves = (run_dir / "curves.csv").read_text().splitlines()

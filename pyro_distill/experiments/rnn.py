@@ -14,8 +14,10 @@ Per task (``dates``: attention matters; ``digit_sum``: it matters little) and se
   4. ``deterministic``: MAP from a random start;
   5. ``kd``: token-level Hinton KD (:func:`pyro_distill.baselines.kd_loss` on every non-pad target
      token) from the teacher's posterior predictive, random start;
-  6. (optional) ``vi_conditioned_prior_tempered``: as 1, the prior's covariance multiplied by
-     ``student.prior_temperature`` (a tight teacher posterior makes a prior that pins the student).
+Optional controls: ``vi_conditioned_prior_tempered`` (as 1, the prior's covariance multiplied by
+``student.prior_temperature``), ``vi_marginal_prior`` (as 1 with the teacher's plain marginal over the
+kept coordinates: no conditioning shift, the copied mean) and ``deterministic_attention`` (the teacher's
+architecture trained like 4: the same-budget answer to "does attention matter on this task?").
 
 Curves: validation token NLL and exact match at the mean weights every ``eval.every`` steps, step 0
 included (does the conditioned / copied student start lower?). Final metrics on the test split:
@@ -42,7 +44,7 @@ from .core import SeedContext, register_kind
 __all__ = ["DEFAULTS", "METHODS", "run_seed", "evaluate_seq", "make_figures"]
 
 METHODS = ("vi_conditioned_prior", "vi_standard_prior", "teacher_init", "deterministic", "kd",
-           "vi_conditioned_prior_tempered")
+           "vi_conditioned_prior_tempered", "vi_marginal_prior", "deterministic_attention")
 
 DEFAULTS: dict[str, Any] = {
     "tasks": ["dates", "digit_sum"],
@@ -191,23 +193,27 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
     keep = op.keep(teacher)
     w_copy = q_t.loc[keep].clone()
 
-    def curve_cb(method: str):
+    def curve_cb(method: str, net: AttentionRNN):
         def cb(step: int, w: torch.Tensor) -> None:
             if step % every and step != 0:
                 return
             wl = w.loc if isinstance(w, Gaussian) else w
-            ctx.curve(setting, method, step, "val_nll_tok", _point_nll(student, wl, Xv, yv))
-            ctx.curve(setting, method, step, "val_exact_match", float(exact_match(student.decode(wl, Xv), yv)))
+            ctx.curve(setting, method, step, "val_nll_tok", _point_nll(net, wl, Xv, yv))
+            ctx.curve(setting, method, step, "val_exact_match", float(exact_match(net.decode(wl, Xv), yv)))
         return cb
 
     gs = torch.Generator().manual_seed(20_000 + seed)
     w_rand = student.init_weights(gs, dtype)
     kd_probs = None
     for method in cfg["methods"]:
-        cb = curve_cb(method)
+        net = teacher if method == "deterministic_attention" else student
+        cb = curve_cb(method, net)
         t0 = time.perf_counter()
-        if method in ("vi_conditioned_prior", "vi_conditioned_prior_tempered"):
-            pc = prior_c if method == "vi_conditioned_prior" else prior_c.tempered(S["prior_temperature"])
+        if method in ("vi_conditioned_prior", "vi_conditioned_prior_tempered", "vi_marginal_prior"):
+            pc = {"vi_conditioned_prior": prior_c,
+                  "vi_conditioned_prior_tempered": prior_c.tempered(S["prior_temperature"]),
+                  "vi_marginal_prior": q_t.marginalize(keep)}[method]
+            pc.layout = student.layout
             start = pc
             cb(0, start.loc)
             q, _ = fit_posterior(student, X, y, guide="lowrank", prior=pc, init=pc, steps=S["steps"],
@@ -223,10 +229,10 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
                                  num_particles=S["num_particles"],
                                  batch_size=B, seed=seed, dtype=dtype, callback=lambda s, qq, cb=cb: cb(s, qq),
                                  eval_every=every, elbo_eval_particles=2)
-        elif method in ("teacher_init", "deterministic"):
-            start = w_copy if method == "teacher_init" else w_rand
+        elif method in ("teacher_init", "deterministic", "deterministic_attention"):
+            start = {"teacher_init": w_copy, "deterministic": w_rand, "deterministic_attention": w0}[method]
             cb(0, start)
-            q, _ = fit_map(student, X, y, init=start, steps=S["steps"], lr=S["lr"], batch_size=B, seed=seed,
+            q, _ = fit_map(net, X, y, init=start, steps=S["steps"], lr=S["lr"], batch_size=B, seed=seed,
                            callback=cb, eval_every=every)
         else:  # kd
             if kd_probs is None:
@@ -235,13 +241,13 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
             q = _kd_fit(student, X, y, kd_probs, w_rand, S["steps"], S["lr"], B, cfg["kd"]["gamma"],
                         cfg["kd"]["temperature"], seed, cb)
         fit_s = time.perf_counter() - t0
-        res = evaluate_seq(student, q, Xte, yte, E["samples"], seed)
-        v0 = _point_nll(student, start.loc if isinstance(start, Gaussian) else start, Xv, yv)
-        ctx.record({"setting": setting, "method": method, **res, "p": student.num_params, "val_nll_start": v0,
+        res = evaluate_seq(net, q, Xte, yte, E["samples"], seed)
+        v0 = _point_nll(net, start.loc if isinstance(start, Gaussian) else start, Xv, yv)
+        ctx.record({"setting": setting, "method": method, **res, "p": net.num_params, "val_nll_start": v0,
                     "fit_s": fit_s})
         ctx.log(f"{setting}: {method} {res} start val NLL {v0:.3f} ({fit_s:.0f} s)")
         if cfg["save_models"] and isinstance(q, Gaussian):
-            ctx.save_model(f"{setting}-{method}", student, q, {"task": setting, "role": method,
+            ctx.save_model(f"{setting}-{method}", net, q, {"task": setting, "role": method,
                                                                  "surgery": op.to_dict()})
 
 
