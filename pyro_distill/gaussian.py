@@ -47,10 +47,10 @@ class NotPositiveDefiniteError(ValueError):
 
 
 def cholesky_jitter(a: torch.Tensor, what: str = "covariance") -> torch.Tensor:
-    """Cholesky factor of a symmetric matrix with the package's jitter policy.
+    """Cholesky factor of a symmetric matrix (only its lower triangle is read) with the package's jitter policy.
 
-    Tries ``a + eps * mean(diag(a)) * I`` for ``eps`` in :data:`JITTER_LEVELS`; warns with the amount
-    used when ``eps > 0``; raises :class:`NotPositiveDefiniteError` when even the largest fails.
+    Tries ``a + eps * mean(|diag(a)|) * I`` for ``eps`` in :data:`JITTER_LEVELS` (0 first); warns with the
+    amount used when ``eps > 0``; raises :class:`NotPositiveDefiniteError` when even the largest fails.
     """
     if a.shape[-1] == 0:
         return a.clone()
@@ -61,18 +61,9 @@ def cholesky_jitter(a: torch.Tensor, what: str = "covariance") -> torch.Tensor:
         L, info = torch.linalg.cholesky_ex(m)
         if int(info.max()) == 0 and bool(torch.isfinite(L).all()):
             if eps > 0:
-                warnings.warn(
-                    f"{what} was not numerically positive definite; added jitter {eps * float(scale):.3g} "
-                    f"({eps:g} x mean diagonal) to the diagonal",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                _warn_jitter(what, eps, float(scale))
             return L
-    raise NotPositiveDefiniteError(
-        f"{what} ({a.shape[-1]}x{a.shape[-1]}) is not positive definite even with jitter "
-        f"{JITTER_LEVELS[-1]:g} x mean diagonal; the matrix is singular or indefinite "
-        "(check for NaN/inf, duplicated coordinates, or coordinates that are exact functions of others)"
-    )
+    raise NotPositiveDefiniteError(_not_pd_message(what, a.shape[-1]))
 
 
 def _as_index(index: Sequence[int] | torch.Tensor, p: int) -> torch.Tensor:
@@ -80,7 +71,9 @@ def _as_index(index: Sequence[int] | torch.Tensor, p: int) -> torch.Tensor:
     if t.numel():
         if int(t.min()) < 0 or int(t.max()) >= p:
             raise IndexError(f"coordinate indices out of range for a Gaussian of dimension {p}")
-        if t.unique().numel() != t.numel():
+        seen = torch.zeros(p, dtype=torch.bool, device=t.device)
+        seen[t] = True  # O(p) membership instead of an O(n log n) sort: cheap even for p in the millions
+        if int(seen.sum()) != t.numel():
             raise ValueError("repeated coordinate indices; each coordinate can be fixed only once")
     return t
 
@@ -93,6 +86,73 @@ def _complement(index: torch.Tensor, p: int) -> torch.Tensor:
 
 def _tri_solve(L: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L, b, upper=False)
+
+
+#: columns per block and elements per gathered chunk of the blocked products in dense conditioning
+_BLOCK = 512
+_CHUNK_ELEMS = 1 << 24
+
+
+def _stair_gram(L: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, out: torch.Tensor, lower: bool,
+                minus: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """``out = L[ra] L[rb]^T (- Xa Xb^T)`` for sorted row sets, using that row ``r`` of the lower-triangular
+    ``L`` is zero beyond column ``r``; with ``lower`` (``ra == rb``) only the lower block triangle is written.
+
+    Rows are gathered block by block (no ``|ra| x p`` copy), so the extra memory stays a few chunks.
+    """
+    na, nb = ra.numel(), rb.numel()
+    for b0 in range(0, nb, _BLOCK):
+        b1 = min(b0 + _BLOCK, nb)
+        kB = int(rb[b1 - 1]) + 1
+        RB = L[:, :kB].index_select(0, rb[b0:b1])
+        step = max(_BLOCK, _CHUNK_ELEMS // max(kB, 1))
+        for a0 in range(b0 if lower else 0, na, step):
+            a1 = min(a0 + step, na)
+            k = min(kB, int(ra[a1 - 1]) + 1)
+            blk = L[:, :k].index_select(0, ra[a0:a1]) @ RB[:, :k].mT
+            if minus is not None:
+                blk.addmm_(minus[0][a0:a1], minus[1][b0:b1].mT, alpha=-1.0)
+            out[a0:a1, b0:b1] = blk
+
+
+def _cholesky_inplace(a: torch.Tensor, rebuild, what: str) -> torch.Tensor:
+    """Factor the symmetric matrix held in the lower triangle of ``a`` in place (``a`` becomes ``L``, upper
+    zeroed), with the :func:`cholesky_jitter` policy. LAPACK overwrites ``a``, so a retry calls ``rebuild(a)``
+    to refill it (failures are rare; the common path needs no second p x p buffer)."""
+    n = a.shape[-1]
+    if n == 0:
+        return a
+    d = a.diagonal()
+    scale = float(d.abs().mean().clamp_min(torch.finfo(a.dtype).tiny))
+    info = torch.empty((), dtype=torch.int32, device=a.device)
+    for eps in JITTER_LEVELS:
+        if eps > 0:
+            rebuild(a)
+            a.diagonal().add_(eps * scale)
+        at = a.mT  # column-major view: LAPACK factors it without a copy
+        torch.linalg.cholesky_ex(at, upper=True, out=(at, info))
+        if int(info) == 0 and bool(torch.isfinite(a.diagonal()).all()):
+            if eps > 0:
+                _warn_jitter(what, eps, scale)
+            return a
+    raise NotPositiveDefiniteError(_not_pd_message(what, n))
+
+
+def _warn_jitter(what: str, eps: float, scale: float) -> None:
+    warnings.warn(
+        f"{what} was not numerically positive definite; added jitter {eps * scale:.3g} "
+        f"({eps:g} x mean diagonal) to the diagonal",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _not_pd_message(what: str, n: int) -> str:
+    return (
+        f"{what} ({n}x{n}) is not positive definite even with jitter "
+        f"{JITTER_LEVELS[-1]:g} x mean diagonal; the matrix is singular or indefinite "
+        "(check for NaN/inf, duplicated coordinates, or coordinates that are exact functions of others)"
+    )
 
 
 class Gaussian(ABC):
@@ -345,20 +405,55 @@ class DenseGaussian(Gaussian):
         return DenseGaussian(self.loc[K], cholesky_jitter(LK @ LK.T, "marginal covariance"))
 
     def _condition(self, I, K, v):
+        # Blocked Schur complement on the permuted Cholesky factor: ordering the coordinates as (I, K_A, B),
+        # with A = [0, c), c = max(I) + 1 and B = [c, p), the Cholesky factor of the permuted covariance is
+        #     [[C_I, 0, 0], [X_A, T, 0], [X_B, F, L_BB]]
+        # with C_I C_I^T = S_II, X = S_KI C_I^{-T}, T T^T = S_{K_A K_A} - X_A X_A^T, F = (S_{B K_A} - X_B X_A^T) T^{-T}
+        # and L_BB the trailing block of L unchanged (coordinates after every fixed one keep their factor rows).
+        # The conditional factor is [[T, 0], [F, L_BB]]; the conditional mean m_K + X C_I^{-1} (v - m_I).
+        # Row r of a lower-triangular L is zero beyond column r: every product below stops there.
         L = self.scale_tril
-        LI, LK = L[I], L[K]
-        # The columns past the largest row index of a lower-triangular L are zero: skip them.
-        cI = int(I.max()) + 1
-        S_II = LI[:, :cI] @ LI[:, :cI].T
-        S_KI = LK[:, :cI] @ LI[:, :cI].T
-        C = cholesky_jitter(S_II, "covariance of the conditioned coordinates")
-        A = _tri_solve(C, S_KI.T)  # C^{-1} S_IK, |I| x |K|
-        r = _tri_solve(C, (v - self.loc[I]).unsqueeze(-1)).squeeze(-1)
-        loc = self.loc[K] + A.T @ r
-        S_KK = LK @ LK.T
-        S_KK.sub_(A.T @ A)
-        S_KK = 0.5 * (S_KK + S_KK.T)
-        return DenseGaussian(loc, cholesky_jitter(S_KK, "conditional covariance"))
+        I, order = I.sort()
+        v = v[order]
+        c = int(I[-1]) + 1
+        nKA = int((K < c).sum())
+        KA = K[:nKA]
+        nI, nK = I.numel(), K.numel()
+
+        def build_C(buf: torch.Tensor) -> None:
+            _stair_gram(L, I, I, buf, lower=True)
+
+        C = torch.empty(nI, nI, dtype=L.dtype, device=L.device)
+        build_C(C)
+        _cholesky_inplace(C, build_C, "covariance of the conditioned coordinates")
+        S_KI = torch.empty(nK, nI, dtype=L.dtype, device=L.device)
+        _stair_gram(L, K, I, S_KI, lower=False)
+        X = torch.linalg.solve_triangular(C.mT, S_KI, upper=True, left=False)  # S_KI C_I^{-T}
+        del S_KI
+        r = _tri_solve(C, (v - self.loc[I]).unsqueeze(-1))
+        loc = self.loc[K] + (X @ r).squeeze(-1)
+        XA = X[:nKA]
+
+        def build_T(buf: torch.Tensor) -> None:
+            _stair_gram(L, KA, KA, buf, lower=True, minus=(XA, XA))
+
+        if nKA == nK:  # no trailing block: factor in place in the result buffer
+            out = torch.empty(nK, nK, dtype=L.dtype, device=L.device)
+            build_T(out)
+            _cholesky_inplace(out, build_T, "conditional covariance")
+            return DenseGaussian(loc, out)
+        out = torch.zeros(nK, nK, dtype=L.dtype, device=L.device)
+        if nKA:
+            T = torch.empty(nKA, nKA, dtype=L.dtype, device=L.device)
+            build_T(T)
+            _cholesky_inplace(T, build_T, "conditional covariance")
+            out[:nKA, :nKA] = T
+            F = out[nKA:, :nKA]
+            _stair_gram(L, K[nKA:], KA, F, lower=False, minus=(X[nKA:], XA))
+            out[nKA:, :nKA] = torch.linalg.solve_triangular(T.mT, F, upper=True, left=False)
+            del T
+        out[nKA:, nKA:] = L[c:, c:]
+        return DenseGaussian(loc, out)
 
     def _scaled(self, c):
         return DenseGaussian(self.loc, self.scale_tril * c, self.layout, self.meta)
@@ -468,12 +563,13 @@ class LowRankGaussian(Gaussian):
         r = WI.T @ ((v - self.loc[I]) / dI)  # k
         s = torch.cholesky_solve(r.unsqueeze(-1), Lc).squeeze(-1)  # C^{-1} W_I^T D_I^{-1}(v - m_I)
         # new factor W_K L_C^{-T}, computed in row chunks so no |K| x k temporary beyond the result
-        Tinv_T = _tri_solve(Lc, torch.eye(Lc.shape[0], dtype=W.dtype, device=W.device)).T  # L_C^{-T}, k x k
+        # L_C^{-T} (k x k) once: C >= I, so ||L_C^{-1}|| <= 1 and this small inverse is well conditioned
+        Tinv_T = _tri_solve(Lc, torch.eye(Lc.shape[0], dtype=W.dtype, device=W.device)).T
         newW = torch.empty(K.numel(), W.shape[1], dtype=W.dtype, device=W.device)
         loc = torch.empty(K.numel(), dtype=W.dtype, device=W.device)
         for a in range(0, K.numel(), self.chunk_rows):
             kk = K[a : a + self.chunk_rows]
-            Wk = W[kk]
+            Wk = W.index_select(0, kk)
             torch.matmul(Wk, Tinv_T, out=newW[a : a + kk.numel()])
             torch.addmv(self.loc[kk], Wk, s, out=loc[a : a + kk.numel()])
             del Wk
