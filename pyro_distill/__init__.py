@@ -15,3 +15,8 @@ __all__ = [
     "data", "gaussian", "nets", "Layout", "Gaussian", "DenseGaussian", "LowRankGaussian", "DiagGaussian",
     "fit_map", "fit_posterior", "laplace", "predictive", "__version__",
 ]
+
+from . import metrics  # noqa: E402
+from .distill import distill  # noqa: E402
+
+__all__ += ["metrics", "distill"]

@@ -62,6 +62,8 @@ __all__ = [
 RESERVED_KEYS = {"name": str, "kind": str, "seeds": (int, list), "workers": int, "quick": dict, "description": str}
 
 MetricRow = dict[str, Any]
+#: numeric row columns that describe a setting rather than measure it (left out of summary.md)
+DESCRIPTIVE = {"fraction", "n_train", "tau", "seed"}
 
 
 class ConfigError(ValueError):
@@ -520,7 +522,7 @@ def summary_markdown(summary: list[dict[str, Any]], title: str = "", seeds: int 
         metrics = []
         for e in summary:
             for k in e["metrics"]:
-                if k not in metrics:
+                if k not in metrics and k not in DESCRIPTIVE:
                     metrics.append(k)
     lines = [f"## {title}", ""] if title else []
     if seeds is not None:

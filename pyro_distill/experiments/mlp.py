@@ -1,0 +1,212 @@
+"""Experiment kind ``mlp``: MLP teacher -> students under the teacher-derived prior vs the baselines.
+
+One seed: fit the teacher (``fit_posterior``) on the full training split; for every student
+architecture make one plan from the teacher's posterior; for every training fraction (a stratified
+subsample of the training split, seeded by the seed) fit the student under the teacher-derived prior
+at every temperature ``tau`` and every baseline, with the same budget of optimizer steps
+(``map_steps + steps``), and evaluate all on the test split. Fraction 1 is the paper's setting
+(teacher and student on the same data). The test split is only used for reporting, never for choices.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .. import baselines, metrics
+from ..data import digits, subsample, synthetic_classification, synthetic_regression
+from ..distill import student_prior
+from ..inference import fit_posterior
+from ..nets.mlp import MLP
+from .core import SeedContext, register_kind
+
+__all__ = ["DEFAULTS", "run_seed", "load_data"]
+
+VI_METHODS = ("teacher_prior", "standard_prior", "standard_prior_cond_init")
+ALL_METHODS = ("teacher_prior",) + baselines.METHODS
+
+DEFAULTS: dict[str, Any] = {
+    "data": {
+        "name": "digits",           # digits | synthetic_regression | synthetic_classification | fashion_mnist
+        "test_size": 0.2,           # digits
+        "split_seed": 0,            # the train/test split (and synthetic generator) seed, fixed across seeds
+        "n_train": 1000, "n_test": 2000, "n_features": 20, "n_classes": 3, "noise": 0.5,   # synthetic
+        "dir": "", "pca": 50, "max_train": 0,                                               # fashion_mnist
+        "dtype": "float32",
+    },
+    "teacher": {
+        "sizes": [64, 32, 32, 10], "activation": "relu", "guide": "mvn", "steps": 300, "map_steps": 1000,
+        "lr": 1e-3, "map_lr": 1e-2, "num_particles": 8, "rank": 20, "batch_size": 0, "noise_scale": 0.5,
+    },
+    "students": {},                 # name -> sizes, e.g. both = [64, 16, 10]
+    "student": {
+        "guide": "mvn", "steps": 200, "map_steps": 400, "lr": 1e-3, "map_lr": 1e-2, "num_particles": 8,
+        "rank": 20, "batch_size": 0, "selector": "snr",
+    },
+    "distill": {
+        "taus": [1.0, 10.0, 100.0],
+        "fractions": [0.05, 0.1, 0.25, 1.0],
+        "methods": list(ALL_METHODS),
+        "baseline_students": [],     # students that get the baselines (empty: all)
+        "baseline_fractions": [],    # fractions at which the baselines run (empty: all)
+        "student_fractions": {},     # student name -> its fractions (default: all of distill.fractions)
+        "kd_gamma": 0.5, "kd_temperature": 2.0, "point_lr": 1e-2,
+    },
+    "eval": {"samples": 200, "curve_every": 50, "curve_samples": 16, "curve_fractions": []},
+    "save": {"methods": ["teacher"], "fractions": []},   # which fitted Gaussians go to models/
+}
+
+
+def load_data(d: dict[str, Any], dtype: torch.dtype):
+    """The dataset a config's ``[data]`` table names (generators: :mod:`pyro_distill.data.tabular`)."""
+    name = d["name"]
+    if name == "digits":
+        return digits(test_size=d["test_size"], seed=d["split_seed"], dtype=dtype)
+    if name == "synthetic_regression":
+        return synthetic_regression(n_train=d["n_train"], n_test=d["n_test"], n_features=d["n_features"],
+                                    noise=d["noise"], seed=d["split_seed"], dtype=dtype)
+    if name == "synthetic_classification":
+        return synthetic_classification(n_train=d["n_train"], n_test=d["n_test"], n_features=d["n_features"],
+                                        n_classes=d["n_classes"], seed=d["split_seed"], dtype=dtype)
+    if name == "fashion_mnist":
+        from ..data.idx import fashion_mnist
+
+        return fashion_mnist(d["dir"] or None, pca=d["pca"], max_train=d["max_train"], seed=d["split_seed"],
+                             dtype=dtype)
+    raise ValueError(f"unknown data.name {name!r}; choose digits, synthetic_regression, synthetic_classification "
+                     "or fashion_mnist")
+
+
+def _check(cfg: dict[str, Any]) -> None:
+    if not cfg["students"]:
+        raise ValueError("the config has no [students] table: add e.g. students = { both = [64, 16, 10] }")
+    for name, sizes in cfg["students"].items():
+        if not isinstance(sizes, list) or not all(isinstance(s, int) for s in sizes):
+            raise ValueError(f"students.{name} must be a list of layer widths, got {sizes!r}")
+    bad = [m for m in cfg["distill"]["methods"] if m not in ALL_METHODS]
+    if bad:
+        raise ValueError(f"unknown methods {bad} in distill.methods; choose from {list(ALL_METHODS)}")
+    if any(not t >= 1 for t in cfg["distill"]["taus"]):
+        raise ValueError(f"distill.taus must all be >= 1, got {cfg['distill']['taus']}")
+    if any(not 0 < f <= 1 for f in cfg["distill"]["fractions"]):
+        raise ValueError(f"distill.fractions must lie in (0, 1], got {cfg['distill']['fractions']}")
+
+
+def _in(x: Any, allowed: list) -> bool:
+    return not allowed or x in allowed
+
+
+def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
+    _check(cfg)
+    dtype = getattr(torch, cfg["data"]["dtype"])
+    ds = load_data(cfg["data"], dtype)
+    Xte, yte = ds.Xte, ds.yte
+    reg = ds.num_classes is None
+    tc, sc, dc, ec = cfg["teacher"], cfg["student"], cfg["distill"], cfg["eval"]
+    lik = "gaussian" if reg else "categorical"
+    ns = float(tc["noise_scale"]) if reg else 1.0
+    sizes = list(tc["sizes"])
+    if sizes[0] != ds.num_features:
+        raise ValueError(f"teacher.sizes starts with {sizes[0]} inputs but the data have {ds.num_features} features")
+    teacher = MLP(sizes, activation=tc["activation"], likelihood=lik, noise_scale=ns)
+    bs = lambda b: b or None  # noqa: E731
+
+    ctx.log(f"data: {ds.description}; teacher {teacher!r}")
+    t0 = time.perf_counter()
+    tq, th = fit_posterior(teacher, ds.X, ds.y, guide=tc["guide"], steps=tc["steps"], map_steps=tc["map_steps"],
+                           lr=tc["lr"], map_lr=tc["map_lr"], num_particles=tc["num_particles"], rank=tc["rank"],
+                           batch_size=bs(tc["batch_size"]), seed=seed)
+    t_teacher = time.perf_counter() - t0
+    tres = metrics.evaluate(teacher, tq, Xte, yte, num_samples=ec["samples"], seed=seed)
+    ctx.record({"setting": "teacher", "method": "teacher", "student": "teacher", "fraction": 1.0,
+                "n_train": ds.X.shape[0], "time_s": t_teacher, "elbo": th.elbo_end} | tres)
+    ctx.log(f"teacher fitted in {t_teacher:.0f}s: {_short(tres)}")
+    if "teacher" in cfg["save"]["methods"]:
+        ctx.save_model("teacher", teacher, tq, {"data": ds.description, "role": "teacher", "seed": seed})
+    teacher_test = None if reg else metrics.predict(teacher, tq, Xte, num_samples=ec["samples"], seed=seed)
+    tq64 = tq.to(dtype=torch.float64)
+
+    for sname, ssizes in cfg["students"].items():
+        student = MLP(ssizes, activation=tc["activation"], likelihood=lik, noise_scale=ns)
+        _, prior1, ops = student_prior(teacher, tq64, student, selector=sc["selector"], tau=1.0, seed=seed)
+        ctx.log(f"student {sname} {ssizes} (p={student.num_params}): {' ; '.join(repr(o) for o in ops)}")
+        for frac in dc["student_fractions"].get(sname, dc["fractions"]):
+            sub = subsample(ds, frac, seed=seed)
+            setting = f"{sname} frac={frac:g}"
+            base = {"setting": setting, "student": sname, "sizes": "-".join(map(str, ssizes)),
+                    "fraction": float(frac), "n_train": sub.X.shape[0]}
+            with_curves = ec["curve_every"] > 0 and _in(frac, ec["curve_fractions"])
+            run_baselines = _in(sname, dc["baseline_students"]) and _in(frac, dc["baseline_fractions"])
+            for method in dc["methods"]:
+                if method != "teacher_prior" and not run_baselines:
+                    continue
+                if method == "kd" and reg:
+                    continue  # KD matches class probabilities; not defined here for regression
+                taus = dc["taus"] if method == "teacher_prior" else [None]
+                for tau in taus:
+                    label = f"teacher_prior(tau={tau:g})" if tau is not None else method
+                    cb = _callback(ctx, student, Xte, yte, setting, label, ec, seed) if with_curves else None
+                    t0 = time.perf_counter()
+                    fitted, hist = _fit(method, tau, teacher, tq, student, prior1, sub, cfg, seed, cb,
+                                        ec["curve_every"] if with_curves else 0)
+                    dt = time.perf_counter() - t0
+                    res = metrics.evaluate(student, fitted, Xte, yte, num_samples=ec["samples"], seed=seed,
+                                           teacher_probs=teacher_test)
+                    row = base | {"method": label, "tau": tau if tau is not None else "", "time_s": dt} | res
+                    if method in VI_METHODS:
+                        row["elbo"] = hist.elbo_end
+                    ctx.record(row)
+                    ctx.log(f"{setting} {label}: {_short(res)} ({dt:.0f}s)")
+                    if method in VI_METHODS and _in(method, cfg["save"]["methods"]) and \
+                            _in(frac, cfg["save"]["fractions"]):
+                        ctx.save_model(f"{sname}-f{frac:g}-{label.replace('(', '-').replace(')', '')}", student,
+                                       fitted, {"data": ds.description, "setting": setting, "method": label})
+
+
+def _short(res: dict[str, Any]) -> str:
+    keys = ("accuracy", "nll", "ece") if "accuracy" in res else ("rmse", "nll")
+    return ", ".join(f"{k} {res[k]:.3f}" for k in keys)
+
+
+def _callback(ctx: SeedContext, net: MLP, Xte, yte, setting: str, method: str, ec: dict[str, Any], seed: int):
+    def cb(step: int, q) -> dict[str, float]:
+        res = metrics.evaluate(net, q, Xte, yte, num_samples=ec["curve_samples"], seed=seed)
+        for k in ("accuracy", "nll", "rmse"):
+            if k in res:
+                ctx.curve(setting, method, step, k, res[k])
+        return {}
+    return cb
+
+
+def _fit(method: str, tau: float | None, teacher: MLP, tq, student: MLP, prior1, sub, cfg: dict[str, Any],
+         seed: int, cb, every: int):
+    sc, dc = cfg["student"], cfg["distill"]
+    X, y = sub.X, sub.y
+    bs = sc["batch_size"] or None
+    vi = {"guide": sc["guide"], "steps": sc["steps"], "map_steps": sc["map_steps"], "lr": sc["lr"],
+          "map_lr": sc["map_lr"], "num_particles": sc["num_particles"], "rank": sc["rank"], "batch_size": bs,
+          "seed": seed, "callback": cb, "eval_every": every}
+    budget = sc["map_steps"] + sc["steps"]
+    point = {"steps": budget, "lr": dc["point_lr"], "seed": seed, "batch_size": bs, "callback": cb,
+             "eval_every": every}
+    if method == "teacher_prior":
+        prior = (prior1.tempered(float(tau)) if tau != 1 else prior1).to(X.device, X.dtype)
+        return fit_posterior(student, X, y, prior=prior, init="prior", **vi)
+    if method == "standard_prior":
+        return baselines.standard_prior(student, X, y, **vi)
+    if method == "standard_prior_cond_init":
+        return baselines.standard_prior_conditioned_init(student, X, y, start=prior1.mean.to(X.dtype), **vi)
+    if method == "deterministic":
+        return baselines.deterministic(student, X, y, **point)
+    if method == "kd":
+        tp = metrics.predict(teacher, tq, X, num_samples=cfg["eval"]["samples"], seed=seed)
+        return baselines.knowledge_distillation(student, X, y, tp, gamma=dc["kd_gamma"],
+                                                temperature=dc["kd_temperature"], **point)
+    if method == "prune_finetune":
+        return baselines.prune_finetune(teacher, tq.mean, student, X, y, **point)
+    raise ValueError(f"unknown method {method!r}")
+
+
+register_kind("mlp", DEFAULTS, run_seed)

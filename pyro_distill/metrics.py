@@ -1,0 +1,170 @@
+"""Metrics of a network under a Gaussian over its weights (or under one weight vector).
+
+Classification, from predictive probabilities ``p[n, c]`` (the posterior predictive
+``p(c | x_n) = E_q[softmax f(x_n; w)_c]`` estimated by draws, or a point network's softmax):
+
+* accuracy ``mean_n [argmax_c p_nc = y_n]``;
+* NLL ``-mean_n log p_{n, y_n}``;
+* ECE with 15 equal-width confidence bins: ``sum_b |B_b| / N * |acc(B_b) - conf(B_b)|`` where the
+  confidence of a row is ``max_c p_nc``;
+* Brier ``mean_n sum_c (p_nc - [c = y_n])^2`` (the multi-class Brier score, in [0, 2]);
+* agreement with the teacher ``mean_n [argmax p_n = argmax p^T_n]``.
+
+Regression, from draws of the network's mean ``f_s(x_n)`` (``s = 1..S``) and Gaussian noise ``sigma``:
+
+* RMSE of the predictive mean ``sqrt(mean_n (mean_s f_s(x_n) - y_n)^2)``;
+* NLL of the predictive mixture ``-mean_n log (1/S) sum_s N(y_n | f_s(x_n), sigma^2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .gaussian import Gaussian
+from .nets.base import BayesianNet
+
+__all__ = [
+    "accuracy",
+    "nll",
+    "ece",
+    "brier",
+    "agreement",
+    "rmse",
+    "regression_nll",
+    "num_params",
+    "predict",
+    "evaluate",
+]
+
+_EPS = 1e-12
+
+
+def _check_probs(probs: torch.Tensor, y: torch.Tensor) -> None:
+    if probs.dim() != 2:
+        raise ValueError(f"probabilities must have shape [N, C], got {tuple(probs.shape)}")
+    if y.shape != probs.shape[:1]:
+        raise ValueError(f"labels have shape {tuple(y.shape)}, expected [{probs.shape[0]}] to match the probabilities")
+
+
+def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of rows whose most probable class is the label."""
+    _check_probs(probs, y)
+    return float((probs.argmax(-1) == y).double().mean())
+
+
+def nll(probs: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean negative log predictive probability of the labels (probabilities clamped at 1e-12)."""
+    _check_probs(probs, y)
+    return float(-probs.gather(-1, y.long().unsqueeze(-1)).squeeze(-1).clamp_min(_EPS).log().double().mean())
+
+
+def ece(probs: torch.Tensor, y: torch.Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error over ``n_bins`` equal-width confidence bins (bin b = (b/B, (b+1)/B],
+    the first bin also holds confidence 0)."""
+    _check_probs(probs, y)
+    conf, pred = probs.double().max(-1)
+    correct = (pred == y).double()
+    b = (conf * n_bins).ceil().long().clamp(1, n_bins) - 1
+    n = conf.numel()
+    total = 0.0
+    for k in range(n_bins):
+        m = b == k
+        if bool(m.any()):
+            total += float(m.sum()) / n * abs(float(correct[m].mean()) - float(conf[m].mean()))
+    return total
+
+
+def brier(probs: torch.Tensor, y: torch.Tensor) -> float:
+    """Multi-class Brier score: mean over rows of the squared distance to the one-hot label."""
+    _check_probs(probs, y)
+    onehot = torch.nn.functional.one_hot(y.long(), probs.shape[-1]).to(torch.float64)
+    return float(((probs.double() - onehot) ** 2).sum(-1).mean())
+
+
+def agreement(probs: torch.Tensor, teacher_probs: torch.Tensor) -> float:
+    """Fraction of rows where the student's and the teacher's most probable classes coincide."""
+    if probs.shape != teacher_probs.shape:
+        raise ValueError(f"student probabilities {tuple(probs.shape)} and teacher's {tuple(teacher_probs.shape)} "
+                         "must have the same shape (same inputs, same classes)")
+    return float((probs.argmax(-1) == teacher_probs.argmax(-1)).double().mean())
+
+
+def rmse(draws: torch.Tensor, y: torch.Tensor) -> float:
+    """RMSE of the predictive mean; ``draws`` is ``[S, N]`` (or ``[N]`` for a point prediction)."""
+    mean = draws.double().mean(0) if draws.dim() == 2 else draws.double()
+    if mean.shape != y.shape:
+        raise ValueError(f"predictions {tuple(mean.shape)} do not match targets {tuple(y.shape)}")
+    return float(((mean - y.double()) ** 2).mean().sqrt())
+
+
+def regression_nll(draws: torch.Tensor, y: torch.Tensor, noise_scale: float) -> float:
+    """NLL of the predictive mixture of ``N(f_s(x), sigma^2)`` over draws ``[S, N]`` (or ``[N]``)."""
+    if not noise_scale > 0:
+        raise ValueError(f"noise_scale must be positive, got {noise_scale}")
+    d = draws.double() if draws.dim() == 2 else draws.double().unsqueeze(0)
+    if d.shape[-1] != y.shape[-1]:
+        raise ValueError(f"predictions {tuple(d.shape)} do not match targets {tuple(y.shape)}")
+    s = float(noise_scale)
+    lp = -0.5 * ((y.double() - d) / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
+    return float(-(torch.logsumexp(lp, 0) - math.log(d.shape[0])).mean())
+
+
+def num_params(net: BayesianNet) -> int:
+    """Number of weights of the network (the length of its flat vector)."""
+    return int(net.num_params)
+
+
+def _is_point(g: Gaussian) -> bool:
+    return bool(g.variance.max() < 1e-20)
+
+
+def predict(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, num_samples: int = 200,
+            seed: int = 0, chunk: int = 50) -> torch.Tensor:
+    """Predictive quantities: class probabilities ``[N, C]`` (classification) or output draws ``[S, N]``
+    (regression). ``q`` is a Gaussian (draws; a point mass uses its mean) or one weight vector ``[p]``."""
+    if isinstance(q, Gaussian):
+        if q.dim != net.num_params:
+            raise ValueError(f"the Gaussian has {q.dim} coordinates but the network has p={net.num_params}")
+        if _is_point(q):
+            w = q.mean.detach().to(X).unsqueeze(0)
+        else:
+            gen = torch.Generator(device=q.device).manual_seed(seed)
+            w = q.sample(num_samples, generator=gen).to(X)
+    else:
+        w = torch.as_tensor(q).detach().to(X)
+        if w.shape[-1] != net.num_params:
+            raise ValueError(f"weights have {w.shape[-1]} entries but the network has p={net.num_params}")
+        w = w.reshape(-1, net.num_params)
+    with torch.no_grad():
+        if net.likelihood == "categorical":
+            acc = 0
+            for a in range(0, w.shape[0], chunk):
+                acc = acc + torch.softmax(net.forward(w[a : a + chunk], X), -1).sum(0)
+            return acc / w.shape[0]
+        out = torch.cat([net.forward(w[a : a + chunk], X) for a in range(0, w.shape[0], chunk)])
+        return out.squeeze(-1)
+
+
+def evaluate(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, y: torch.Tensor,
+             num_samples: int = 200, seed: int = 0, teacher_probs: torch.Tensor | None = None,
+             noise_scale: float | None = None) -> dict[str, Any]:
+    """All metrics of ``net`` under ``q`` (a Gaussian, or one weight vector) on ``(X, y)``.
+
+    Classification: ``accuracy, nll, ece, brier, params`` (+ ``agreement`` with ``teacher_probs``).
+    Regression: ``rmse, nll, params`` with noise ``noise_scale`` (default: the network's).
+    """
+    net.check_data(X, y)
+    out = predict(net, q, X, num_samples=num_samples, seed=seed)
+    if net.likelihood == "categorical":
+        res = {"accuracy": accuracy(out, y), "nll": nll(out, y), "ece": ece(out, y), "brier": brier(out, y),
+               "params": num_params(net)}
+        if teacher_probs is not None:
+            res["agreement"] = agreement(out, teacher_probs)
+        return res
+    s = noise_scale if noise_scale is not None else net.noise_scale
+    if s is None:
+        raise ValueError("this network's noise scale is fitted: pass noise_scale to evaluate")
+    return {"rmse": rmse(out, y), "nll": regression_nll(out, y, float(s)), "params": num_params(net)}
