@@ -113,6 +113,9 @@ def _groups(teacher: MLP, student: MLP) -> list[tuple[int, int]]:
         if best is None or cost < best[0]:
             best = (cost, groups)
     if best is None:
+        if max(m[1:-1], default=0) > max(n[1:-1], default=0):
+            raise SurgeryError(f"no plan turns {n} into {m}: the student's widest hidden layer "
+                               f"({max(m[1:-1])}) is wider than every teacher hidden layer; surgery only removes")
         raise SurgeryError(
             f"no plan turns {n} into {m}: every student layer needs a run of consecutive teacher layers at least "
             "as wide (widths can only shrink"
