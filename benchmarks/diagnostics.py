@@ -7,7 +7,7 @@
    (500 training rows), 4 chains x (warmup + samples) started at draws of the SVI dense Gaussian; R-hat,
    ESS, and the Gaussian vs NUTS comparison (target < 5 minutes).
 
-    .venv/bin/python benchmarks/diagnostics.py [--skip-nuts] [--skip-large] [--samples 300 --warmup 300]
+    .venv/bin/python benchmarks/diagnostics.py [--skip-nuts] [--skip-large] [--samples 200 --warmup 200 --tree-depth 6]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def nuts(samples: int, warmup: int, chains: int, tree_depth: int) -> None:
     ds = synthetic_classification(n_train=500, n_test=1000, n_features=10, n_classes=3, seed=0).to(torch.float64)
     net = MLP([10, 8, 3])
     t0 = time.perf_counter()
-    q, _ = fit_posterior(net, ds.X, ds.y, guide="mvn", steps=1000, map_steps=1000, seed=0)
+    q, _ = fit_posterior(net, ds.X, ds.y, guide="mvn", steps=300, map_steps=1000, seed=0)
     print(f"[setup] SVI dense for {net!r}: {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     ref = D.nuts_reference(net, ds.X, ds.y, num_chains=chains, num_samples=samples, warmup_steps=warmup, init=q,
@@ -82,16 +82,53 @@ def nuts(samples: int, warmup: int, chains: int, tree_depth: int) -> None:
     print(f"  q {D.posterior_khat(net, q, ds.X, ds.y, draws=1000)}")
 
 
+def digits_run(folder: str, teacher_steps: int, student_steps: int) -> None:
+    """Teacher [64,32,32,10] (dense SVI) -> plan -> student prior for [64,16,10] -> student SVI under it, saved
+    as model folders (with the student's prior.pt and the plan in its card) for `pyro-distill diagnose`."""
+    from pathlib import Path
+
+    from pyro_distill import surgery
+    from pyro_distill.store import save_model
+
+    ds = digits(seed=0)
+    spec = {"name": "digits", "split_seed": 0}
+    teacher, student = MLP([64, 32, 32, 10]), MLP([64, 16, 10])
+    t0 = time.perf_counter()
+    qt, ht = fit_posterior(teacher, ds.X, ds.y, guide="mvn", steps=teacher_steps, map_steps=1000, seed=0)
+    print(f"[digits] teacher fit {time.perf_counter() - t0:.0f} s, ELBO {ht.elbo_start:.1f} -> {ht.elbo_end:.1f}")
+    ops = surgery.plan(teacher, student, selector="snr", posterior=qt)
+    print(ops)
+    snet, prior = surgery.apply(ops, teacher, qt)
+    t0 = time.perf_counter()
+    qs, hs = fit_posterior(snet, ds.X, ds.y, guide="mvn", prior=prior, init="prior", steps=student_steps,
+                           map_steps=400, seed=0)
+    print(f"[digits] student fit {time.perf_counter() - t0:.0f} s, ELBO {hs.elbo_start:.1f} -> {hs.elbo_end:.1f}")
+    root = Path(folder)
+    save_model(root / "teacher", teacher, qt, card={"data": spec, "role": "teacher", "steps": teacher_steps})
+    save_model(root / "student", snet, qs, card={"data": spec, "role": "student", "plan": ops.to_dict(),
+                                                 "steps": student_steps, "prior_path": str(root / "student" /
+                                                                                           "prior.pt")})
+    prior.save(root / "student" / "prior.pt")
+    print(f"[digits] saved {root}/teacher and {root}/student (+ prior.pt)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--draws", type=int, default=1000)
-    ap.add_argument("--samples", type=int, default=300)
-    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--chains", type=int, default=4)
-    ap.add_argument("--tree-depth", type=int, default=8)
+    ap.add_argument("--tree-depth", type=int, default=6)
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--skip-nuts", action="store_true")
+    ap.add_argument("--digits-run", default=None, metavar="FOLDER",
+                    help="instead: fit teacher and student on digits and save them under FOLDER")
+    ap.add_argument("--teacher-steps", type=int, default=150)
+    ap.add_argument("--student-steps", type=int, default=100)
     a = ap.parse_args()
+    if a.digits_run:
+        digits_run(a.digits_run, a.teacher_steps, a.student_steps)
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if not a.skip_large:

@@ -345,8 +345,9 @@ def diagnose_model_folder(folder: str | os.PathLike, X: torch.Tensor | None = No
     folder = Path(folder)
     net, q, card = load_model(folder)
     if X is None or y is None:
-        if "data" not in card:
-            raise ValueError(f"{folder}/card.json has no \"data\" spec: pass X, y (CLI: --data digits)")
+        if not isinstance(card.get("data"), dict):
+            raise ValueError(f"{folder}/card.json has no \"data\" spec (a dict like {{\"name\": \"digits\", "
+                             "\"split_seed\": 0}): pass X, y (CLI: --data digits)")
         ds = load_data_spec(card["data"])
         X, y = ds.X, ds.y
     path = folder / IDATA_FILE

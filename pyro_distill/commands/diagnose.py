@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
         prior, src = _resolve_prior(f, net, card)
         entries[name] = {"folder": f, "net": net, "q": q, "card": card, "prior": prior,
                          "has_prior": src != "default prior"}
-    specs = {json.dumps(e["card"]["data"], sort_keys=True) for e in entries.values() if "data" in e["card"]}
+    # a data spec is a dict ({"name": "digits", "split_seed": 0}); a free-text "data" is only a description
+    specs = {json.dumps(e["card"]["data"], sort_keys=True) for e in entries.values()
+             if isinstance(e["card"].get("data"), dict)}
     if len(specs) > 1:
         raise ValueError(f"the models were fitted on different data ({sorted(specs)}); diagnose them separately")
     if specs:
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.data:
         spec = {"name": args.data, "split_seed": args.split_seed}
     else:
-        raise ValueError("no card has a \"data\" spec; pass --data (e.g. --data digits)")
+        raise ValueError("no card has a \"data\" spec (a dict like {\"name\": \"digits\", \"split_seed\": 0}); "
+                         "pass --data (e.g. --data digits --split-seed 0)")
     ds = D.load_data_spec(spec)
     X, y, Xte, yte = ds.X, ds.y, ds.Xte, ds.yte
 
