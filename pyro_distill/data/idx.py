@@ -35,8 +35,11 @@ def _open(path: Path):
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """The array stored in one IDX file (``.gz`` or plain)."""
     path = Path(path)
-    with _open(path) as f:
-        raw = f.read()
+    try:
+        with _open(path) as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path} is not an IDX file ({exc}); re-download it") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _TYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r}); re-download it")
     ndim = raw[3]
