@@ -301,6 +301,6 @@ def make_figures(run_dir: str | Path, out_dir: str | Path = "figures") -> list[P
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "rnn_attention_curves.png"
-    fig.savefig(path, dpi=70)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
     return [path]
