@@ -137,7 +137,7 @@ def make_ours(net, X, y, prior, start, guide, batch_size) -> Callable[[int], flo
     return run
 
 
-def pyro_svi(net, X, y, prior, guide, batch_size, w0=None, dtype=None):
+def pyro_svi(net, X, y, prior, guide, batch_size, w0=None, lr: float = LR):
     pyro.clear_param_store()
     N = X.shape[0]
     sub = batch_size if batch_size and batch_size < N else None
@@ -153,7 +153,7 @@ def pyro_svi(net, X, y, prior, guide, batch_size, w0=None, dtype=None):
     else:
         ag = AutoDiagonalNormal(model, **kw)
     elbo = Trace_ELBO(num_particles=PARTICLES, vectorize_particles=True, max_plate_nesting=1)
-    return SVI(model, ag, pyro.optim.Adam({"lr": LR}), elbo), ag
+    return SVI(model, ag, pyro.optim.Adam({"lr": lr}), elbo), ag
 
 
 def make_pyro(net, X, y, prior, start, guide, batch_size) -> Callable[[int], float]:
@@ -308,7 +308,7 @@ def measure_memory(cfgs: list[Config], threads: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ stability
-def stability(steps_ours: int, steps_pyro: int) -> dict:
+def stability(steps_ours: int, steps_pyro: int, pyro_lr: float = LR) -> dict:
     cfg = Config("p3.4k", [64, 32, 32, 10], ("mvn",), None, 0)
     net, X, y, prior = problem(cfg)
     ds = data.digits()
@@ -332,7 +332,7 @@ def stability(steps_ours: int, steps_pyro: int) -> dict:
         print(f"  ours  (mvn, float32): DIVERGED at step {e.step}", flush=True)
     # (a) plain: Pyro's defaults (init_to_median, init_scale 0.1), Adam lr 1e-3, 8 vectorized particles
     pyro.set_rng_seed(0)
-    svi, ag = pyro_svi(net, X, y, prior, "mvn", None)
+    svi, ag = pyro_svi(net, X, y, prior, "mvn", None, lr=pyro_lr)
     first_big = first_nan = None
     worst = 0.0
     t0 = time.perf_counter()
@@ -350,10 +350,10 @@ def stability(steps_ours: int, steps_pyro: int) -> dict:
         with torch.no_grad():
             w = ag.get_posterior().sample((100,))
             acc_a = float((torch.softmax(net.forward(w, ds.Xte), -1).mean(0).argmax(-1) == ds.yte).float().mean())
-    out["pyro"] = {"steps_run": step + 1, "first_abs_loss_over_1e10": first_big, "first_nan": first_nan,
+    out["pyro"] = {"lr": pyro_lr, "steps_run": step + 1, "first_abs_loss_over_1e10": first_big, "first_nan": first_nan,
                    "largest_finite_abs_loss": worst, "test_acc": acc_a, "time_s": time.perf_counter() - t0}
-    print(f"  (a) plain AutoMultivariateNormal float32: ran {step + 1} steps; |loss| > 1e10 first at step "
-          f"{first_big}; non-finite loss or mean first at step {first_nan}; largest finite |loss| {worst:.3g}"
+    print(f"  (a) plain AutoMultivariateNormal float32, Adam lr {pyro_lr:g}: ran {step + 1} steps; "
+          f"|loss| > 1e10 first at step {first_big}; non-finite loss or mean first at step {first_nan}; largest finite |loss| {worst:.3g}"
           + (f"; test accuracy {acc_a:.3f}" if acc_a is not None else ""), flush=True)
     return out
 
@@ -368,6 +368,7 @@ def main() -> None:
     ap.add_argument("--dense20k", action="store_true", help="also time the dense guide at p=19k (~8 GB)")
     ap.add_argument("--stability-steps", type=int, default=None, help="SVI steps of ours in the NaN check (5000)")
     ap.add_argument("--pyro-steps", type=int, default=None, help="max steps of plain (a) in the NaN check (600)")
+    ap.add_argument("--pyro-lr", type=float, default=LR, help="Adam step of plain (a) in the NaN check (1e-3)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-stability", action="store_true")
     ap.add_argument("--json", help="also write all figures to this JSON file")
@@ -378,8 +379,8 @@ def main() -> None:
         memory_probe(*args.memory_probe, args)
         return
     rounds = args.rounds or (1 if args.quick else 3)
-    stab_ours = args.stability_steps or (200 if args.quick else 5000)
-    stab_pyro = args.pyro_steps or (100 if args.quick else 600)
+    stab_ours = args.stability_steps or (50 if args.quick else 5000)
+    stab_pyro = args.pyro_steps or (20 if args.quick else 600)
     cfgs = configs(args)
     t_all = time.perf_counter()
     print(f"svi_step benchmark: torch {torch.__version__}, pyro {pyro.__version__}, {args.threads} thread(s), "
@@ -394,7 +395,7 @@ def main() -> None:
         report["memory"] = measure_memory(cfgs, args.threads)
     if not args.no_stability:
         print("stability at p=3,466 (digits [64,32,32,10]), float32")
-        report["stability"] = stability(stab_ours, stab_pyro)
+        report["stability"] = stability(stab_ours, stab_pyro, args.pyro_lr)
 
     print("targets")
     tm = report["timing"]
