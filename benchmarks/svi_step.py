@@ -351,7 +351,8 @@ def stability(steps_ours: int, steps_pyro: int, pyro_lr: float = LR) -> dict:
             w = ag.get_posterior().sample((100,))
             acc_a = float((torch.softmax(net.forward(w, ds.Xte), -1).mean(0).argmax(-1) == ds.yte).float().mean())
     out["pyro"] = {"lr": pyro_lr, "steps_run": step + 1, "first_abs_loss_over_1e10": first_big,
-                   "first_nan": first_nan, "largest_finite_abs_loss": worst, "test_acc": acc_a, "time_s": time.perf_counter() - t0}
+                   "first_nan": first_nan, "largest_finite_abs_loss": worst, "test_acc": acc_a,
+                   "time_s": time.perf_counter() - t0}
     print(f"  (a) plain AutoMultivariateNormal float32, Adam lr {pyro_lr:g}: ran {step + 1} steps; "
           f"|loss| > 1e10 first at step {first_big}; non-finite loss or mean first at step {first_nan}; "
           f"largest finite |loss| {worst:.3g}"
