@@ -1,0 +1,293 @@
+"""Experiment kind ``transformer``: remove heads, an attention sublayer or a block of a transformer teacher by
+conditioning its posterior, then compare the student trained under that prior with the usual baselines.
+
+Per seed: a teacher (pre-LN transformer, low-rank Gaussian posterior by MAP then SVI) on digits read as 8
+rows of 8 pixels; for every student architecture a surgery plan (evidence selector by default) gives
+the conditioned prior; the same student is then trained by
+
+* ``vi_conditioned``  VI under the conditioned teacher posterior (started at its mean);
+* ``vi_standard``     VI under the student's fan-in prior, random start;
+* ``deterministic``   MAP (cross-entropy + the fan-in prior's weight decay);
+* ``kd``              Hinton KD from the teacher's posterior predictive (:func:`pyro_distill.baselines.kd_loss`);
+* ``tinybert``        feature-level KD in the style of TinyBERT: cross-entropy plus the MSE between the student's
+  and the teacher's (posterior-mean) hidden states after every kept block and head-averaged attention maps
+  (the student may have fewer heads, so maps are averaged over heads before matching);
+
+and ``conditioned_prior`` evaluates the conditioned prior itself, untrained. Every method gets the same
+number of optimizer steps (``map_steps + steps``). Figures: :func:`make_figures`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import metrics
+from ..baselines import deterministic, knowledge_distillation, standard_prior
+from ..data.token_tasks import digits_sequences, match_task
+from ..inference import fit_posterior
+from ..nets.transformer import Transformer
+from ..surgery import apply
+from ..surgery.transformer import RemoveBlock, plan_transformer
+from .core import SeedContext, register_kind
+
+__all__ = ["run_seed", "DEFAULTS", "tinybert", "make_figures"]
+
+METHODS = ("conditioned_prior", "vi_conditioned", "vi_standard", "deterministic", "kd", "tinybert")
+
+DEFAULTS: dict[str, Any] = {
+    "task": "digits",           # "digits" (8 rows x 8 pixels) or "match" (marked-token matching)
+    "pad_fraction": 0.0,        # digits: fraction of images with hidden last rows (padding)
+    "n_train": 2000,            # match task sizes
+    "n_test": 2000,
+    "net": {"d_model": 16, "heads": [4, 4], "ffn": [True, True], "d_head": 4, "d_ff": 32, "pooling": "mean"},
+    # student name -> {"heads": [...], "ffn": [...]}
+    "students": {},
+    "selector": "evidence",
+    "methods": list(METHODS),
+    "guide": "lowrank",
+    "rank": 10,
+    "batch_size": 128,
+    "num_particles": 4,
+    "teacher": {"map_steps": 1000, "steps": 400, "lr": 5e-3, "map_lr": 1e-2},
+    "student": {"map_steps": 600, "steps": 400, "lr": 5e-3, "map_lr": 1e-2},
+    "kd": {"gamma": 0.5, "temperature": 2.0},
+    "tinybert": {"beta_hidden": 1.0, "beta_attn": 1.0},
+    "eval_samples": 100,
+    "curve_points": 5,
+    "save_models": False,
+}
+
+
+def _data(cfg: dict[str, Any], seed: int):
+    if cfg["task"] == "digits":
+        d = digits_sequences(seed=seed, pad_fraction=cfg["pad_fraction"])
+        return d, {"input_dim": 8, "n_classes": 10, "max_len": 8, "embedding": "patch"}
+    if cfg["task"] == "match":
+        d = match_task(n_train=cfg["n_train"], n_test=cfg["n_test"], seed=seed)
+        return d, {"input_dim": 8, "n_classes": 2, "max_len": d.X.shape[1], "embedding": "token"}
+    raise ValueError(f"unknown task {cfg['task']!r}; use 'digits' or 'match'")
+
+
+def tinybert(student: Transformer, X: torch.Tensor, y: torch.Tensor, teacher_feats: dict[str, Any],
+             block_map: list[int], steps: int, lr: float, beta_hidden: float = 1.0, beta_attn: float = 1.0,
+             batch_size: int | None = None, seed: int = 0, callback=None, eval_every: int = 0) -> torch.Tensor:
+    """A point student trained on ``CE + beta_h * sum_l MSE(h_l^S, h_{m(l)}^T) + beta_a * sum_l MSE(A_l^S, A_{m(l)}^T)``
+    plus the fan-in prior's ``-log p(w) / N``; ``m`` maps student block ``l`` to its teacher block (embedding
+    output to embedding output), ``A`` are attention maps averaged over heads, compared on valid query/key
+    positions only. TinyBERT (Jiao et al. 2020) matches per head; averaging lets fewer heads be matched."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    prior = student.default_prior(X.dtype)
+    w = student.init_weights(gen, X.dtype).requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    N = X.shape[0]
+    hid_t = teacher_feats["hidden"]
+    att_t = teacher_feats["attn"]
+    for step in range(steps):
+        idx = torch.randint(0, N, (batch_size,), generator=gen) if batch_size and batch_size < N else torch.arange(N)
+        f = student.features(w, X[idx])
+        m = f["mask"].to(X.dtype)  # [B, T]
+        loss = torch.nn.functional.cross_entropy(f["logits"], y[idx])
+        pairs = [(0, 0)] + [(s + 1, t + 1) for s, t in enumerate(block_map)]
+        for s, t in pairs:
+            d2 = ((f["hidden"][s] - hid_t[t][idx]) ** 2).mean(-1)
+            loss = loss + beta_hidden * (d2 * m).sum() / m.sum()
+        for s, t in enumerate(block_map):
+            if f["attn"][s] is None or att_t[t] is None:
+                continue
+            mm = m[:, :, None] * m[:, None, :]
+            d2 = (f["attn"][s].mean(-3) - att_t[t][idx]) ** 2
+            loss = loss + beta_attn * (d2 * mm).sum() / m.sum()
+        loss = loss - prior.log_prob(w) / N
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if callback is not None and eval_every and (step + 1) % eval_every == 0:
+            callback(step + 1, w.detach())
+    return w.detach()
+
+
+def _teacher_block_map(plan) -> list[int]:
+    """Which teacher block each student block came from (block removals renumber the later ones)."""
+    blocks = list(range(len(plan.teacher["heads"])))
+    for op in plan:
+        if isinstance(op, RemoveBlock):
+            blocks.pop(op.block)
+    return blocks
+
+
+def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
+    torch.manual_seed(seed)
+    d, shape = _data(cfg, seed)
+    X, y, Xte, yte = d.X, d.y, d.Xte, d.yte
+    net_cfg = dict(cfg["net"])
+    teacher = Transformer(**shape, **net_cfg)
+    fit_kw = {"guide": cfg["guide"], "rank": cfg["rank"], "batch_size": cfg["batch_size"],
+              "num_particles": cfg["num_particles"], "cov_init": "prior", "elbo_eval_particles": 8}
+    S = cfg["eval_samples"]
+    npts = max(1, cfg["curve_points"])
+
+    def ev(net, q, setting, method, extra=None):
+        r = metrics.evaluate(net, q, Xte, yte, num_samples=S, seed=seed, teacher_probs=tp_test)
+        ctx.record({"setting": setting, "method": method} | r | (extra or {}))
+        ctx.log(f"{setting:>12s} {method:>18s}: acc {r['accuracy']:.3f} nll {r['nll']:.3f} p={r['params']}")
+
+    def curve_cb(net, setting, method, offset=0):
+        def cb(step, q):
+            w = q.mean if hasattr(q, "mean") and not isinstance(q, torch.Tensor) else q
+            with torch.no_grad():
+                acc = float((net(w, Xte).argmax(-1) == yte).double().mean())
+            ctx.curve(setting, method, step + offset, "test_accuracy_at_mean", acc)
+        return cb
+
+    # ---- teacher
+    tc = cfg["teacher"]
+    every = max(1, (tc["map_steps"] + tc["steps"]) // npts)
+    q_t, hist = fit_posterior(teacher, X, y, prior=None, steps=tc["steps"], lr=tc["lr"], map_steps=tc["map_steps"],
+                              map_lr=tc["map_lr"], seed=seed, callback=curve_cb(teacher, "teacher", "vi"),
+                              eval_every=every, **fit_kw)
+    tp_test = metrics.predict(teacher, q_t, Xte, num_samples=S, seed=seed)
+    tp_train = metrics.predict(teacher, q_t, X, num_samples=S, seed=seed)
+    r = metrics.evaluate(teacher, q_t, Xte, yte, num_samples=S, seed=seed)
+    ctx.record({"setting": "teacher", "method": "vi"} | r | {"fit_s": hist.map_time_s + hist.svi_time_s})
+    ctx.log(f"teacher {teacher!r}: acc {r['accuracy']:.3f} nll {r['nll']:.3f}")
+    if cfg["save_models"]:
+        ctx.save_model("transformer-teacher", teacher, q_t, {"task": cfg["task"]})
+    with torch.no_grad():
+        tfeat = teacher.features(q_t.mean.to(X.dtype), X)
+    tfeat["attn"] = [None if a is None else a.mean(-3) for a in tfeat["attn"]]
+
+    sc = cfg["student"]
+    budget = sc["map_steps"] + sc["steps"]
+    every = max(1, budget // npts)
+    for name, arch in cfg["students"].items():
+        student = teacher.replace(heads=list(arch["heads"]), ffn=list(arch.get("ffn", [True] * len(arch["heads"]))))
+        plan = plan_transformer(teacher, student, selector=cfg["selector"], posterior=q_t, seed=seed)
+        ctx.log(f"{name}: {plan}".replace("\n", " "))
+        _, prior = apply(plan, teacher, q_t)
+        prior = prior.to(dtype=X.dtype)
+        extra = {"plan": [repr(op) for op in plan]}
+        methods = cfg["methods"]
+        if "conditioned_prior" in methods:
+            ev(student, prior.loc, name, "conditioned_prior", extra)
+        if "vi_conditioned" in methods:
+            q, _ = fit_posterior(student, X, y, prior=prior, init="prior", steps=sc["steps"], lr=sc["lr"],
+                                 map_steps=sc["map_steps"], map_lr=sc["map_lr"], seed=seed,
+                                 callback=curve_cb(student, name, "vi_conditioned"), eval_every=every, **fit_kw)
+            ev(student, q, name, "vi_conditioned", extra | {"kl_to_prior": float(q.kl(prior))})
+            if cfg["save_models"]:
+                ctx.save_model(f"transformer-{name}", student, q, {"plan": plan.to_dict()})
+        if "vi_standard" in methods:
+            q, _ = standard_prior(student, X, y, steps=sc["steps"], lr=sc["lr"], map_steps=sc["map_steps"],
+                                  map_lr=sc["map_lr"], seed=seed, callback=curve_cb(student, name, "vi_standard"),
+                                  eval_every=every, **fit_kw)
+            ev(student, q, name, "vi_standard")
+        if "deterministic" in methods:
+            w, _ = deterministic(student, X, y, steps=budget, lr=sc["map_lr"], seed=seed,
+                                 batch_size=cfg["batch_size"], callback=curve_cb(student, name, "deterministic"),
+                                 eval_every=every)
+            ev(student, w, name, "deterministic")
+        if "kd" in methods:
+            w, _ = knowledge_distillation(student, X, y, tp_train, gamma=cfg["kd"]["gamma"],
+                                          temperature=cfg["kd"]["temperature"], steps=budget, lr=sc["map_lr"],
+                                          seed=seed, batch_size=cfg["batch_size"],
+                                          callback=curve_cb(student, name, "kd"), eval_every=every)
+            ev(student, w, name, "kd")
+        if "tinybert" in methods:
+            w = tinybert(student, X, y, tfeat, _teacher_block_map(plan), steps=budget, lr=sc["map_lr"],
+                         beta_hidden=cfg["tinybert"]["beta_hidden"], beta_attn=cfg["tinybert"]["beta_attn"],
+                         batch_size=cfg["batch_size"], seed=seed, callback=curve_cb(student, name, "tinybert"),
+                         eval_every=every)
+            ev(student, w, name, "tinybert")
+
+
+register_kind("transformer", DEFAULTS, run_seed)
+
+
+# ============================================================================ figures
+def make_figures(run_dir: str | Path, out: str | Path = "figures", prefix: str = "transformer") -> list[Path]:
+    """``{prefix}_metrics.png`` (test accuracy and NLL, mean ± sd over seeds, per student x method) and
+    ``{prefix}_curves.png`` (test accuracy at the posterior mean / point estimate vs step) from a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .core import read_rows
+
+    run_dir, out = Path(run_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_rows(run_dir / "metrics.csv")
+    settings = [s for s in dict.fromkeys(r["setting"] for r in rows) if s != "teacher"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    teacher = [r for r in rows if r["setting"] == "teacher"]
+    made = []
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90)
+    width = 0.8 / max(1, len(methods))
+    for ax, metric in zip(axes, ("accuracy", "nll")):
+        for k, m in enumerate(methods):
+            means, sds = [], []
+            for s in settings:
+                v = [r[metric] for r in rows if r["setting"] == s and r["method"] == m]
+                means.append(sum(v) / len(v) if v else float("nan"))
+                sds.append(_sd(v))
+            ax.bar([i + (k - (len(methods) - 1) / 2) * width for i in range(len(settings))], means, width,
+                   yerr=sds, label=m, capsize=2)
+        if teacher:
+            tv = [r[metric] for r in teacher]
+            ax.axhline(sum(tv) / len(tv), color="k", ls="--", lw=1, label="teacher")
+        ax.set_xticks(range(len(settings)), settings, fontsize=8)
+        ax.set_ylabel(f"test {metric}")
+        if metric == "accuracy":
+            lo = min((r["accuracy"] for r in rows if r["method"] != "conditioned_prior"), default=0.0)
+            ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+        else:
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"transformer head/sublayer/block removal ({len({r['seed'] for r in rows})} seeds)", fontsize=9)
+    fig.tight_layout()
+    p = out / f"{prefix}_metrics.png"
+    fig.savefig(p)
+    plt.close(fig)
+    made.append(p)
+
+    curves = read_rows(run_dir / "curves.csv") if (run_dir / "curves.csv").exists() else []
+    if curves:
+        fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3), dpi=90, squeeze=False)
+        for ax, s in zip(axes[0], settings):
+            for m in methods:
+                pts = [c for c in curves if c["setting"] == s and c["method"] == m]
+                steps = sorted({c["step"] for c in pts})
+                if not steps:
+                    continue
+                mean = [sum(c["value"] for c in pts if c["step"] == t) / sum(1 for c in pts if c["step"] == t)
+                        for t in steps]
+                ax.plot(steps, mean, marker=".", label=m)
+            ax.set_title(s, fontsize=9)
+            ax.set_xlabel("step")
+        axes[0][0].set_ylabel("test accuracy (mean weights)")
+        axes[0][0].legend(fontsize=6)
+        fig.tight_layout()
+        p = out / f"{prefix}_curves.png"
+        fig.savefig(p)
+        plt.close(fig)
+        made.append(p)
+    return made
+
+
+def _sd(v: list[float]) -> float:
+    if len(v) < 2:
+        return 0.0
+    m = sum(v) / len(v)
+    return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+if __name__ == "__main__":  # python -m pyro_distill.experiments.transformer RUN_DIR [OUT]
+    import sys
+
+    for path in make_figures(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "figures"):
+        print(path)
