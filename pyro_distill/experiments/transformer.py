@@ -236,7 +236,7 @@ def make_figures(run_dir: str | Path, out: str | Path = "figures", prefix: str =
                 means.append(sum(v) / len(v) if v else float("nan"))
                 sds.append(_sd(v))
             ax.bar([i + (k - (len(methods) - 1) / 2) * width for i in range(len(settings))], means, width,
-                   yerr=sds, label=m, capsize=2)
+                   yerr=sds, label=m, capsize=2, color=f"C{METHODS.index(m)}")
         if teacher:
             tv = [r[metric] for r in teacher]
             ax.axhline(sum(tv) / len(tv), color="k", ls="--", lw=1, label="teacher")
@@ -245,8 +245,6 @@ def make_figures(run_dir: str | Path, out: str | Path = "figures", prefix: str =
         if metric == "accuracy":
             lo = min((r["accuracy"] for r in rows if r["method"] != "conditioned_prior"), default=0.0)
             ax.set_ylim(max(0.0, lo - 0.1), 1.0)
-        else:
-            ax.set_yscale("log")
     axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle(f"transformer head/sublayer/block removal ({len({r['seed'] for r in rows})} seeds)", fontsize=9)
     fig.tight_layout()
@@ -266,7 +264,7 @@ def make_figures(run_dir: str | Path, out: str | Path = "figures", prefix: str =
                     continue
                 mean = [sum(c["value"] for c in pts if c["step"] == t) / sum(1 for c in pts if c["step"] == t)
                         for t in steps]
-                ax.plot(steps, mean, marker=".", label=m)
+                ax.plot(steps, mean, marker=".", label=m, color=f"C{METHODS.index(m)}")
             ax.set_title(s, fontsize=9)
             ax.set_xlabel("step")
         axes[0][0].set_ylabel("test accuracy (mean weights)")
