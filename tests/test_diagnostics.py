@@ -205,6 +205,7 @@ def test_diagnose_table_and_cli(tmp_path, capsys):
     assert all(math.isfinite(r["elpd_loo"]) for r in rows)
     assert (tmp_path / "student" / "idata.nc").exists() and (tmp_path / "teacher" / "idata.nc").exists()
     # a second run reuses the saved files; other settings are refused without --overwrite
-    assert main(["diagnose", str(tmp_path / "student"), "--draws", "60", "--no-figures"]) == 0
-    assert main(["diagnose", str(tmp_path / "student"), "--draws", "50", "--no-figures"]) == 1
+    again = ["--no-figures", "--out", str(tmp_path / "again")]
+    assert main(["diagnose", str(tmp_path / "student"), "--draws", "60", *again]) == 0
+    assert main(["diagnose", str(tmp_path / "student"), "--draws", "50", *again]) == 1
     assert "overwrite" in capsys.readouterr().err
