@@ -90,29 +90,49 @@ def _tri_solve(L: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 #: columns per block and elements per gathered chunk of the blocked products in dense conditioning
 _BLOCK = 512
+_SUB = 128
+#: gather all needed rows at once below this many elements (1 GiB of float64), else chunk by chunk
+_GATHER_ALL_ELEMS = 1 << 27
 _CHUNK_ELEMS = 1 << 24
 
 
 def _stair_gram(L: torch.Tensor, ra: torch.Tensor, rb: torch.Tensor, out: torch.Tensor, lower: bool,
                 minus: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """``out = L[ra] L[rb]^T (- Xa Xb^T)`` for sorted row sets, using that row ``r`` of the lower-triangular
-    ``L`` is zero beyond column ``r``; with ``lower`` (``ra == rb``) only the lower block triangle is written.
+    ``L`` is zero beyond column ``r``; with ``lower`` (``ra == rb``) only the lower triangle is computed
+    (diagonal blocks in sub-blocks of :data:`_SUB`, so little of the upper half is wasted).
 
     Rows are gathered block by block (no ``|ra| x p`` copy), so the extra memory stays a few chunks.
     """
     na, nb = ra.numel(), rb.numel()
+
+    def put(a0: int, a1: int, b0: int, b1: int, RA: torch.Tensor, RBk: torch.Tensor) -> None:
+        blk = RA @ RBk.mT
+        if minus is not None:
+            blk.addmm_(minus[0][a0:a1], minus[1][b0:b1].mT, alpha=-1.0)
+        out[a0:a1, b0:b1] = blk
+
+    kmax = int(ra[-1]) + 1 if na else 0
+    # small enough: gather the rows of ``ra`` once and take views (BLAS reads strided rows without a copy)
+    RAall = L[:, :kmax].index_select(0, ra) if na * kmax <= _GATHER_ALL_ELEMS else None
+
+    def rows_a(a0: int, a1: int, k: int) -> torch.Tensor:
+        return L[:, :k].index_select(0, ra[a0:a1]) if RAall is None else RAall[a0:a1, :k]
+
     for b0 in range(0, nb, _BLOCK):
         b1 = min(b0 + _BLOCK, nb)
         kB = int(rb[b1 - 1]) + 1
-        RB = L[:, :kB].index_select(0, rb[b0:b1])
-        step = max(_BLOCK, _CHUNK_ELEMS // max(kB, 1))
-        for a0 in range(b0 if lower else 0, na, step):
+        RB = rows_a(b0, b1, kB) if lower and RAall is not None else L[:, :kB].index_select(0, rb[b0:b1])
+        step = max(_BLOCK, _CHUNK_ELEMS // max(kB, 1)) if RAall is None else na
+        for a0 in range(b1 if lower else 0, na, step):
             a1 = min(a0 + step, na)
             k = min(kB, int(ra[a1 - 1]) + 1)
-            blk = L[:, :k].index_select(0, ra[a0:a1]) @ RB[:, :k].mT
-            if minus is not None:
-                blk.addmm_(minus[0][a0:a1], minus[1][b0:b1].mT, alpha=-1.0)
-            out[a0:a1, b0:b1] = blk
+            put(a0, a1, b0, b1, rows_a(a0, a1, k), RB[:, :k])
+        if lower:  # the diagonal block, lower part only, in narrower column strips
+            for s0 in range(b0, b1, _SUB):
+                s1 = min(s0 + _SUB, b1)
+                k = int(rb[s1 - 1]) + 1
+                put(s0, b1, s0, s1, RB[s0 - b0:, :k], RB[s0 - b0:s1 - b0, :k])
 
 
 def _cholesky_inplace(a: torch.Tensor, rebuild, what: str) -> torch.Tensor:

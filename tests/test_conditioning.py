@@ -62,6 +62,8 @@ def small_blocks(monkeypatch):
     """Tiny blocks so the blocked dense path (several row/column blocks, chunks) runs on small problems."""
     monkeypatch.setattr(G, "_BLOCK", 5)
     monkeypatch.setattr(G, "_CHUNK_ELEMS", 40)
+    monkeypatch.setattr(G, "_SUB", 2)
+    monkeypatch.setattr(G, "_GATHER_ALL_ELEMS", 60)  # small problems gather at once, larger ones chunk
     monkeypatch.setattr(LowRankGaussian, "chunk_rows", 7)
 
 
