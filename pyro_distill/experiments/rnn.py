@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "teacher": {"map_steps": 800, "steps": 400, "lr": 1e-3, "factor_lr": 1e-4, "map_lr": 1e-2, "num_particles": 1,
                 "rank": 10},
     "student": {"steps": 800, "lr": 1e-2, "svi_lr": 1e-2, "factor_lr": 1e-3, "num_particles": 1, "rank": 10,
-                "prior_temperature": 100.0},
+                "prior_temperature": 100.0, "tempered_start": "prior"},
     "kd": {"gamma": 0.5, "temperature": 2.0, "teacher_samples": 8},
     "eval": {"every": 100, "samples": 8},
 }
@@ -144,6 +144,9 @@ def _kd_fit(net: AttentionRNN, X: torch.Tensor, y: torch.Tensor, teacher_probs: 
 def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     """One seed of every task in ``cfg["tasks"]``: teacher, surgery, five students (see module doc)."""
     dtype = _dtype(cfg["dtype"])
+    if cfg["student"]["tempered_start"] not in ("prior", "conditioned"):
+        raise ValueError(f"student.tempered_start must be 'prior' or 'conditioned', got "
+                         f"{cfg['student']['tempered_start']!r}")
     unknown = sorted(set(cfg["methods"]) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
@@ -214,9 +217,12 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
                   "vi_conditioned_prior_tempered": prior_c.tempered(S["prior_temperature"]),
                   "vi_marginal_prior": q_t.marginalize(keep)}[method]
             pc.layout = student.layout
-            start = pc
+            # q starts at its prior; with tempered_start = "conditioned" the tempered student starts at the
+            # untempered conditional instead (the teacher's own, much smaller, covariance)
+            start = prior_c if (method == "vi_conditioned_prior_tempered"
+                                and S["tempered_start"] == "conditioned") else pc
             cb(0, start.loc)
-            q, _ = fit_posterior(student, X, y, guide="lowrank", prior=pc, init=pc, steps=S["steps"],
+            q, _ = fit_posterior(student, X, y, guide="lowrank", prior=pc, init=start, steps=S["steps"],
                                  lr=S["svi_lr"], factor_lr=S["factor_lr"], num_particles=S["num_particles"],
                                  batch_size=B, seed=seed,
                                  dtype=dtype, callback=lambda s, qq, cb=cb: cb(s, qq), eval_every=every,
