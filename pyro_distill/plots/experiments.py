@@ -154,9 +154,29 @@ def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> l
     return made
 
 
+def _kind_figures(run_dir: Path, out_dir: Path) -> list[Path]:
+    """Extra figures from ``pyro_distill.plots.<kind>.figures_for_run(run_dir, out_dir)`` when a kind has one."""
+    import importlib
+    import json
+
+    try:
+        kind = json.loads((run_dir / "config.json").read_text()).get("kind", "")
+    except (OSError, json.JSONDecodeError):
+        return []
+    if not kind or kind == "experiments":
+        return []
+    try:
+        mod = importlib.import_module(f"{__package__}.{kind}")
+    except ModuleNotFoundError:
+        return []
+    fn = getattr(mod, "figures_for_run", None)
+    return [Path(p) for p in fn(run_dir, out_dir)] if callable(fn) else []
+
+
 def make_all(runs_root: str | os.PathLike = "runs", out_dir: str | os.PathLike = "figures") -> list[Path]:
     """Figures for the latest complete run of every experiment under ``runs_root``, plus ``out_dir/README.md``
-    listing them with the run each came from."""
+    listing them with the run each came from. Every run gets the generic figures of this module; a kind
+    may add its own with a module ``pyro_distill/plots/<kind>.py`` defining ``figures_for_run(run_dir, out_dir)``."""
     runs_root, out_dir = Path(runs_root), Path(out_dir)
     if not runs_root.is_dir():
         raise FileNotFoundError(f"no runs in {runs_root}; run an experiment first: "
@@ -168,7 +188,7 @@ def make_all(runs_root: str | os.PathLike = "runs", out_dir: str | os.PathLike =
         rd = latest_run(exp.name, runs_root)
         if rd is None:
             continue
-        files = figures_for_run(rd, out_dir)
+        files = figures_for_run(rd, out_dir) + _kind_figures(rd, out_dir)
         made += files
         index += [f"## {exp.name} (run `{rd}`)", ""]
         index += [f"![{f.stem}]({f.name})" if f.suffix == ".png" else f"- table: [{f.name}]({f.name})" for f in files]
