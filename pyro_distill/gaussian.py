@@ -576,11 +576,13 @@ class LowRankGaussian(Gaussian):
         # Woodbury: with C = I_k + W_I^T D_I^{-1} W_I = L_C L_C^T,
         #   mean = m_K + W_K C^{-1} W_I^T D_I^{-1} (v - m_I),  cov = D_K + (W_K L_C^{-T})(W_K L_C^{-T})^T.
         W, d = self.cov_factor, self.cov_diag
-        WI, dI = W[I], d[I]
-        C = WI.T @ (WI / dI.unsqueeze(-1))
+        isd = d[I].rsqrt()
+        WI = W.index_select(0, I).mul_(isd.unsqueeze(-1))  # D_I^{-1/2} W_I, scaled in place (one |I| x k copy)
+        C = WI.T @ WI
         C.diagonal().add_(1.0)
         Lc = cholesky_jitter(C, "capacitance matrix")
-        r = WI.T @ ((v - self.loc[I]) / dI)  # k
+        r = WI.T @ ((v - self.loc[I]) * isd)  # W_I^T D_I^{-1} (v - m_I), length k
+        del WI
         s = torch.cholesky_solve(r.unsqueeze(-1), Lc).squeeze(-1)  # C^{-1} W_I^T D_I^{-1}(v - m_I)
         # new factor W_K L_C^{-T}, computed in row chunks so no |K| x k temporary beyond the result
         # L_C^{-T} (k x k) once: C >= I, so ||L_C^{-1}|| <= 1 and this small inverse is well conditioned
