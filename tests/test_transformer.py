@@ -212,3 +212,21 @@ def test_tasks_are_deterministic_and_padded():
     d = digits_sequences(seed=0, pad_fraction=0.3)
     assert d.X.shape[1:] == (8, 8) and torch.isnan(d.X).any() and d.num_classes == 10
     assert not torch.isnan(d.X[:, :5]).any()
+
+
+def test_fit_posterior_and_experiment_config():
+    from pyro_distill.experiments.core import load_config
+    from pyro_distill.experiments.transformer import _teacher_block_map
+    from pyro_distill.inference import fit_posterior
+
+    net = _teacher(heads=(2, 1))
+    x = _inputs(net, N=12).float()
+    y = torch.arange(12) % 3
+    q, _ = fit_posterior(net, x, y, guide="lowrank", rank=2, steps=3, map_steps=3, cov_init="prior",
+                         num_particles=2, elbo_eval_particles=2)
+    assert q.layout == net.layout and torch.isfinite(q.loc).all()
+    cfg = load_config("experiments/transformer.toml", quick=True)
+    assert cfg["kind"] == "transformer" and set(cfg["students"]) == {"fewer_heads", "one_block", "no_attn_b1"}
+    teacher = _teacher(heads=(3, 2, 2), ffn=(True, True, True))
+    plan = plan_transformer(teacher, teacher.replace(heads=[2], ffn=[True]), selector="first")
+    assert _teacher_block_map(plan) == [2] and list(plan) == [RemoveBlock(1), RemoveBlock(0)]

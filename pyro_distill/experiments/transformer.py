@@ -209,19 +209,43 @@ register_kind("transformer", DEFAULTS, run_seed)
 
 
 # ============================================================================ figures
-def make_figures(run_dir: str | Path, out: str | Path = "figures", prefix: str = "transformer") -> list[Path]:
+def _rows(run_dirs: list[Path], name: str) -> list[dict[str, Any]]:
+    from .core import read_rows
+
+    rows = []
+    for d in run_dirs:
+        rows += read_rows(d / name) if (d / name).exists() else []
+    return rows
+
+
+def summary_table(run_dirs: str | Path | list[str | Path]) -> str:
+    """The markdown table (mean ± sd over seeds) of one run, or of several runs of the same config that
+    ran disjoint seeds (e.g. seeds split over two invocations), through the runner's own summary code."""
+    from .core import summarize, summary_markdown
+
+    dirs = [Path(d) for d in (run_dirs if isinstance(run_dirs, list) else [run_dirs])]
+    rows = _rows(dirs, "metrics.csv")
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) != sum(len({r["seed"] for r in _rows([d], "metrics.csv")}) for d in dirs):
+        raise ValueError(f"runs {dirs} share seeds; combine only runs with disjoint seeds")
+    return summary_markdown(summarize(rows), seeds=len(seeds),
+                            metrics=["accuracy", "nll", "ece", "brier", "agreement", "params"])
+
+
+def make_figures(run_dir: str | Path | list[str | Path], out: str | Path = "figures",
+                 prefix: str = "transformer") -> list[Path]:
     """``{prefix}_metrics.png`` (test accuracy and NLL, mean ± sd over seeds, per student x method) and
-    ``{prefix}_curves.png`` (test accuracy at the posterior mean / point estimate vs step) from a run."""
+    ``{prefix}_curves.png`` (test accuracy at the posterior mean / point estimate vs step) from a run
+    (or several runs with disjoint seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .core import read_rows
-
-    run_dir, out = Path(run_dir), Path(out)
+    dirs = [Path(d) for d in (run_dir if isinstance(run_dir, list) else [run_dir])]
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(run_dir / "metrics.csv")
+    rows = _rows(dirs, "metrics.csv")
     settings = [s for s in dict.fromkeys(r["setting"] for r in rows) if s != "teacher"]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     teacher = [r for r in rows if r["setting"] == "teacher"]
@@ -253,7 +277,7 @@ def make_figures(run_dir: str | Path, out: str | Path = "figures", prefix: str =
     plt.close(fig)
     made.append(p)
 
-    curves = read_rows(run_dir / "curves.csv") if (run_dir / "curves.csv").exists() else []
+    curves = _rows(dirs, "curves.csv")
     if curves:
         fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3), dpi=90, squeeze=False)
         for ax, s in zip(axes[0], settings):
@@ -284,8 +308,11 @@ def _sd(v: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
 
 
-if __name__ == "__main__":  # python -m pyro_distill.experiments.transformer RUN_DIR [OUT]
+if __name__ == "__main__":  # python -m pyro_distill.experiments.transformer OUT RUN_DIR [RUN_DIR ...]
     import sys
 
-    for path in make_figures(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "figures"):
+    if len(sys.argv) < 3:
+        sys.exit("usage: python -m pyro_distill.experiments.transformer OUT_DIR RUN_DIR [RUN_DIR ...]")
+    for path in make_figures(sys.argv[2:], sys.argv[1]):
         print(path)
+    print(summary_table(sys.argv[2:]))
