@@ -347,6 +347,8 @@ def stability(steps_ours: int, steps_pyro: int, pyro_lr: float = LR) -> dict:
     except DivergenceError as e:
         out["ours"] = {"steps": steps_ours, "nan": True, "diverged_at": e.step}
         print(f"  ours  (mvn, float32): DIVERGED at step {e.step}", flush=True)
+    if steps_pyro <= 0:
+        return out
     # (a) plain: Pyro's defaults (init_to_median, init_scale 0.1), Adam lr 1e-3, 8 vectorized particles
     pyro.set_rng_seed(0)
     svi, ag = pyro_svi(net, X, y, prior, "mvn", None, lr=pyro_lr)
@@ -398,8 +400,8 @@ def main() -> None:
         memory_probe(*args.memory_probe, args)
         return
     rounds = args.rounds or (1 if args.quick else 3)
-    stab_ours = args.stability_steps or (50 if args.quick else 5000)
-    stab_pyro = args.pyro_steps or (20 if args.quick else 600)
+    stab_ours = args.stability_steps if args.stability_steps is not None else (50 if args.quick else 5000)
+    stab_pyro = args.pyro_steps if args.pyro_steps is not None else (20 if args.quick else 600)
     cfgs = configs(args)
     t_all = time.perf_counter()
     print(f"svi_step benchmark: torch {torch.__version__}, pyro {pyro.__version__}, {args.threads} thread(s), "
