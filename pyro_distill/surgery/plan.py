@@ -148,20 +148,24 @@ def _check_pair(teacher: BayesianNet, student: BayesianNet) -> tuple[MLP, MLP]:
 
 
 def plan(teacher_net: BayesianNet, student_net: BayesianNet, selector: str = "snr",
-         posterior: Gaussian | None = None, seed: int = 0) -> Plan:
+         posterior: Gaussian | None = None, seed: int = 0, prior: Gaussian | None = None) -> Plan:
     """The operations that turn ``teacher_net`` into ``student_net`` (same input/output sizes, no wider layer).
 
     ``posterior`` (the teacher's Gaussian) is needed by every selector but ``random``; it is conditioned step
-    by step so each choice sees the posterior the previous steps leave. ``seed`` drives ``random``.
+    by step so each choice sees the posterior the previous steps leave. ``seed`` drives ``random``. ``prior`` is
+    the prior the posterior was fitted under (``evidence`` only; default: the teacher's default prior).
     """
     teacher, student = _check_pair(teacher_net, student_net)
     _selector(selector, posterior)
     if posterior is not None:
         check_layout(teacher, posterior)
+    if prior is not None:
+        check_layout(teacher, prior)
     groups = _groups(teacher, student)
     gen = torch.Generator().manual_seed(seed)
     state: dict[str, Any] = {"net": teacher, "q": posterior,
-                             "p0": None if posterior is None else teacher.default_prior(torch.float64)}
+                             "p0": None if posterior is None else (
+                                 prior if prior is not None else teacher.default_prior(torch.float64))}
     ops: list[Operation] = []
 
     def do(op: Operation) -> None:
