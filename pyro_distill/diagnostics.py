@@ -527,7 +527,8 @@ def diagnose(models: Mapping[str, tuple[BayesianNet, Gaussian, Gaussian | None]]
 def format_table(rows: Sequence[ModelDiagnosis], compare=None) -> str:
     """A plain-text table: elpd_loo (se), p_loo, pointwise LOO k, WAIC, q k-hat with its reading, test
     metrics, and ``az.compare``'s elpd difference and weight when given; warnings listed underneath."""
-    head = (f"{'model':<22} {'p':>6} {'elpd_loo':>10} {'se':>7} {'p_loo':>7} {'LOO k>0.7':>9} {'elpd_waic':>10} "
+    nw = max([22] + [len(r.name) for r in rows])
+    head = (f"{'model':<{nw}} {'p':>6} {'elpd_loo':>10} {'se':>7} {'p_loo':>7} {'LOO k>0.7':>9} {'elpd_waic':>10} "
             f"{'q k-hat':>8}  {'reading':<11} {'test lpd/N':>10} {'test acc':>8}")
     if compare is not None:
         head += f" {'d_elpd':>8} {'dse':>6} {'weight':>6}"
@@ -535,7 +536,7 @@ def format_table(rows: Sequence[ModelDiagnosis], compare=None) -> str:
     for r in rows:
         t_lpd = f"{r.test_lpd:10.4f}" if r.test_lpd is not None else f"{'-':>10}"
         t_acc = f"{r.test_acc:8.4f}" if r.test_acc is not None else f"{'-':>8}"
-        line = (f"{r.name:<22} {r.p:>6} {r.elpd_loo:10.1f} {r.se_loo:7.1f} {r.p_loo:7.1f} "
+        line = (f"{r.name:<{nw}} {r.p:>6} {r.elpd_loo:10.1f} {r.se_loo:7.1f} {r.p_loo:7.1f} "
                 f"{r.loo_k_bad:>4}/{r.n_obs:<4} {r.elpd_waic:10.1f} {r.khat_q:8.2f}  "
                 f"{r.khat_reading.split(' ')[0]:<11} "
                 f"{t_lpd} {t_acc}")
