@@ -64,6 +64,19 @@ def dense_flops(p: int, I: torch.Tensor) -> float:
     return f
 
 
+def mem_available() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) * 1024.0
+
+
+def dense_bytes_needed(p: int, frac: float, naive: bool) -> float:
+    """L, the result, and slack for chunks and allocator fragmentation (the p = 20,000 run reached 8.7 GB RSS);
+    the naive reference adds S and its K x K copies."""
+    nK = p - int(frac * p)
+    base = 8.0 * (p * p + nK * nK) * 1.5
+    return base + (8.0 * (p * p + 2 * nK * nK) if naive else 0.0)
+
+
 def naive_condition(m: torch.Tensor, L: torch.Tensor, I: torch.Tensor, v: torch.Tensor):
     """The textbook version: full covariance, explicit inverse of S_II, Schur complement, Cholesky."""
     mask = torch.ones(m.numel(), dtype=torch.bool)
@@ -165,6 +178,12 @@ def main() -> None:
               f"{r['peak_over_factor']:.2f}x the factor ({r['factor_MB']:.0f} MB; target < 3x)")
     results["dense"] = []
     for p in (int(s) for s in args.dense.split(",") if s):
+        need, avail = dense_bytes_needed(p, args.frac, p <= args.naive_max), mem_available()
+        if need > avail:
+            print(f"dense p={p:,}: skipped, needs about {need / 2**30:.1f} GiB and {avail / 2**30:.1f} GiB are "
+                  "available (a shared machine: running it would get this or another process OOM-killed)", flush=True)
+            results["dense"].append({"p": p, "skipped": "memory", "need_GiB": need / 2**30, "avail_GiB": avail / 2**30})
+            continue
         r = bench_dense(p, args.frac, p <= args.naive_max)
         results["dense"].append(r)
         line = (f"dense p={p:,} fixed {r['fixed']:,}: {r['time_s']:.2f} s, {r['gflop']:.0f} GFLOP, "
