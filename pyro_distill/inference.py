@@ -227,13 +227,13 @@ def fit_map(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian 
                                   step, w.detach().clone(), history)
         loss.backward()
         opt.step()
-        history.map_loss.append(float(loss))
+        history.map_loss.append(float(loss.detach()))
         if callback is not None and eval_every and (step + 1) % eval_every == 0:
             out = callback(step + 1, w.detach())
             for k, v in (out or {}).items():
                 history.log(k, step + 1, v)
         if progress and step % 50 == 0:
-            it.set_postfix(loss=f"{float(loss):.4f}")
+            it.set_postfix(loss=f"{float(loss.detach()):.4f}")
     history.map_time_s += time.perf_counter() - t0
     if log_noise is not None:
         history.info["noise_scale"] = float(log_noise.exp())
