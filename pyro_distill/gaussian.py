@@ -433,6 +433,8 @@ class DenseGaussian(Gaussian):
         # The conditional factor is [[T, 0], [F, L_BB]]; the conditional mean m_K + X C_I^{-1} (v - m_I).
         # Row r of a lower-triangular L is zero beyond column r: every product below stops there.
         L = self.scale_tril
+        if torch.is_grad_enabled() and (L.requires_grad or self.loc.requires_grad or v.requires_grad):
+            return self._condition_differentiable(I, K, v)
         I, order = I.sort()
         v = v[order]
         c = int(I[-1]) + 1
@@ -474,6 +476,15 @@ class DenseGaussian(Gaussian):
             del T
         out[nKA:, nKA:] = L[c:, c:]
         return DenseGaussian(loc, out)
+
+    def _condition_differentiable(self, I, K, v):
+        """The same Schur complement without in-place kernels, for tensors that carry gradients."""
+        L = self.scale_tril
+        LI, LK = L[I], L[K]
+        C = cholesky_jitter(LI @ LI.T, "covariance of the conditioned coordinates")
+        X = torch.linalg.solve_triangular(C.mT, LK @ LI.T, upper=True, left=False)  # S_KI C_I^{-T}
+        loc = self.loc[K] + X @ _tri_solve(C, (v - self.loc[I]).unsqueeze(-1)).squeeze(-1)
+        return DenseGaussian(loc, cholesky_jitter(LK @ LK.T - X @ X.T, "conditional covariance"))
 
     def _scaled(self, c):
         return DenseGaussian(self.loc, self.scale_tril * c, self.layout, self.meta)

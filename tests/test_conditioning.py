@@ -194,3 +194,18 @@ def test_bad_condition_inputs():
         g.condition([0, 1], torch.zeros(3, dtype=F64))
     with pytest.raises(ValueError, match="NaN"):
         g.condition([0], float("nan"))
+
+
+def test_dense_condition_is_differentiable():
+    gen = torch.Generator().manual_seed(3)
+    S = random_cov(gen, 8, 1.0)
+    L = torch.linalg.cholesky(S).requires_grad_(True)
+    m = torch.randn(8, generator=gen, dtype=F64)
+    out = DenseGaussian(m, L).condition([1, 5], torch.tensor([0.3, -1.0], dtype=F64))
+    mean, cov = reference(m, S, torch.tensor([1, 5]), torch.tensor([0.3, -1.0], dtype=F64))
+    assert torch.allclose(out.covariance(), cov, atol=1e-10) and torch.allclose(out.mean, mean, atol=1e-10)
+    (out.mean.sum() + out.logdet()).backward()
+    assert L.grad is not None and torch.isfinite(L.grad).all()
+    with torch.no_grad():
+        fast = DenseGaussian(m, L).condition([1, 5], torch.tensor([0.3, -1.0], dtype=F64))
+    assert torch.allclose(fast.scale_tril, out.scale_tril.detach(), atol=1e-10)
