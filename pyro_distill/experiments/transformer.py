@@ -267,7 +267,7 @@ def make_figures(run_dir: str | Path | list[str | Path], out: str | Path = "figu
         ax.set_xticks(range(len(settings)), settings, fontsize=8)
         ax.set_ylabel(f"test {metric}")
         if metric == "accuracy":
-            lo = min((r["accuracy"] for r in rows if r["method"] != "conditioned_prior"), default=0.0)
+            lo = min((r["accuracy"] for r in rows), default=0.0)
             ax.set_ylim(max(0.0, lo - 0.1), 1.0)
     axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle(f"transformer head/sublayer/block removal ({len({r['seed'] for r in rows})} seeds)", fontsize=9)
