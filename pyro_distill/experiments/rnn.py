@@ -262,7 +262,7 @@ register_kind("rnn_attention", DEFAULTS, run_seed)
 
 # ============================================================================ figure
 def make_figures(run_dir: str | Path, out_dir: str | Path = "figures") -> list[Path]:
-    """``figures/rnn_attention_curves.png``: validation token NLL (top) and exact match (bottom) vs step,
+    """``figures/<experiment>_curves.png``: validation token NLL (top) and exact match (bottom) vs step,
     mean ± sd over seeds, one column per task; the teacher's test value as a dashed line."""
     import matplotlib
 
@@ -306,7 +306,9 @@ def make_figures(run_dir: str | Path, out_dir: str | Path = "figures") -> list[P
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "rnn_attention_curves.png"
+    # one file per experiment name, so a variant run (e.g. rnn_attention_tempered_start) never
+    # overwrites the main experiment's figure
+    path = out_dir / f"{run_dir.parent.name}_curves.png"
     fig.savefig(path, dpi=60)
     plt.close(fig)
     return [path]
