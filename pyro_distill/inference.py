@@ -77,7 +77,8 @@ class FitHistory:
 class GaussianGuide(PyroModule):
     """A Pyro guide ``q(w) = N(loc, S)`` over the single site ``"w"`` in one of three structures.
 
-    ``mvn``: ``S = L L^T`` with ``L`` lower triangular; ``lowrank``: ``S = W W^T + diag(d)``; ``diag``: ``S = diag(s^2)``.
+    ``mvn``: ``S = L L^T`` with ``L`` lower triangular; ``lowrank``: ``S = W W^T + diag(d)``;
+    ``diag``: ``S = diag(s^2)``.
     Calling it with ``num_particles`` draws ``[num_particles, p]``.
     """
 
@@ -490,7 +491,8 @@ def _shrunk_prior_start(prior: Gaussian, w0: torch.Tensor, kind: str, rank: int,
     if kind == "diag":
         return DiagGaussian(w0.detach().clone(), s, layout=net.layout)
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(w0.shape[-1], rank, generator=g, dtype=w0.dtype).to(w0.device) * (0.1 * s.unsqueeze(-1) / math.sqrt(rank))
+    W = torch.randn(w0.shape[-1], rank, generator=g, dtype=w0.dtype).to(w0.device)
+    W = W * (0.1 * s.unsqueeze(-1) / math.sqrt(rank))
     return LowRankGaussian(w0.detach().clone(), W, s**2, layout=net.layout)
 
 
@@ -499,7 +501,8 @@ def _to_lowrank(q: Gaussian, rank: int, seed: int) -> LowRankGaussian:
         return q
     var = q.variance
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(q.dim, rank, generator=g, dtype=q.dtype).to(q.device) * (0.1 * var.sqrt().unsqueeze(-1) / math.sqrt(rank))
+    W = torch.randn(q.dim, rank, generator=g, dtype=q.dtype).to(q.device)
+    W = W * (0.1 * var.sqrt().unsqueeze(-1) / math.sqrt(rank))
     return LowRankGaussian(q.loc, W, var * 0.99, layout=q.layout)
 
 

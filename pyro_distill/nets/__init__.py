@@ -4,5 +4,5 @@ from .base import LIKELIHOODS, BayesianNet, net_from_config, register_net
 from .mlp import ACTIVATIONS, IDEMPOTENT, MLP
 
 __all__ = ["BayesianNet", "MLP", "ACTIVATIONS", "IDEMPOTENT", "LIKELIHOODS", "net_from_config", "register_net"]
-from .transformer import Transformer  # noqa: E402,F401
 from .attention_rnn import AttentionRNN  # noqa: E402,F401
+from .transformer import Transformer  # noqa: E402,F401

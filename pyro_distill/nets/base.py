@@ -77,7 +77,8 @@ class BayesianNet(ABC):
         s = self.prior_scales().to(dtype=dtype, device=device)
         return DiagGaussian(torch.zeros_like(s), s, layout=self.layout, meta={"source": "default prior"})
 
-    def init_weights(self, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def init_weights(self, generator: torch.Generator | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A random starting point: a draw from the default prior (fan-in scaled)."""
         s = self.prior_scales().to(dtype)
         return torch.randn(s.shape, generator=generator, dtype=dtype) * s
