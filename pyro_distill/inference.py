@@ -361,6 +361,7 @@ def fit_posterior(
     callback: Callable[[int, Gaussian], dict[str, float] | None] | None = None,
     eval_every: int = 0,
     elbo_eval_particles: int = 64,
+    snapshot_every: int = 50,
 ) -> tuple[Gaussian, FitHistory]:
     """Fit ``q(w) = N(m, S)`` to ``p(w | X, y)`` for ``net`` under ``prior`` (default: the net's fan-in prior).
 
@@ -372,7 +373,9 @@ def fit_posterior(
     default ``lr / 100`` for ``mvn``, ``lr`` otherwise).
 
     Returns the fitted Gaussian (layout = ``net.layout``) and a :class:`FitHistory`. A non-finite loss
-    or gradient stops the fit with :class:`DivergenceError` carrying the step and the last good state.
+    or gradient stops the fit with :class:`DivergenceError` carrying the step and the last good state (the
+    parameters before the failing step, or, if an earlier step already left non-finite parameters, the
+    snapshot taken every ``snapshot_every`` steps). ``callback(step, q)`` receives a copy of q.
     """
     _check_inputs(net, X, y, guide, prior)
     device = torch.device(device) if device is not None else X.device
@@ -438,6 +441,10 @@ def fit_posterior(
             return float(ll - q.kl(prior))
 
     history.elbo_start = full_elbo(g.gaussian())
+    # A snapshot of the parameters every `snapshot_every` steps: the state handed back if an Adam step ever
+    # leaves non-finite parameters (otherwise the parameters before the failing step are returned exactly).
+    snap = [p.detach().clone() for p in g.parameters()]
+    snap_step = 0
     t0 = time.perf_counter()
     it = _progress(range(steps), progress, f"SVI[{guide}]")
     for step in it:
@@ -445,38 +452,66 @@ def fit_posterior(
         q = g.gaussian()
         ll, kl = elbo_terms(net, q, prior, X, y, num_particles, sub)
         loss = -(ll - kl)
-        lossv = float(loss)
+        lossv = loss.detach().item()
         bad = not math.isfinite(lossv)
         if not bad:
             loss.backward()
             g.mask_grad()
-            bad = any(not bool(torch.isfinite(p.grad).all()) for p in g.parameters() if p.grad is not None)
+            # a sum is NaN/inf iff some entry is (or the sum overflows): one pass, no p x p temporary
+            bad = not all(_finite(p.grad) for p in g.parameters() if p.grad is not None)
         if bad:
-            last = g.gaussian().detach()
             history.svi_time_s += time.perf_counter() - t0
+            if _guide_finite(g):
+                last, good_step = _clone_gaussian(g.gaussian()), step
+            else:
+                with torch.no_grad():
+                    for p, sp in zip(g.parameters(), snap):
+                        p.copy_(sp)
+                last, good_step = _clone_gaussian(g.gaussian()), snap_step
+            last.meta = {"source": "svi (stopped by the NaN guard)", "step": good_step}
             raise DivergenceError(
                 f"SVI diverged at step {step}: the ELBO or its gradient is not finite (loss {lossv}). "
-                f"The returned state is the last good one; lower lr (now {lr}) or factor_lr (now {flr}), "
-                "or use more particles / float64.", step, last, history)
+                f"The returned state is the last good one (from step {good_step}); lower lr (now {lr}) or "
+                f"factor_lr (now {flr}), or use more particles / float64.", step, last, history)
         opt.step()
+        if (step + 1) % snapshot_every == 0 and _guide_finite(g):
+            with torch.no_grad():
+                for p, sp in zip(g.parameters(), snap):
+                    sp.copy_(p)
+            snap_step = step + 1
         history.elbo.append(-lossv)
         history.time_s.append(time.perf_counter() - t0)
         if callback is not None and eval_every and (step + 1) % eval_every == 0:
             out = callback(map_steps + step + 1 if not isinstance(init, Gaussian) else step + 1,
-                           g.gaussian().detach())
+                           _clone_gaussian(g.gaussian()))
             for k, v in (out or {}).items():
                 history.log(k, map_steps + step + 1, v)
         if progress and step % 25 == 0:
             it.set_postfix(elbo=f"{-lossv:.1f}")
     history.svi_time_s += time.perf_counter() - t0
-    post = g.gaussian().detach()
-    post = type(post)(**{k: v.clone() for k, v in post._tensors().items()}, layout=net.layout,
-                      meta={"source": "svi", "guide": guide, "steps": steps})
+    post = _clone_gaussian(g.gaussian())
+    post.layout = net.layout
+    post.meta = {"source": "svi", "guide": guide, "steps": steps}
     history.elbo_end = full_elbo(post)
     if history.elbo_end < history.elbo_start - 0.05 * abs(history.elbo_start) and steps > 0:
         warnings.warn(f"SVI ended with a lower ELBO ({history.elbo_end:.1f}) than its start "
                       f"({history.elbo_start:.1f}); the step sizes may be too large", RuntimeWarning, stacklevel=2)
     return post, history
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t.detach().sum()))
+
+
+def _guide_finite(g: GaussianGuide) -> bool:
+    """The Gaussian the guide represents is finite (its parameters may be finite while exp(log scale) is not)."""
+    with torch.no_grad():
+        return all(_finite(t) for t in g.gaussian()._tensors().values())
+
+
+def _clone_gaussian(q: Gaussian) -> Gaussian:
+    """A detached copy that does not share storage with live parameters."""
+    return type(q)(**{k: v.detach().clone() for k, v in q._tensors().items()}, layout=q.layout, meta=dict(q.meta))
 
 
 def _adam_kwargs(device: torch.device) -> dict[str, Any]:

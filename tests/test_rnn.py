@@ -255,4 +255,4 @@ samples = 2
     from pyro_distill.experiments.rnn import make_figures
 
     (png,) = make_figures(run_dir, tmp_path / "fig")
-    assert png.name == "rnn_attention_curves.png" and png.stat().st_size > 1000
+    assert png.name == f"{run_dir.parent.name}_curves.png" and png.stat().st_size > 1000
