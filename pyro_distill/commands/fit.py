@@ -19,15 +19,15 @@ name = "digits"
 
 [teacher]
 sizes = [64, 32, 32, 10]
-map_steps = 800
-steps = 40
+map_steps = 1500
+steps = 1000
 
 [students]
 both = [64, 16, 10]
 
 [student]
 map_steps = 300
-steps = 60
+steps = 300
 
 [distill]
 taus = [1.0, 10.0]
