@@ -4,19 +4,16 @@ A teacher's Gaussian posterior over its weights becomes, by exact Gaussian condi
 a smaller student. See DESIGN.md for the mathematics and README.md for usage.
 """
 
-from . import data, gaussian, nets
+from . import data, gaussian, metrics, nets, surgery
+from .distill import distill
 from .gaussian import DenseGaussian, DiagGaussian, Gaussian, LowRankGaussian
 from .inference import fit_map, fit_posterior, laplace, predictive
 from .layout import Layout
+from .surgery import apply, plan
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "data", "gaussian", "nets", "Layout", "Gaussian", "DenseGaussian", "LowRankGaussian", "DiagGaussian",
-    "fit_map", "fit_posterior", "laplace", "predictive", "__version__",
+    "data", "gaussian", "metrics", "nets", "surgery", "Layout", "Gaussian", "DenseGaussian", "LowRankGaussian",
+    "DiagGaussian", "fit_map", "fit_posterior", "laplace", "predictive", "distill", "plan", "apply", "__version__",
 ]
-
-from . import metrics  # noqa: E402
-from .distill import distill  # noqa: E402
-
-__all__ += ["metrics", "distill"]
