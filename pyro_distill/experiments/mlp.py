@@ -124,7 +124,10 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                 "n_train": ds.X.shape[0], "time_s": t_teacher, "elbo": th.elbo_end} | tres)
     ctx.log(f"teacher fitted in {t_teacher:.0f}s: {_short(tres)}")
     if "teacher" in cfg["save"]["methods"]:
-        ctx.save_model("teacher", teacher, tq, {"data": ds.description, "role": "teacher", "seed": seed})
+        ctx.save_model("teacher", teacher, tq, {"data": {"name": cfg["data"]["name"],
+                                                         "split_seed": cfg["data"]["split_seed"]},
+                                                "data_description": ds.description, "role": "teacher",
+                                                "seed": seed})
     teacher_test = None if reg else metrics.predict(teacher, tq, Xte, num_samples=ec["samples"], seed=seed)
     tq64 = tq.to(dtype=torch.float64)
 
@@ -161,8 +164,17 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                     ctx.log(f"{setting} {label}: {_short(res)} ({dt:.0f}s)")
                     if method in VI_METHODS and _in(method, cfg["save"]["methods"]) and \
                             _in(frac, cfg["save"]["fractions"]):
-                        ctx.save_model(f"{sname}-f{frac:g}-{label.replace('(', '-').replace(')', '')}", student,
-                                       fitted, {"data": ds.description, "setting": setting, "method": label})
+                        # the card carries a data spec, the plan and (as prior.pt) the prior, so that
+                        # `pyro-distill diagnose` can rebuild the data and add the student-prior row
+                        spec = {"name": cfg["data"]["name"], "split_seed": cfg["data"]["split_seed"],
+                                "fraction": float(frac), "subsample_seed": seed}
+                        folder = ctx.save_model(
+                            f"{sname}-f{frac:g}-{label.replace('(', '-').replace(')', '')}", student, fitted,
+                            {"data": spec, "data_description": sub.description, "setting": setting,
+                             "method": label, "plan": ops.to_dict(), "tau": tau})
+                        pr = prior1.tempered(float(tau)) if tau not in (None, 1) else prior1
+                        pr.layout = student.layout
+                        pr.save(folder / "prior.pt")
 
 
 def _short(res: dict[str, Any]) -> str:
