@@ -15,15 +15,6 @@ from pyro_distill.gaussian import DenseGaussian, DiagGaussian, LowRankGaussian, 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one BLAS thread avoids thread-sync stalls on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def reference(m: torch.Tensor, S: torch.Tensor, I: torch.Tensor, v: torch.Tensor):
     """Dense Schur complement: m_K + S_KI S_II^{-1}(v - m_I), S_KK - S_KI S_II^{-1} S_IK (float64 solves)."""
     mask = torch.ones(m.numel(), dtype=torch.bool)

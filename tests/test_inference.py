@@ -30,15 +30,6 @@ from pyro_distill.nets import MLP
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread (on a loaded 2-core machine, waking a second thread costs a time slice)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def blr():
     """A linear-Gaussian problem with its exact posterior (m, Sigma)."""

@@ -18,15 +18,6 @@ from pyro_distill.surgery.plan import SELECTORS, neuron_scores, removal_log_evid
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one BLAS thread avoids thread-sync stalls on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def posterior(net: MLP, kind: str = "dense", seed: int = 0):
     """A random correlated Gaussian over ``net``'s weights (float64)."""
     gen = torch.Generator().manual_seed(seed)
