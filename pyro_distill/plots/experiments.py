@@ -79,8 +79,13 @@ def learning_curves(curves: list[dict[str, Any]], setting: str, out: Path, title
         if metric == "nll":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
+    return _finish(plt, fig, axes, title or setting, out)
+
+
+def _finish(plt, fig, axes, title: str, out: Path) -> Path:
+    """Legend, title, layout; write the PNG (creating its folder) and close the figure."""
     axes[0][0].legend(fontsize=6.5, loc="best")
-    fig.suptitle(title or setting, fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
@@ -120,13 +125,7 @@ def fraction_plot(rows: list[dict[str, Any]], student: str, out: Path, title: st
         ax.set_xlabel("student's fraction of the training split")
         ax.set_ylabel(f"test {metric}")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6.5, loc="best")
-    fig.suptitle(title or student, fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, axes, title or student, out)
 
 
 def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
