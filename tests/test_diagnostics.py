@@ -131,7 +131,7 @@ def test_nuts_recovers_two_parameter_posterior():
     net, X, y, post = blr(n=30, d=1)
     assert net.num_params == 2
     ref = D.nuts_reference(net, X, y, num_chains=2, num_samples=300, warmup_steps=200, init=post, seed=0,
-                           max_tree_depth=5)
+                           max_tree_depth=5, processes=1)
     w = D.weights_from_idata(ref, net).reshape(-1, 2)
     sd = post.variance.sqrt()
     assert ((w.mean(0) - post.mean).abs() / sd).max() < 0.3
@@ -141,6 +141,32 @@ def test_nuts_recovers_two_parameter_posterior():
     cmp = D.compare_to_reference(net, post, ref, X, y, draws=500)
     assert cmp["blocks"]["layer1.weight"]["mean_err_sd"] < 0.3
     assert abs(cmp["elpd_loo_diff"]) < 1.0
+
+
+def test_nuts_potential_is_the_model_density(small):
+    """The potential NUTS runs on is -log p(w, D) of ``net.model``, traced by Pyro, for any prior."""
+    net, q, X, y = small
+    for prior in (None, q):
+        pr = prior if prior is not None else net.default_prior(DT)
+        pot = D.LogJointPotential(net, X, y, pr)
+        for w in q.sample(3, generator=torch.Generator().manual_seed(1)):
+            tr = poutine.trace(poutine.condition(net.model, {"w": w})).get_trace(X, y, pr)
+            torch.testing.assert_close(pot({"w": w}), -tr.log_prob_sum())
+    assert pot.calls == 3
+
+
+def test_nuts_worker_processes_and_convergence_warning():
+    """Chains in spawned worker processes give the same draws as in this process (same seeds); too short
+    a run is flagged with a warning naming the R-hat; a bad start shape is refused."""
+    net, X, y, post = blr(n=20, d=1)
+    kw = dict(num_chains=2, num_samples=30, warmup_steps=30, init=post, seed=3, max_tree_depth=4)
+    with pytest.warns(RuntimeWarning, match="R-hat"):
+        one = D.nuts_reference(net, X, y, processes=1, rhat_warn=1.0, **kw)
+    two = D.nuts_reference(net, X, y, processes=2, rhat_warn=10.0, **kw)
+    np.testing.assert_allclose(one.posterior["layer1.bias"].values, two.posterior["layer1.bias"].values)
+    assert two.attrs["processes"] == 2 and len(json.loads(two.attrs["leapfrog_per_iter_per_chain"])) == 2
+    with pytest.raises(ValueError, match="init weights"):
+        D.nuts_reference(net, X, y, num_chains=2, init=torch.zeros(3, 2, dtype=DT), processes=1)
 
 
 def test_restricted_prior_and_index_map():
@@ -209,3 +235,38 @@ def test_diagnose_table_and_cli(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "student"), "--draws", "60", *again]) == 0
     assert main(["diagnose", str(tmp_path / "student"), "--draws", "50", *again]) == 1
     assert "overwrite" in capsys.readouterr().err
+
+
+def test_diagnose_run_folder_over_seeds(tmp_path, capsys):
+    """A run's folder of `<model>-seed<k>` folders: every model on its own data (the student on its 10%
+    subsample), a prior row per student found through its same-seed teacher, mean +- sd over seeds."""
+    from pyro_distill import surgery
+    from pyro_distill.cli import main
+    from pyro_distill.store import save_model
+
+    teacher = MLP([20, 4, 4, 3])
+    ops = surgery.Plan([surgery.RemoveLayer(2), surgery.RemoveNeurons(1, [0])], teacher=teacher.config())
+    spec = {"name": "synthetic_classification", "split_seed": 0}
+    run = tmp_path / "run"
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        qt = DenseGaussian(0.3 * torch.randn(teacher.num_params, generator=g),
+                           0.05 * torch.eye(teacher.num_params), layout=teacher.layout, meta={"source": "unit test"})
+        student, prior = surgery.apply(ops, teacher, qt)
+        save_model(run / f"teacher-seed{seed}", teacher, qt, card={"data": spec})
+        folder = run / f"small-f0.1-seed{seed}"
+        save_model(folder, student, prior.tempered(0.5),
+                   card={"data": spec | {"fraction": 0.1, "subsample_seed": seed}, "plan": ops.to_dict()})
+        prior.save(folder / "prior.pt")
+    out = tmp_path / "fig"
+    assert main(["diagnose", str(run), "--draws", "40", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| small-f0.1 prior | 2 |" in text and "| teacher | 2 |" in text and " ± " in text
+    res = json.loads((out / "diagnose_run.json").read_text())
+    assert set(res["groups"]) == {"teacher", "small-f0.1", "small-f0.1 prior"}
+    n_obs = {r["model"]: r["n_obs"] for r in res["rows"]}
+    assert n_obs["teacher-seed0"] == 1000 and n_obs["small-f0.1-seed1"] == 100  # each on its own data
+    assert all(math.isfinite(r["elpd_loo"]) for r in res["rows"]) and (out / "table.md").exists()
+    assert (run / "small-f0.1-seed1" / "idata.nc").exists()
+    assert main(["diagnose", str(run), "--against", str(run / "teacher-seed0")]) == 1
+    assert "alone" in capsys.readouterr().err

@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "diagnose", help="ArviZ diagnostics (LOO, WAIC, k-hat, compare) and figures for model folders",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="a model folder (models/<name>)")
+    p.add_argument("model", help="a model folder (models/<name>), or a run's folder of model folders "
+                   "(models/<experiment>-<timestamp>: every model on its own data, mean +- sd over seeds)")
     p.add_argument("--against", nargs="+", action="extend", default=[], metavar="FOLDER",
                    help="more model folders to compare (teacher, students)")
     p.add_argument("--data", default=None, help="data set when the card has no \"data\" spec (e.g. digits)")
@@ -38,40 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _ops_of(card: dict[str, Any], prior) -> list[dict] | None:
-    if prior is not None and prior.meta.get("surgery"):
-        return list(prior.meta["surgery"])
-    for key in ("plan", "surgery"):
-        v = card.get(key)
-        if isinstance(v, dict) and "ops" in v:
-            return list(v["ops"])
-        if isinstance(v, list):
-            return v
-    return None
-
-
-def _find_teacher(ops_d: list[dict], student, entries: dict[str, dict]) -> tuple[str, list] | None:
-    from ..surgery import operation_from_dict
-
-    ops = [operation_from_dict(d) for d in ops_d]
-    for name, e in entries.items():
-        net = e["net"]
-        try:
-            for op in ops:
-                net = op.architecture(net)
-        except Exception:  # noqa: BLE001 - not this model's plan
-            continue
-        if net.config() == student.config() and e["net"].config() != student.config():
-            return name, ops
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     from .. import diagnostics as D
     from ..diagnostics import _resolve_prior
     from ..store import load_model
 
-    folders = [Path(args.model)] + [Path(f) for f in args.against]
+    root = Path(args.model)
+    if root.is_dir() and not (root / "card.json").exists() and any(root.glob("*/card.json")):
+        return run_folder(args, root)
+    folders = [root] + [Path(f) for f in args.against]
     entries: dict[str, dict[str, Any]] = {}
     for f in folders:
         net, q, card = load_model(f)
@@ -102,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
                                                prior=e["prior"], overwrite=args.overwrite, save=not args.no_save)
         models[name] = (e["net"], e["q"], e["prior"])
     for name, e in entries.items():
-        ops_d = _ops_of(e["card"], e["prior"] if e["has_prior"] else None)
-        found = _find_teacher(ops_d, e["net"], entries) if ops_d else None
+        ops_d = D.surgery_of(e["card"], e["prior"] if e["has_prior"] else None)
+        found = D.find_teacher(ops_d, e["net"], {n: t["net"] for n, t in entries.items()}) if ops_d else None
         if not found:
             continue
         tname, ops = found
@@ -142,6 +118,27 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_figures:
         for path in make_figures(idatas, relations, entries, models, out):
             print(f"wrote {path}")
+    return 0
+
+
+def run_folder(args: argparse.Namespace, root: Path) -> int:
+    """All model folders of one experiment run: per-seed rows and the table over seeds."""
+    from .. import diagnostics as D
+    from ..store import atomic_write_text
+
+    if args.against:
+        raise ValueError(f"{root} is a run's folder of models: diagnose it alone (no --against), or pass "
+                         "single model folders")
+    print(f"diagnosing every model folder in {root} ({args.draws} draws each)")
+    res = D.diagnose_run(root, draws=args.draws, seed=args.seed, overwrite=args.overwrite, save=not args.no_save,
+                         prior_rows=not args.no_prior_row, progress=True)
+    table = D.format_run_table(res)
+    print(table)
+    out = Path(args.out) if args.out else Path("figures") / "diagnostics" / root.name
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "table.md", table + "\n")
+    atomic_write_text(out / "diagnose_run.json", json.dumps(res, indent=2))
+    print(f"wrote {out / 'table.md'} and {out / 'diagnose_run.json'}")
     return 0
 
 
