@@ -66,6 +66,7 @@ __all__ = [
     "surgery_of",
     "find_teacher",
     "diagnose_run",
+    "split_seed",
     "format_run_table",
 ]
 
@@ -615,12 +616,20 @@ def find_teacher(ops_d: Sequence[Mapping[str, Any]], student: BayesianNet,
 # ============================================================================ a run's model folders
 _SEED_RE = re.compile(r"^(?P<group>.+)-seed(?P<seed>\d+)$")
 
+
+def split_seed(name: str) -> tuple[str, int]:
+    """``"teacher-seed3" -> ("teacher", 3)``: a runner's model folder name as (group, seed); seed 0 without
+    the suffix."""
+    m = _SEED_RE.match(name)
+    return (m["group"], int(m["seed"])) if m else (name, 0)
+
 #: the per-model numbers aggregated over seeds by :func:`diagnose_run`
 RUN_COLUMNS = ("elpd_loo_per_obs", "p_loo", "loo_k_bad_share", "khat_q", "test_lpd", "test_acc")
 
 
 def diagnose_run(folder: str | os.PathLike, draws: int = 1000, seed: int = 0, overwrite: bool = False,
-                 save: bool = True, prior_rows: bool = True, progress: bool = False) -> dict[str, Any]:
+                 save: bool = True, prior_rows: bool = True, progress: bool = False,
+                 keep_seed: int | None = None) -> dict[str, Any]:
     """Diagnose every model folder of an experiment run (``models/<experiment>-<timestamp>/<model>-seed<k>``,
     as written by the runner), each on its own data (its card's data spec: a student at 10% data is judged
     on its 10% subsample), plus, for each student whose folder holds its prior and whose teacher (same
@@ -628,7 +637,9 @@ def diagnose_run(folder: str | os.PathLike, draws: int = 1000, seed: int = 0, ov
     prior restricted to the student's coordinates.
 
     Returns ``{"rows": [per model and seed], "groups": {group: {column: [values over seeds]}}}``; group =
-    folder name without ``-seed<k>`` (``+ " prior"`` for prior rows). Use :func:`format_run_table`.
+    folder name without ``-seed<k>`` (``+ " prior"`` for prior rows). Use :func:`format_run_table`. With
+    ``keep_seed``, the models of that seed are also returned, for figures, under ``"kept"``: ``{"models":
+    {name: {"net", "q", "prior", "idata"}}, "relations": [(student, teacher, ops)]}`` (not JSON).
     """
     from .store import load_model
 
@@ -639,8 +650,7 @@ def diagnose_run(folder: str | os.PathLike, draws: int = 1000, seed: int = 0, ov
                                 "diagnose_run takes models/<experiment>-<timestamp>")
     entries: dict[str, dict[str, Any]] = {}
     for d in subs:
-        m = _SEED_RE.match(d.name)
-        group, s = (m["group"], int(m["seed"])) if m else (d.name, 0)
+        group, s = split_seed(d.name)
         net, q, card = load_model(d)
         prior, src = _resolve_prior(d, net, card)
         if not isinstance(card.get("data"), dict):
@@ -657,12 +667,16 @@ def diagnose_run(folder: str | os.PathLike, draws: int = 1000, seed: int = 0, ov
         return data_cache[key]
 
     rows: list[dict[str, Any]] = []
+    kept: dict[str, Any] = {"models": {}, "relations": []}
     for name, e in entries.items():
         if progress:
             print(f"  {name}", flush=True)
         ds = data(e["card"]["data"])
         idata = diagnose_model_folder(e["folder"], ds.X, ds.y, draws=draws, seed=seed, prior=e["prior"],
                                       overwrite=overwrite, save=save)
+        keep = keep_seed is not None and e["seed"] == keep_seed
+        if keep:
+            kept["models"][name] = {"net": e["net"], "q": e["q"], "prior": e["prior"], "idata": idata}
         rows.append({"group": e["group"], "seed": e["seed"], "model": name}
                     | diagnose_idata(name, idata, e["net"], ds.Xte, ds.yte).to_dict())
         ops_d = surgery_of(e["card"], e["prior"] if e["has_prior"] else None)
@@ -680,6 +694,9 @@ def diagnose_run(folder: str | os.PathLike, draws: int = 1000, seed: int = 0, ov
                                                       "teacher": tname})
         rows.append({"group": f"{e['group']} prior", "seed": e["seed"], "model": f"{name} prior"}
                     | diagnose_idata(f"{name} prior", pid, e["net"], ds.Xte, ds.yte).to_dict())
+        if keep:
+            kept["models"][f"{name} prior"] = {"net": e["net"], "q": e["prior"], "prior": target, "idata": pid}
+            kept["relations"].append((name, tname, ops))
     groups: dict[str, dict[str, list]] = {}
     for r in rows:
         g = groups.setdefault(r["group"], {"p": [], "n_obs": [], "seeds": []} | {c: [] for c in RUN_COLUMNS})
@@ -692,7 +709,10 @@ def diagnose_run(folder: str | os.PathLike, draws: int = 1000, seed: int = 0, ov
         g["khat_q"].append(r["khat_q"])
         g["test_lpd"].append(r["test_lpd"])
         g["test_acc"].append(r["test_acc"])
-    return {"folder": str(folder), "draws": draws, "seed": seed, "rows": rows, "groups": groups}
+    out = {"folder": str(folder), "draws": draws, "seed": seed, "rows": rows, "groups": groups}
+    if keep_seed is not None:
+        out["kept"] = kept
+    return out
 
 
 def format_run_table(result: Mapping[str, Any]) -> str:
@@ -722,12 +742,29 @@ def format_run_table(result: Mapping[str, Any]) -> str:
 
 
 # ============================================================================ NUTS reference
+class _ValueWithGrad(torch.autograd.Function):
+    """A scalar ``f(w)`` whose gradient was computed with it (``fn(w) -> (value, grad)``): autograd only
+    multiplies the stored gradient, so a sampler's ``autograd.grad`` call costs one hand-written pass."""
+
+    @staticmethod
+    def forward(ctx, w, fn):
+        value, grad = fn(w.detach())
+        ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    def backward(ctx, g_out):
+        (grad,) = ctx.saved_tensors
+        return g_out * grad, None
+
+
 class LogJointPotential:
     """``-log p(w, D)`` of ``net.model`` as a Pyro ``potential_fn`` over ``{"w": w}``: the same density
-    (checked against the traced model in the tests) without tracing the model at every leapfrog step,
-    which halves the cost of a gradient for a small net. Counts its calls (``calls``), so the mean
-    number of leapfrog steps per NUTS iteration can be reported. Plain data: picklable for worker
-    processes."""
+    (checked against the traced model in the tests) without tracing the model at every leapfrog step.
+    The likelihood's gradient comes from ``net.log_likelihood_and_grad`` (a hand-written backward for an
+    MLP: about 4x cheaper than autograd at p = 115, N = 500) and, for an independent prior, the prior's in
+    closed form. Counts its calls (``calls``), so the mean number of leapfrog steps per NUTS iteration can
+    be reported. Plain data: picklable for worker processes."""
 
     def __init__(self, net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian,
                  noise_scale: float | None = None):
@@ -747,25 +784,27 @@ class LogJointPotential:
         self.__dict__.update(state)
 
     def _setup(self) -> None:
-        # the common case (categorical likelihood, independent prior) in closed form: about 1.4x faster per
-        # gradient than going through the torch distributions
         self._prior_d = self.prior.to_pyro()
-        self._fast = self.net.likelihood == "categorical" and self.prior.kind == "diag"
-        if self._fast:
-            sd = self.prior.variance.sqrt()
-            self._m, self._inv_sd = self.prior.mean, 1 / sd
-            self._const = -(sd.log().sum() + 0.5 * sd.numel() * math.log(2 * math.pi))
-            self._yi = self.y.long().unsqueeze(-1)
+        self._diag = self.prior.kind == "diag"
+        if self._diag:  # log N(w; m, diag(v)) = const - 0.5 (w - m)^2 / v, gradient -(w - m) / v
+            v = self.prior.variance
+            self._m, self._prec = self.prior.mean, 1 / v
+            self._const = -0.5 * (v.log().sum() + v.numel() * math.log(2 * math.pi))
+
+    def _log_joint_and_grad(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ll, g = self.net.log_likelihood_and_grad(w, self.X, self.y, self.noise_scale)
+        if self._diag:
+            r = w - self._m
+            return ll + self._const - 0.5 * (r.square() * self._prec).sum(), g - r * self._prec
+        return ll, g
 
     def __call__(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self._prior_d is None:
             self._setup()
         self.calls += 1
         w = params["w"]
-        if self._fast:
-            ll = torch.log_softmax(self.net.forward(w, self.X), -1).gather(-1, self._yi).sum()
-            return -(ll + self._const - 0.5 * ((w - self._m) * self._inv_sd).square().sum())
-        return -(self.net.log_likelihood(w, self.X, self.y, self.noise_scale).sum(-1) + self._prior_d.log_prob(w))
+        lj = _ValueWithGrad.apply(w, self._log_joint_and_grad)
+        return -lj if self._diag else -(lj + self._prior_d.log_prob(w))
 
 
 def _nuts_chain(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -773,12 +812,25 @@ def _nuts_chain(job: Mapping[str, Any]) -> dict[str, Any]:
     import pyro
     from pyro.infer import MCMC, NUTS
 
+    class _NUTS(NUTS):
+        """NUTS whose warmup starts from a given inverse mass matrix instead of the identity (then finds a
+        step size for it, as Pyro does after each adaptation window)."""
+
+        def _initialize_adapter(self):
+            super()._initialize_adapter()
+            if job["inverse_mass"] is not None:
+                m = job["inverse_mass"].to(self._potential_energy_last.dtype)
+                self._adapter.mass_matrix_adapter.inverse_mass_matrix = {("w",): m}
+                if self._adapter.adapt_step_size:
+                    self._adapter.reset_step_size_adaptation(self._initial_params)
+
     if job["worker"]:
         torch.set_num_threads(1)  # one chain per core; the net is far too small for intra-op threads
     pot: LogJointPotential = job["potential"]
     pyro.set_rng_seed(job["rng_seed"])
-    kernel = NUTS(potential_fn=pot, max_tree_depth=job["max_tree_depth"],
-                  target_accept_prob=job["target_accept_prob"], full_mass=job["full_mass"])
+    kernel = _NUTS(potential_fn=pot, max_tree_depth=job["max_tree_depth"],
+                   target_accept_prob=job["target_accept_prob"], full_mass=job["full_mass"],
+                   adapt_mass_matrix=job["adapt_mass"])
     mcmc = MCMC(kernel, num_samples=job["num_samples"], warmup_steps=job["warmup_steps"],
                 initial_params={"w": job["start"]}, disable_progbar=not job["progress"])
     t0 = time.perf_counter()
@@ -795,17 +847,19 @@ def _nuts_chain(job: Mapping[str, Any]) -> dict[str, Any]:
 def nuts_reference(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian | None = None,
                    num_chains: int = 4, num_samples: int = 1000, warmup_steps: int = 500,
                    init: Gaussian | torch.Tensor | None = None, seed: int = 0, max_tree_depth: int = 8,
-                   target_accept_prob: float = 0.8, full_mass: bool = False, processes: int | None = None,
-                   noise_scale: float | None = None, rhat_warn: float = 1.01,
-                   progress: bool = False) -> az.InferenceData:
+                   target_accept_prob: float = 0.8, full_mass: bool = False, mass_from_init: bool = False,
+                   adapt_mass: bool = True, processes: int | None = None, noise_scale: float | None = None,
+                   rhat_warn: float = 1.01, progress: bool = False) -> az.InferenceData:
     """Reference posterior of a small net by Pyro NUTS on the density of ``net.model`` (one site ``"w"``).
 
     Chains start at draws of ``init``: a Gaussian (e.g. the SVI fit: a network posterior has many
     symmetric modes, and chains started in different ones never mix; starting them near q compares q
     with the mode it sits in), given ``[chains, p]`` weights, or (``None``) draws of the prior. Chains run
     in ``processes`` spawned worker processes, one thread each (default: one per core, at most one per
-    chain; ``1`` runs them one after another in this process). A diagonal mass matrix is the default:
-    on a ReLU MLP (p = 115) a dense one costs about 4x the gradients per draw for 2x the ESS.
+    chain; ``1`` runs them one after another in this process). The mass matrix is diagonal, or dense with
+    ``full_mass``; warmup adapts it starting from the identity, or, with ``mass_from_init`` and a Gaussian
+    ``init``, from that Gaussian's (co)variance (``adapt_mass=False`` keeps it fixed: NUTS preconditioned
+    by q).
 
     Returns InferenceData (as :func:`idata_from_draws`) whose ``attrs`` carry the wall time, divergences,
     step size and leapfrog steps per iteration of each chain, and the max R-hat / min bulk ESS; R-hat and
@@ -835,9 +889,18 @@ def nuts_reference(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Ga
     if processes is None:
         processes = min(num_chains, os.cpu_count() or 1)
     processes = max(1, min(int(processes), num_chains))
+    inverse_mass = None
+    if mass_from_init:
+        if not isinstance(init, Gaussian):
+            raise ValueError("mass_from_init needs a Gaussian init (e.g. the SVI fit) to take the mass matrix from")
+        q0 = init.to(X.device, dtype)
+        inverse_mass = q0.covariance() if full_mass else q0.variance
+    elif not adapt_mass:
+        raise ValueError("adapt_mass=False keeps the starting mass matrix: give one with mass_from_init=True")
     potential = LogJointPotential(net, X, y, prior, noise_scale)
     jobs = [{"potential": potential, "start": starts[c].detach().clone(), "rng_seed": seed * 1000 + c,
              "max_tree_depth": max_tree_depth, "target_accept_prob": target_accept_prob, "full_mass": full_mass,
+             "inverse_mass": inverse_mass, "adapt_mass": adapt_mass,
              "num_samples": num_samples, "warmup_steps": warmup_steps, "worker": processes > 1,
              "progress": progress and processes == 1} for c in range(num_chains)]
     t0 = time.perf_counter()
@@ -862,6 +925,7 @@ def nuts_reference(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Ga
                              attrs={"source": _json({"source": "nuts", "num_chains": num_chains,
                                                       "num_samples": num_samples, "warmup_steps": warmup_steps,
                                                       "max_tree_depth": max_tree_depth, "full_mass": full_mass,
+                                                      "mass_from_init": mass_from_init, "adapt_mass": adapt_mass,
                                                       "init": "prior" if init is None else
                                                       ("gaussian" if isinstance(init, Gaussian) else "given")})}
                              | info)

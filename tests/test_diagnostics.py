@@ -144,14 +144,21 @@ def test_nuts_recovers_two_parameter_posterior():
 
 
 def test_nuts_potential_is_the_model_density(small):
-    """The potential NUTS runs on is -log p(w, D) of ``net.model``, traced by Pyro, for any prior."""
+    """The potential NUTS runs on is -log p(w, D) of ``net.model``, traced by Pyro, for any prior, and
+    its gradient (hand-written for the MLP) is autograd's through the traced model."""
     net, q, X, y = small
     for prior in (None, q):
         pr = prior if prior is not None else net.default_prior(DT)
         pot = D.LogJointPotential(net, X, y, pr)
         for w in q.sample(3, generator=torch.Generator().manual_seed(1)):
+            w = w.requires_grad_()
             tr = poutine.trace(poutine.condition(net.model, {"w": w})).get_trace(X, y, pr)
-            torch.testing.assert_close(pot({"w": w}), -tr.log_prob_sum())
+            ref = -tr.log_prob_sum()
+            (g_ref,) = torch.autograd.grad(ref, w)
+            v = pot({"w": w})
+            (g,) = torch.autograd.grad(v, w)
+            torch.testing.assert_close(v.detach(), ref.detach())
+            torch.testing.assert_close(g, g_ref)
     assert pot.calls == 3
 
 
@@ -267,6 +274,8 @@ def test_diagnose_run_folder_over_seeds(tmp_path, capsys):
     n_obs = {r["model"]: r["n_obs"] for r in res["rows"]}
     assert n_obs["teacher-seed0"] == 1000 and n_obs["small-f0.1-seed1"] == 100  # each on its own data
     assert all(math.isfinite(r["elpd_loo"]) for r in res["rows"]) and (out / "table.md").exists()
+    # figures of the first seed: teacher, the conditioned teacher and the student, each on its own data
+    assert {"khat.png", "ppc.png", "forest.png", "correlation.png"} <= {p.name for p in out.iterdir()}
     assert (run / "small-f0.1-seed1" / "idata.nc").exists()
     assert main(["diagnose", str(run), "--against", str(run / "teacher-seed0")]) == 1
     assert "alone" in capsys.readouterr().err

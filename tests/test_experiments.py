@@ -125,7 +125,7 @@ samples = 10
 curve_every = 6
 curve_samples = 4
 [save]
-methods = ["teacher", "teacher_prior"]
+methods = ["teacher", "teacher_prior", "standard_prior"]
 fractions = [0.5]
 """
 
@@ -146,7 +146,12 @@ def test_mlp_kind_runs_every_method_and_figures(tmp_path):
     models = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert len(models) == 1 and models[0].startswith("tiny-")
     saved = sorted(p.name for p in (tmp_path / "models" / models[0]).iterdir())
-    assert saved == ["both-f0.5-teacher_prior-tau=1-seed0", "both-f0.5-teacher_prior-tau=10-seed0", "teacher-seed0"]
+    assert saved == ["both-f0.5-standard_prior-seed0", "both-f0.5-teacher_prior-tau=1-seed0",
+                     "both-f0.5-teacher_prior-tau=10-seed0", "teacher-seed0"]
+    run_models = tmp_path / "models" / models[0]
+    # only a student fitted under the teacher-derived prior carries it: the standard-prior one used the fan-in
+    assert (run_models / "both-f0.5-teacher_prior-tau=10-seed0" / "prior.pt").exists()
+    assert not (run_models / "both-f0.5-standard_prior-seed0" / "prior.pt").exists()
     net, q, card = load_model(tmp_path / "models" / models[0] / "teacher-seed0")
     assert net.sizes == [4, 6, 6, 3] and card["seed"] == 0
     made = make_all(tmp_path / "runs", tmp_path / "figs")

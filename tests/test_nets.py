@@ -166,6 +166,29 @@ def test_multi_output_gaussian_likelihood() -> None:
     torch.testing.assert_close(ll, torch.distributions.Normal(net.forward(w, x), 0.3).log_prob(y).sum(-1))
 
 
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("likelihood,n_out", [("categorical", 4), ("gaussian", 1), ("gaussian", 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_log_likelihood_and_grad_equals_autograd(activation: str, likelihood: str, n_out: int, bias: bool) -> None:
+    """The hand-written backward (and the autograd fallback for elu/gelu) gives autograd's value and
+    gradient of the summed log-likelihood, for every activation, both likelihoods, with and without biases,
+    and for a net with no hidden layer."""
+    g = torch.Generator().manual_seed(3)
+    for sizes in ([3, 5, 6, n_out], [3, n_out]):
+        net = MLP(sizes, activation=activation, likelihood=likelihood, bias=bias, noise_scale=0.7)
+        x = torch.randn(11, 3, generator=g, dtype=torch.float64)
+        y = (torch.randint(0, n_out, (11,), generator=g) if likelihood == "categorical"
+             else torch.randn(11, n_out, generator=g, dtype=torch.float64).squeeze(-1))
+        w = torch.randn(net.num_params, generator=g, dtype=torch.float64).requires_grad_()
+        ll = net.log_likelihood(w, x, y).sum()
+        (grad,) = torch.autograd.grad(ll, w)
+        ll2, grad2 = net.log_likelihood_and_grad(w.detach(), x, y)
+        torch.testing.assert_close(ll2, ll.detach())
+        torch.testing.assert_close(grad2, grad)
+    with pytest.raises(ValueError, match="one weight vector"):
+        net.log_likelihood_and_grad(torch.zeros(2, net.num_params, dtype=torch.float64), x, y)
+
+
 # ------------------------------------------------------------------------------------------------ bad inputs
 def test_bad_constructor_arguments() -> None:
     with pytest.raises(ValueError, match="choose one of"):

@@ -130,8 +130,11 @@ def run_folder(args: argparse.Namespace, root: Path) -> int:
         raise ValueError(f"{root} is a run's folder of models: diagnose it alone (no --against), or pass "
                          "single model folders")
     print(f"diagnosing every model folder in {root} ({args.draws} draws each)")
+    first_seed = min(D.split_seed(d.name)[1] for d in root.iterdir() if (d / "card.json").exists())
     res = D.diagnose_run(root, draws=args.draws, seed=args.seed, overwrite=args.overwrite, save=not args.no_save,
-                         prior_rows=not args.no_prior_row, progress=True)
+                         prior_rows=not args.no_prior_row, progress=True,
+                         keep_seed=None if args.no_figures else first_seed)
+    kept = res.pop("kept", None)
     table = D.format_run_table(res)
     print(table)
     out = Path(args.out) if args.out else Path("figures") / "diagnostics" / root.name
@@ -139,7 +142,28 @@ def run_folder(args: argparse.Namespace, root: Path) -> int:
     atomic_write_text(out / "table.md", table + "\n")
     atomic_write_text(out / "diagnose_run.json", json.dumps(res, indent=2))
     print(f"wrote {out / 'table.md'} and {out / 'diagnose_run.json'}")
+    if kept and kept["models"]:
+        for path in figures_of_kept(kept, out):
+            print(f"wrote {path}")
     return 0
+
+
+def figures_of_kept(kept: dict[str, Any], out: Path) -> list[Path]:
+    """The figures of one seed of a run: the teacher, the first student's prior (the conditioned teacher)
+    and every student of that architecture (each tempering, the standard prior), each on its own data."""
+    ms = kept["models"]
+    rel = kept["relations"][:1]
+    if rel:
+        sname, tname, _ = rel[0]
+        cfg = ms[sname]["net"].config()
+        names = [tname, f"{sname} prior", sname] + sorted(
+            n for n, m in ms.items() if n not in (tname, sname) and not n.endswith(" prior")
+            and m["net"].config() == cfg)
+    else:
+        names = list(ms)
+    entries = {n: {"net": ms[n]["net"], "q": ms[n]["q"]} for n in names}
+    models = {n: (ms[n]["net"], ms[n]["q"], ms[n]["prior"]) for n in names}
+    return make_figures({n: ms[n]["idata"] for n in names}, rel, entries, models, out)
 
 
 def make_figures(idatas: dict, relations: list, entries: dict, models: dict, out: Path) -> list[Path]:

