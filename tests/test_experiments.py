@@ -127,6 +127,7 @@ curve_samples = 4
 [save]
 methods = ["teacher", "teacher_prior", "standard_prior"]
 fractions = [0.5]
+idata_draws = 40
 """
 
 
@@ -152,6 +153,13 @@ def test_mlp_kind_runs_every_method_and_figures(tmp_path):
     # only a student fitted under the teacher-derived prior carries it: the standard-prior one used the fan-in
     assert (run_models / "both-f0.5-teacher_prior-tau=10-seed0" / "prior.pt").exists()
     assert not (run_models / "both-f0.5-standard_prior-seed0" / "prior.pt").exists()
+    # every saved model has its ArviZ InferenceData beside it, on the data it was fitted to
+    from pyro_distill.diagnostics import load_idata
+
+    idata = load_idata(run_models / "both-f0.5-teacher_prior-tau=10-seed0")
+    n_half = next(r["n_train"] for r in rows if r["setting"] == "both frac=0.5")  # the stratified half
+    assert idata.posterior.sizes["draw"] == 40 and idata.attrs["num_observations"] == n_half < 80
+    assert load_idata(run_models / "teacher-seed0").attrs["num_observations"] == 80
     net, q, card = load_model(tmp_path / "models" / models[0] / "teacher-seed0")
     assert net.sizes == [4, 6, 6, 3] and card["seed"] == 0
     made = make_all(tmp_path / "runs", tmp_path / "figs")

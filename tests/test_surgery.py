@@ -254,7 +254,9 @@ def test_cli_distill_saves_student_prior_and_refuses_overwrite(tmp_path, capsys)
     args = ["distill", str(tmp_path / "teacher"), "--student", "5,3,2", "--selector", "evidence",
             "--out", str(tmp_path / "student")]
     assert main(args) == 0
-    assert printed.split("\n", 1)[1] in capsys.readouterr().out  # the same plan as `plan` printed
+    out = capsys.readouterr().out
+    assert printed.split("\n", 1)[1] in out  # the same plan as `plan` printed
+    assert "idata.nc not written (unknown data set 'synthetic'" in out  # saved all the same, told why
     net, prior, card = load_model(tmp_path / "student")
     assert net.sizes == [5, 3, 2] and prior.dim == net.num_params and card["plan"]["selector"] == "evidence"
     pl = S.Plan.from_dict(card["plan"])

@@ -55,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--steps", type=int, default=300, help="SVI steps (default 300)")
     f.add_argument("--map-steps", type=int, default=1000, help="MAP steps before Laplace (default 1000)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--idata-draws", type=int, default=1000,
+                   help="draws in the ArviZ idata.nc written beside the model (default 1000; 0: none)")
     f.set_defaults(func=_fit)
 
 
@@ -98,8 +100,14 @@ def _fit(args: argparse.Namespace) -> int:
     q, hist = fit_posterior(net, ds.X, ds.y, guide=args.guide, steps=args.steps, map_steps=args.map_steps,
                             seed=args.seed, progress=True)
     res = metrics.evaluate(net, q, ds.Xte, ds.yte, seed=args.seed)
-    save_model(out, net, q, {"data": ds.description, "role": "teacher", "guide": args.guide, "steps": args.steps,
+    save_model(out, net, q, {"data": {"name": "digits", "split_seed": 0}, "data_description": ds.description,
+                             "role": "teacher", "guide": args.guide, "steps": args.steps,
                              "map_steps": args.map_steps, "seed": args.seed, "test": res,
                              "elbo_start": hist.elbo_start, "elbo_end": hist.elbo_end})
     print(f"saved {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
+    if args.idata_draws > 0:
+        from ..diagnostics import diagnose_model_folder
+
+        diagnose_model_folder(out, ds.X, ds.y, draws=args.idata_draws)
+        print(f"wrote {out / 'idata.nc'} ({args.idata_draws} draws on the training split; az.from_netcdf opens it)")
     return 0

@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--selector", choices=sorted(SELECTORS), default="snr", help="how neurons are chosen (snr)")
     d.add_argument("--seed", type=int, default=0, help="seed of the random selector")
     d.add_argument("--out", required=True, help="new model folder for the student prior (must not exist)")
+    d.add_argument("--idata-draws", type=int, default=1000,
+                   help="draws in the ArviZ idata.nc written beside it when the teacher's card names its data "
+                        "(default 1000; 0: none)")
     d.set_defaults(func=run_distill)
 
 
@@ -109,6 +112,17 @@ def run_distill(args: argparse.Namespace) -> int:
         student_card["data"] = card["data"]
     save_model(out, student, prior, card=student_card)
     prior.save(out / "prior.pt")
+    if args.idata_draws > 0 and isinstance(card.get("data"), dict):
+        # the conditioned teacher's draws on the teacher's data, for ArviZ
+        from ..diagnostics import diagnose_model_folder, load_data_spec
+
+        try:
+            ds = load_data_spec(card["data"])
+            diagnose_model_folder(out, ds.X, ds.y, draws=args.idata_draws)
+        except (ValueError, FileNotFoundError) as exc:  # the prior is saved; the netCDF can be made later
+            print(f"idata.nc not written ({exc}); make it with `pyro-distill diagnose {out} --data NAME`")
+        else:
+            print(f"wrote {out / 'idata.nc'} ({args.idata_draws} draws of the student prior on the teacher's data)")
     print(f"teacher {teacher.sizes} -> student {student.sizes} ({prior.kind} Gaussian, p={prior.dim})")
     print(pl)
     print(f"saved {out}")

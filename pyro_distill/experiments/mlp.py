@@ -55,7 +55,9 @@ DEFAULTS: dict[str, Any] = {
         "kd_gamma": 0.5, "kd_temperature": 2.0, "point_lr": 1e-2,
     },
     "eval": {"samples": 200, "curve_every": 50, "curve_samples": 16, "curve_fractions": []},
-    "save": {"methods": ["teacher"], "fractions": []},   # which fitted Gaussians go to models/
+    # which fitted Gaussians go to models/, each with its ArviZ idata.nc (idata_draws draws on its own
+    # training data; 0: none, `pyro-distill diagnose` writes it later)
+    "save": {"methods": ["teacher"], "fractions": [], "idata_draws": 1000},
 }
 
 
@@ -124,10 +126,11 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                 "n_train": ds.X.shape[0], "time_s": t_teacher, "elbo": th.elbo_end} | tres)
     ctx.log(f"teacher fitted in {t_teacher:.0f}s: {_short(tres)}")
     if "teacher" in cfg["save"]["methods"]:
-        ctx.save_model("teacher", teacher, tq, {"data": {"name": cfg["data"]["name"],
-                                                         "split_seed": cfg["data"]["split_seed"]},
-                                                "data_description": ds.description, "role": "teacher",
-                                                "seed": seed})
+        folder = ctx.save_model("teacher", teacher, tq, {"data": {"name": cfg["data"]["name"],
+                                                                  "split_seed": cfg["data"]["split_seed"]},
+                                                         "data_description": ds.description, "role": "teacher",
+                                                         "seed": seed})
+        _save_idata(folder, ds.X, ds.y, cfg)
     teacher_test = None if reg else metrics.predict(teacher, tq, Xte, num_samples=ec["samples"], seed=seed)
     tq64 = tq.to(dtype=torch.float64)
 
@@ -172,10 +175,23 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                             f"{sname}-f{frac:g}-{label.replace('(', '-').replace(')', '')}", student, fitted,
                             {"data": spec, "data_description": sub.description, "setting": setting,
                              "method": label, "plan": ops.to_dict(), "tau": tau})
+                        pr = None
                         if method == "teacher_prior":  # the other VI methods ran under the fan-in prior
                             pr = prior1.tempered(float(tau)) if tau not in (None, 1) else prior1
                             pr.layout = student.layout
                             pr.save(folder / "prior.pt")
+                        _save_idata(folder, sub.X, sub.y, cfg, prior=pr)
+
+
+def _save_idata(folder, X, y, cfg: dict[str, Any], prior=None) -> None:
+    """The saved model's ArviZ InferenceData beside it (``idata.nc``), on the data it was fitted to,
+    with ``lp`` under the prior it was fitted under (None: the fan-in prior). Draw seed 0, as
+    ``pyro-distill diagnose`` uses by default, so that it reuses the file."""
+    draws = int(cfg["save"]["idata_draws"])
+    if draws > 0:
+        from ..diagnostics import diagnose_model_folder
+
+        diagnose_model_folder(folder, X, y, draws=draws, seed=0, prior=prior)
 
 
 def _short(res: dict[str, Any]) -> str:
