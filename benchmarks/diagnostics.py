@@ -61,6 +61,38 @@ def large(draws: int) -> None:
               f"idata.nc {size:.1f} MiB; elpd_loo {loo.elpd_loo:.1f}; q {k}")
 
 
+def gradient_cost(net: MLP, X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, reps: int = 2000) -> None:
+    """One gradient of -log p(w, D), one thread, as NUTS takes it: autograd through the traced Pyro model
+    (what NUTS(model) does), autograd through the network's forward, and the potential used here."""
+    import pyro.poutine as poutine
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    prior = net.default_prior(torch.float64)
+    pot = D.LogJointPotential(net, X, y, prior)
+
+    def traced(z):
+        return -poutine.trace(poutine.condition(net.model, {"w": z})).get_trace(X, y, prior).log_prob_sum()
+
+    def plain(z):
+        return -(net.log_likelihood(z, X, y).sum() + prior.log_prob(z))
+
+    times = {}
+    for name, f in (("Pyro model trace + autograd", traced), ("forward + autograd", plain),
+                    ("LogJointPotential (hand-written MLP backward)", lambda z: pot({"w": z}))):
+        z = w.detach().clone().requires_grad_(True)
+        for _ in range(50):
+            torch.autograd.grad(f(z), z)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.autograd.grad(f(z), z)
+        times[name] = (time.perf_counter() - t0) / reps * 1e6
+    torch.set_num_threads(threads)
+    ours = times["LogJointPotential (hand-written MLP backward)"]
+    print(f"[gradient of -log p(w, D), p={net.num_params}, N={X.shape[0]}, 1 thread] "
+          + "; ".join(f"{k} {v:.0f} us ({v / ours:.2f}x)" for k, v in times.items()))
+
+
 def nuts(samples: int, warmup: int, chains: int, tree_depth: int, processes: int | None, activation: str,
          svi_steps: list[int]) -> None:
     ds = synthetic_classification(n_train=500, n_test=1000, n_features=10, n_classes=3, seed=0).to(torch.float64)
@@ -76,6 +108,7 @@ def nuts(samples: int, warmup: int, chains: int, tree_depth: int, processes: int
         print(f"[setup] SVI dense ({steps} steps) for {net!r}: {time.perf_counter() - t0:.1f} s, "
               f"ELBO {h.elbo_start:.1f} -> {h.elbo_end:.1f}")
     q_init = gaussians[f"SVI dense, {max(svi_steps)} steps"]
+    gradient_cost(net, ds.X, ds.y, q_init.mean)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # convergence is printed below

@@ -192,9 +192,12 @@ def idata_from_draws(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torc
     obs_dims = ["obs"] if yrep.dim() == 2 else ["obs", "obs_output"]
     if yrep.dim() == 3:
         coords["obs_output"] = np.arange(yrep.shape[-1])
-    stats = {"lp": lp.reshape(C, D).cpu().numpy(), "log_prior": log_prior.reshape(C, D).cpu().numpy()}
+    # densities in float64 whatever the draws' dtype: ArviZ's PSIS smoothing in float32 returns NaN for
+    # observations whose log-likelihood is 0.0 in every draw (seen on broad tempered posteriors)
+    stats = {"lp": lp.reshape(C, D).double().cpu().numpy(),
+             "log_prior": log_prior.reshape(C, D).double().cpu().numpy()}
     if log_q is not None:
-        stats["log_q"] = log_q.reshape(C, D).cpu().numpy()
+        stats["log_q"] = log_q.reshape(C, D).double().cpu().numpy()
     all_dims = dict(dims) | {"y": obs_dims}
     const = {"X": X.cpu().numpy()} if include_x else None
     if include_x:
@@ -213,7 +216,7 @@ def idata_from_draws(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torc
     idata = az.from_dict(
         posterior=post,
         posterior_predictive={"y": yrep.reshape(C, D, *yrep.shape[1:]).cpu().numpy()},
-        log_likelihood={"y": ll.reshape(C, D, N).cpu().numpy()},
+        log_likelihood={"y": ll.reshape(C, D, N).double().cpu().numpy()},
         sample_stats=stats,
         observed_data={"y": y.cpu().numpy()},
         constant_data=const,
@@ -409,7 +412,9 @@ def _khat(log_ratio: np.ndarray) -> KhatResult:
     spread = float(lw.max() - lw.min())
     if spread <= 1e-9 * max(1.0, float(np.abs(lw).max())):
         return KhatResult(float("-inf"), khat_reading(float("-inf")), n, float(n))
-    slw, k = az.psislw(lw - lw.max(), reff=1.0)
+    with np.errstate(over="ignore"), warnings.catch_warnings():  # k = inf for a hopeless q: reported as such
+        warnings.simplefilter("ignore", RuntimeWarning)
+        slw, k = az.psislw(lw - lw.max(), reff=1.0)
     w = np.exp(slw - slw.max())
     w /= w.sum()
     k = float(k)
@@ -485,6 +490,9 @@ def diagnose_idata(name: str, idata: az.InferenceData, net: BayesianNet | None =
                    Xte: torch.Tensor | None = None, yte: torch.Tensor | None = None) -> ModelDiagnosis:
     """LOO, WAIC and the q k-hat of one InferenceData (plus held-out metrics when ``net, Xte, yte``)."""
     msgs: list[str] = []
+    ll = idata.log_likelihood["y"]
+    if ll.dtype != np.float64:  # a file written in float32 before densities were kept in float64
+        idata.log_likelihood["y"] = ll.astype(np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same facts are reported below as table warnings
         loo = az.loo(idata, pointwise=True)
@@ -668,6 +676,7 @@ def diagnose_run(folder: str | os.PathLike, draws: int = 1000, seed: int = 0, ov
 
     rows: list[dict[str, Any]] = []
     kept: dict[str, Any] = {"models": {}, "relations": []}
+    teacher_groups: set[str] = set()
     for name, e in entries.items():
         if progress:
             print(f"  {name}", flush=True)
@@ -688,6 +697,7 @@ def diagnose_run(folder: str | os.PathLike, draws: int = 1000, seed: int = 0, ov
             continue
         tname, ops = found
         teacher = entries[tname]
+        teacher_groups.add(teacher["group"])
         target = restricted_prior(teacher["net"], ops, teacher["prior"].to(dtype=torch.float64)).to(dtype=ds.X.dtype)
         pid = to_inference_data(e["net"], e["prior"].to(dtype=ds.X.dtype), ds.X, ds.y, draws=draws, seed=seed,
                                 prior=target, source={"source": "conditioned teacher (student prior)",
@@ -709,7 +719,8 @@ def diagnose_run(folder: str | os.PathLike, draws: int = 1000, seed: int = 0, ov
         g["khat_q"].append(r["khat_q"])
         g["test_lpd"].append(r["test_lpd"])
         g["test_acc"].append(r["test_acc"])
-    out = {"folder": str(folder), "draws": draws, "seed": seed, "rows": rows, "groups": groups}
+    out = {"folder": str(folder), "draws": draws, "seed": seed, "rows": rows, "groups": groups,
+           "teachers": sorted(teacher_groups)}
     if keep_seed is not None:
         out["kept"] = kept
     return out
@@ -717,17 +728,29 @@ def diagnose_run(folder: str | os.PathLike, draws: int = 1000, seed: int = 0, ov
 
 def format_run_table(result: Mapping[str, Any]) -> str:
     """A Markdown table of :func:`diagnose_run`'s groups: mean +- sd over seeds (the q k-hat as median and
-    range, with its reading)."""
+    range, with its reading); teachers first, then each student's prior (the conditioned teacher) just
+    above the student."""
     def ms(v: Sequence[float | None], fmt: str) -> str:
         v = [x for x in v if x is not None]
         if not v:
             return "-"
         a = np.asarray(v, dtype=float)
-        return f"{a.mean():{fmt}} ± {a.std(ddof=1):{fmt}}" if a.size > 1 else f"{a[0]:{fmt}}"
+        fin = a[np.isfinite(a)]
+        if fin.size == 0:
+            return "n/a"
+        cell = f"{fin.mean():{fmt}} ± {fin.std(ddof=1):{fmt}}" if fin.size > 1 else f"{fin[0]:{fmt}}"
+        return cell if fin.size == a.size else f"{cell} ({fin.size} of {a.size} finite)"
 
+    groups = result["groups"]
+    teachers = [g for g in result.get("teachers", []) if g in groups]
+    order = list(teachers)
+    for g in sorted(n for n in groups if n not in teachers and not n.endswith(" prior")):
+        order += [n for n in (f"{g} prior", g) if n in groups]
+    order += [n for n in groups if n not in order]
     lines = ["| model | seeds | p | N | elpd_loo / N | p_loo | LOO k > 0.7 | q k-hat (median, range) | "
              "test lpd / N | test acc |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, g in result["groups"].items():
+    for name in order:
+        g = groups[name]
         k = np.asarray(g["khat_q"], dtype=float)
         kcell = f"{np.median(k):.2f} [{k.min():.2f}, {k.max():.2f}] {khat_reading(float(np.median(k))).split(' ')[0]}"
         lines.append(f"| {name} | {len(g['seeds'])} | {g['p'][0]} | {g['n_obs'][0]} | "

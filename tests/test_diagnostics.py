@@ -72,6 +72,16 @@ def test_groups_shapes_coords_attrs(small):
     torch.testing.assert_close(w, w2)
 
 
+def test_densities_are_float64_for_float32_draws(small):
+    """Pointwise log-likelihood, lp and log q are kept in float64 (PSIS in float32 gives NaN elpd for
+    observations predicted with probability 1 in every draw)."""
+    net, q, X, y = small
+    idata = D.to_inference_data(net, q.to(dtype=torch.float32), X.float(), y, draws=20)
+    assert idata.posterior["layer1.weight"].dtype == np.float32
+    assert idata.log_likelihood["y"].dtype == np.float64
+    assert idata.sample_stats["lp"].dtype == np.float64 and idata.sample_stats["log_q"].dtype == np.float64
+
+
 def test_log_likelihood_matches_pyro_model(small):
     net, q, X, y = small
     idata = D.to_inference_data(net, q, X, y, draws=25, seed=3)
@@ -141,6 +151,14 @@ def test_nuts_recovers_two_parameter_posterior():
     cmp = D.compare_to_reference(net, post, ref, X, y, draws=500)
     assert cmp["blocks"]["layer1.weight"]["mean_err_sd"] < 0.3
     assert abs(cmp["elpd_loo_diff"]) < 1.0
+    # NUTS preconditioned by a Gaussian (its covariance as the fixed mass matrix) samples the same posterior
+    pre = D.nuts_reference(net, X, y, num_chains=2, num_samples=300, warmup_steps=100, init=post, seed=1,
+                           max_tree_depth=5, processes=1, full_mass=True, mass_from_init=True, adapt_mass=False)
+    w = D.weights_from_idata(pre, net).reshape(-1, 2)
+    assert ((w.mean(0) - post.mean).abs() / sd).max() < 0.3
+    assert ((w.var(0) / post.variance) - 1).abs().max() < 0.3
+    with pytest.raises(ValueError, match="Gaussian init"):
+        D.nuts_reference(net, X, y, num_chains=1, mass_from_init=True, processes=1)
 
 
 def test_nuts_potential_is_the_model_density(small):
@@ -269,6 +287,7 @@ def test_diagnose_run_folder_over_seeds(tmp_path, capsys):
     assert main(["diagnose", str(run), "--draws", "40", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| small-f0.1 prior | 2 |" in text and "| teacher | 2 |" in text and " ± " in text
+    assert text.index("| teacher |") < text.index("| small-f0.1 prior |") < text.index("| small-f0.1 |")
     res = json.loads((out / "diagnose_run.json").read_text())
     assert set(res["groups"]) == {"teacher", "small-f0.1", "small-f0.1 prior"}
     n_obs = {r["model"]: r["n_obs"] for r in res["rows"]}

@@ -4,6 +4,7 @@ before and after removal, posterior predictive checks, and Pareto k-hat plots. S
 from __future__ import annotations
 
 import os
+import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from ..diagnostics import az, khat_from_idata  # noqa: E402
 __all__ = ["plot_forest_compare", "plot_correlation_before_after", "plot_ppc", "plot_khat", "correlation"]
 
 DPI = 90
+#: the PSIS-LOO Pareto k plot's ceiling (larger values are drawn at it and counted)
+K_CLIP = 3.0
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -71,7 +74,7 @@ def plot_correlation_before_after(covs: Mapping[str, torch.Tensor | np.ndarray],
         r = correlation(cov)
         im = ax.imshow(r, vmin=-1, vmax=1, cmap="RdBu_r", interpolation="nearest")
         off = r[~np.eye(len(r), dtype=bool)]
-        ax.set_title(f"{name}\nmean |corr| off-diag {np.abs(off).mean():.3f}", fontsize=8)
+        ax.set_title(f"{textwrap.fill(name, 30)}\nmean |corr| off-diag {np.abs(off).mean():.3f}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
     if labels:
@@ -94,7 +97,7 @@ def plot_ppc(idatas: Mapping[str, az.InferenceData], path: str | os.PathLike, ti
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 az.plot_ppc(idata, ax=axes[0][j], num_pp_samples=50, legend=j == 0, textsize=8)
-            axes[0][j].set_title(name, fontsize=8)
+            axes[0][j].set_title(textwrap.fill(name, 34), fontsize=8)
             continue
         yobs = idata.observed_data["y"].values
         yrep = idata.posterior_predictive["y"].values.reshape(-1, yobs.shape[0])
@@ -105,7 +108,7 @@ def plot_ppc(idatas: Mapping[str, az.InferenceData], path: str | os.PathLike, ti
         ax = axes[0][j]
         ax.bar(np.arange(K), obs_counts, color="0.8", label="observed")
         ax.errorbar(np.arange(K), mid, yerr=[mid - lo, hi - mid], fmt="o", ms=3, color="C0", label="replicated 90%")
-        ax.set_title(name, fontsize=8)
+        ax.set_title(textwrap.fill(name, 34), fontsize=8)
         ax.set_xlabel("class", fontsize=8)
         if j == 0:
             ax.set_ylabel("count", fontsize=8)
@@ -132,7 +135,11 @@ def plot_khat(idatas: Mapping[str, az.InferenceData], path: str | os.PathLike, t
             warnings.simplefilter("ignore")
             loo = az.loo(idata, pointwise=True)
         k = np.asarray(loo.pareto_k).reshape(-1)
-        ax.scatter(np.arange(k.size), k, s=4, c=np.where(k > 0.7, "C3", np.where(k > 0.5, "C1", "C0")))
+        kc = np.minimum(k, K_CLIP)  # a few huge k (broad posteriors) would flatten every other panel
+        ax.scatter(np.arange(k.size), kc, s=4, c=np.where(k > 0.7, "C3", np.where(k > 0.5, "C1", "C0")))
+        if (k > K_CLIP).any():
+            ax.text(0.02, 0.95, f"{(k > K_CLIP).sum()} points with k > {K_CLIP:g} drawn at {K_CLIP:g}",
+                    transform=ax.transAxes, fontsize=7, va="top")
         for h, c in ((0.5, "C1"), (0.7, "C3")):
             ax.axhline(h, color=c, lw=0.8, ls="--")
         try:
@@ -140,7 +147,7 @@ def plot_khat(idatas: Mapping[str, az.InferenceData], path: str | os.PathLike, t
             sub = f"q k-hat {kq.k:.2f} ({kq.reading.split(' ')[0]})"
         except ValueError:
             sub = "no q (MCMC draws)"
-        ax.set_title(f"{name}\nLOO k>0.7: {(k > 0.7).sum()}/{k.size}; {sub}", fontsize=8)
+        ax.set_title(f"{textwrap.fill(name, 34)}\nLOO k>0.7: {(k > 0.7).sum()}/{k.size}; {sub}", fontsize=8)
         ax.set_xlabel("observation", fontsize=8)
     axes[0][0].set_ylabel("PSIS-LOO Pareto k", fontsize=8)
     fig.suptitle(title or "Pareto k diagnostics", fontsize=9)
