@@ -5,9 +5,10 @@
    split (N=360; target < 30 s) and, for reference, on the training split (N=1,437).
 2. The NUTS reference for a small net (p <= 200): MLP [10, 8, 3] (p = 115) on a synthetic 3-class set
    (500 training rows), 4 chains x (1,000 warmup + 3,000 draws) in one worker process per core, started at
-   draws of the SVI dense Gaussian; R-hat, ESS (target < 5 minutes), and how far the Gaussians (MAP + GGN
-   Laplace, SVI after 300 and 10,000 steps) are from NUTS: per-block mean and variance error, elpd_loo,
-   predictive agreement, q k-hat.
+   draws of the SVI dense Gaussian; the cost of one gradient of the potential against tracing the Pyro model
+   and against autograd through the forward; R-hat, ESS (target < 5 minutes), and how far the Gaussians
+   (MAP + GGN Laplace, SVI after 300 and 10,000 steps) are from NUTS: per-block mean and variance error,
+   elpd_loo, predictive agreement, q k-hat. Run it with --activation relu (the default) and tanh.
 
     .venv/bin/python benchmarks/diagnostics.py [--skip-nuts] [--skip-large] \
         [--samples 3000 --warmup 1000 --processes 2 --activation relu]

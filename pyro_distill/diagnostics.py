@@ -63,6 +63,7 @@ __all__ = [
     "load_data_spec",
     "restricted_prior",
     "student_to_teacher_index",
+    "student_prior_idata",
     "surgery_of",
     "find_teacher",
     "diagnose_run",
@@ -163,7 +164,7 @@ def idata_from_draws(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torc
     if X.shape[0] == 0:
         raise ValueError("no observations: LOO, WAIC and the k-hat need at least one datum")
     dtype = w.dtype
-    X = X.to(dtype=dtype, device=w.device)
+    X = X.to(dtype=dtype if X.is_floating_point() else X.dtype, device=w.device)  # token ids stay integers
     y = y.to(device=w.device, dtype=dtype if y.is_floating_point() else y.dtype)
     prior = (prior if prior is not None else net.default_prior(dtype, w.device)).to(w.device, dtype)
     if prior.dim != net.num_params:
@@ -473,13 +474,13 @@ class ModelDiagnosis:
 def _test_metrics(idata_like: tuple[BayesianNet, torch.Tensor], Xte: torch.Tensor, yte: torch.Tensor) -> tuple:
     net, w = idata_like
     flat = w.reshape(-1, w.shape[-1])
-    Xte = Xte.to(flat.dtype)
+    Xte = Xte.to(flat.dtype) if Xte.is_floating_point() else Xte  # token ids stay integers
     chunk = _chunk_size(net, Xte.shape[0])
     with torch.no_grad():
         ll = torch.cat([net.log_likelihood(flat[a : a + chunk], Xte, yte) for a in range(0, flat.shape[0], chunk)])
         lpd = float((torch.logsumexp(ll, 0) - math.log(ll.shape[0])).mean())
         acc = None
-        if net.likelihood == "categorical":
+        if net.likelihood == "categorical" and yte.dim() == 1:  # one label per datum (not a token sequence)
             probs = sum(torch.softmax(net.forward(flat[a : a + chunk], Xte), -1).sum(0)
                         for a in range(0, flat.shape[0], chunk)) / flat.shape[0]
             acc = float((probs.argmax(-1) == yte).double().mean())
@@ -505,8 +506,9 @@ def diagnose_idata(name: str, idata: az.InferenceData, net: BayesianNet | None =
     pk = np.asarray(loo.pareto_k)
     lpd = acc = None
     if net is not None and Xte is not None and yte is not None:
-        lpd, acc = _test_metrics((net, weights_from_idata(idata, net).to(torch.float32 if Xte.dtype == torch.float32
-                                                                             else torch.float64)), Xte, yte)
+        w_dtype = idata.posterior[net.layout.names[0]].dtype  # the draws' own precision
+        lpd, acc = _test_metrics((net, weights_from_idata(idata, net).to(
+            torch.float32 if w_dtype == np.float32 else torch.float64)), Xte, yte)
     if kq.k > 0.7:
         msgs.append("q k-hat > 0.7: the Gaussian is far from this model's exact posterior")
     return ModelDiagnosis(
@@ -586,6 +588,18 @@ def restricted_prior(teacher: BayesianNet, ops: Sequence, prior: Gaussian | None
     g = prior.marginalize(student_to_teacher_index(ops, teacher))
     g.meta = {"source": "teacher prior restricted to the student's coordinates"}
     return g
+
+
+def student_prior_idata(student: BayesianNet, student_prior: Gaussian, teacher: BayesianNet,
+                        teacher_prior: Gaussian, ops: Sequence, X: torch.Tensor, y: torch.Tensor,
+                        draws: int = 1000, seed: int = 0, teacher_name: str = "") -> tuple[az.InferenceData, Gaussian]:
+    """The InferenceData of a student's prior (the conditioned teacher, before any training) on ``(X, y)``,
+    with ``lp`` under the teacher's prior restricted to the student's coordinates (its exact target, see
+    :func:`restricted_prior`); returns ``(idata, that target)`` in ``X``'s dtype."""
+    target = restricted_prior(teacher, ops, teacher_prior.to(dtype=torch.float64)).to(dtype=X.dtype)
+    idata = to_inference_data(student, student_prior.to(dtype=X.dtype), X, y, draws=draws, seed=seed, prior=target,
+                              source={"source": "conditioned teacher (student prior)", "teacher": teacher_name})
+    return idata, target
 
 
 def surgery_of(card: Mapping[str, Any], prior: Gaussian | None = None) -> list[dict] | None:
@@ -698,10 +712,8 @@ def diagnose_run(folder: str | os.PathLike, draws: int = 1000, seed: int = 0, ov
         tname, ops = found
         teacher = entries[tname]
         teacher_groups.add(teacher["group"])
-        target = restricted_prior(teacher["net"], ops, teacher["prior"].to(dtype=torch.float64)).to(dtype=ds.X.dtype)
-        pid = to_inference_data(e["net"], e["prior"].to(dtype=ds.X.dtype), ds.X, ds.y, draws=draws, seed=seed,
-                                prior=target, source={"source": "conditioned teacher (student prior)",
-                                                      "teacher": tname})
+        pid, target = student_prior_idata(e["net"], e["prior"], teacher["net"], teacher["prior"], ops, ds.X, ds.y,
+                                          draws=draws, seed=seed, teacher_name=tname)
         rows.append({"group": f"{e['group']} prior", "seed": e["seed"], "model": f"{name} prior"}
                     | diagnose_idata(f"{name} prior", pid, e["net"], ds.Xte, ds.yte).to_dict())
         if keep:

@@ -219,7 +219,7 @@ workers = 1
 tasks = ["digit_sum"]
 methods = ["vi_conditioned_prior", "vi_standard_prior", "teacher_init", "deterministic", "kd",
            "vi_conditioned_prior_tempered", "vi_marginal_prior", "deterministic_attention"]
-save_models = false
+idata_draws = 8
 [data]
 n_train = 40
 n_val = 10
@@ -252,7 +252,18 @@ samples = 2
         assert 0 <= r["exact_match"] <= 1 and 0 <= r["token_acc"] <= 1 and r["nll_tok"] > 0
     curves = (run_dir / "curves.csv").read_text().splitlines()
     assert any(",kd,0,0,val_nll_tok," in c for c in curves) and any(",kd,0,4,val_nll_tok," in c for c in curves)
+    # every saved Gaussian has its ArviZ InferenceData beside it (token ids as data, one log-lik per sequence)
+    from pyro_distill.diagnostics import load_idata
     from pyro_distill.experiments.rnn import make_figures
 
+    (models,) = (tmp_path / "models").iterdir()
+    saved = {p.name: p for p in models.iterdir()}
+    assert {"digit_sum-teacher-seed0", "digit_sum-vi_conditioned_prior-seed0",
+            "digit_sum-vi_standard_prior-seed0"} <= set(saved)
+    idata = load_idata(saved["digit_sum-vi_conditioned_prior-seed0"])
+    assert idata.log_likelihood["y"].shape == (1, 8, 40)
+    # lp under the prior each was fitted under: the conditioned teacher's, or the default one
+    assert idata.attrs["prior_path"] != "default prior"
+    assert load_idata(saved["digit_sum-vi_standard_prior-seed0"]).attrs["prior_path"] == "default prior"
     (png,) = make_figures(run_dir, tmp_path / "fig")
     assert png.name == f"{run_dir.parent.name}_curves.png" and png.stat().st_size > 1000

@@ -85,14 +85,11 @@ def run(args: argparse.Namespace) -> int:
         tname, ops = found
         relations.append((name, tname, ops))
         if e["has_prior"] and not args.no_prior_row:
-            target = D.restricted_prior(entries[tname]["net"], ops, entries[tname]["prior"].to(dtype=torch.float64))
             pname = f"{name} prior"
-            q = e["prior"].to(dtype=X.dtype)
-            models[pname] = (e["net"], q, target.to(dtype=X.dtype))
-            idatas[pname] = D.to_inference_data(e["net"], q, X, y, draws=args.draws, seed=args.seed,
-                                                prior=target.to(dtype=X.dtype),
-                                                source={"source": "conditioned teacher (student prior)",
-                                                        "teacher": tname})
+            idatas[pname], target = D.student_prior_idata(e["net"], e["prior"], entries[tname]["net"],
+                                                          entries[tname]["prior"], ops, X, y, draws=args.draws,
+                                                          seed=args.seed, teacher_name=tname)
+            models[pname] = (e["net"], e["prior"].to(dtype=X.dtype), target)
     # order: teachers first, then each student's prior, then the students
     order = [n for n in entries if n not in {r[0] for r in relations}]
     for s, _, _ in relations:

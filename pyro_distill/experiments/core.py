@@ -267,8 +267,12 @@ class SeedContext:
         self.curves.append({"setting": str(setting), "method": str(method), "seed": self.seed, "step": int(step),
                             "metric": str(metric), "value": float(value)})
 
-    def save_model(self, name: str, net: Any, gaussian: Any, card: dict[str, Any] | None = None) -> Path:
-        """Save a fitted Gaussian to ``models/<experiment>-<timestamp>/<name>-seed<k>/`` (never overwrites)."""
+    def save_model(self, name: str, net: Any, gaussian: Any, card: dict[str, Any] | None = None,
+                   data: tuple[Any, Any] | None = None, prior: Any = None, idata_draws: int = 0) -> Path:
+        """Save a fitted Gaussian to ``models/<experiment>-<timestamp>/<name>-seed<k>/`` (never overwrites),
+        with its ArviZ ``idata.nc`` when ``data = (X, y)`` (the data it was fitted to) and ``idata_draws > 0``:
+        ``lp`` under ``prior``, the prior it was fitted under (None: the net's default). Draw seed 0, as
+        ``pyro-distill diagnose`` uses by default, so that it reuses the file."""
         from ..store import save_model
 
         if not name or any(c in name for c in "/\\"):
@@ -277,6 +281,10 @@ class SeedContext:
         info = {"experiment": self.cfg.get("name"), "seed": self.seed, "run_dir": str(self.run_dir)} | dict(card or {})
         out = save_model(folder, net, gaussian, info)
         self.saved.append(str(out))
+        if data is not None and idata_draws > 0:
+            from ..diagnostics import diagnose_model_folder
+
+            diagnose_model_folder(out, data[0], data[1], draws=idata_draws, seed=0, prior=prior)
         return out
 
     def log(self, msg: str) -> None:

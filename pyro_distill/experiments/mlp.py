@@ -126,11 +126,11 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                 "n_train": ds.X.shape[0], "time_s": t_teacher, "elbo": th.elbo_end} | tres)
     ctx.log(f"teacher fitted in {t_teacher:.0f}s: {_short(tres)}")
     if "teacher" in cfg["save"]["methods"]:
-        folder = ctx.save_model("teacher", teacher, tq, {"data": {"name": cfg["data"]["name"],
-                                                                  "split_seed": cfg["data"]["split_seed"]},
-                                                         "data_description": ds.description, "role": "teacher",
-                                                         "seed": seed})
-        _save_idata(folder, ds.X, ds.y, cfg)
+        ctx.save_model("teacher", teacher, tq, {"data": {"name": cfg["data"]["name"],
+                                                         "split_seed": cfg["data"]["split_seed"]},
+                                                "data_description": ds.description, "role": "teacher",
+                                                "seed": seed},
+                       data=(ds.X, ds.y), idata_draws=cfg["save"]["idata_draws"])
     teacher_test = None if reg else metrics.predict(teacher, tq, Xte, num_samples=ec["samples"], seed=seed)
     tq64 = tq.to(dtype=torch.float64)
 
@@ -171,27 +171,17 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                         # `pyro-distill diagnose` can rebuild the data and add the student-prior row
                         spec = {"name": cfg["data"]["name"], "split_seed": cfg["data"]["split_seed"],
                                 "fraction": float(frac), "subsample_seed": seed}
-                        folder = ctx.save_model(
-                            f"{sname}-f{frac:g}-{label.replace('(', '-').replace(')', '')}", student, fitted,
-                            {"data": spec, "data_description": sub.description, "setting": setting,
-                             "method": label, "plan": ops.to_dict(), "tau": tau})
                         pr = None
                         if method == "teacher_prior":  # the other VI methods ran under the fan-in prior
                             pr = prior1.tempered(float(tau)) if tau not in (None, 1) else prior1
                             pr.layout = student.layout
+                        folder = ctx.save_model(
+                            f"{sname}-f{frac:g}-{label.replace('(', '-').replace(')', '')}", student, fitted,
+                            {"data": spec, "data_description": sub.description, "setting": setting,
+                             "method": label, "plan": ops.to_dict(), "tau": tau},
+                            data=(sub.X, sub.y), prior=pr, idata_draws=cfg["save"]["idata_draws"])
+                        if pr is not None:
                             pr.save(folder / "prior.pt")
-                        _save_idata(folder, sub.X, sub.y, cfg, prior=pr)
-
-
-def _save_idata(folder, X, y, cfg: dict[str, Any], prior=None) -> None:
-    """The saved model's ArviZ InferenceData beside it (``idata.nc``), on the data it was fitted to,
-    with ``lp`` under the prior it was fitted under (None: the fan-in prior). Draw seed 0, as
-    ``pyro-distill diagnose`` uses by default, so that it reuses the file."""
-    draws = int(cfg["save"]["idata_draws"])
-    if draws > 0:
-        from ..diagnostics import diagnose_model_folder
-
-        diagnose_model_folder(folder, X, y, draws=draws, seed=0, prior=prior)
 
 
 def _short(res: dict[str, Any]) -> str:

@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     "dtype": "float32",
     "save_models": True,
+    "idata_draws": 200,             # draws in each saved model's ArviZ idata.nc (0: none)
     "data": {"n_train": 4000, "n_val": 500, "n_test": 1000},
     "net": {"emb": 16, "hidden": 32, "attn": 16},
     "teacher": {"map_steps": 800, "steps": 400, "lr": 1e-3, "factor_lr": 1e-4, "map_lr": 1e-2, "num_particles": 1,
@@ -188,7 +189,8 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
                 "map_step_ms": 1e3 * hist.map_time_s / max(1, T["map_steps"]), "fit_s": t_teacher})
     ctx.log(f"{setting}: teacher {res} ({t_teacher:.0f} s, SVI step {1e3 * svi_step:.1f} ms)")
     if cfg["save_models"]:
-        ctx.save_model(f"{setting}-teacher", teacher, q_t, {"task": setting, "role": "teacher"})
+        ctx.save_model(f"{setting}-teacher", teacher, q_t, {"task": setting, "role": "teacher"},
+                       data=(X, y), idata_draws=cfg["idata_draws"])
 
     # ---- surgery: the conditioned prior and the copied weights
     op = RemoveAttention(cfg["variant"])
@@ -212,6 +214,7 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
         net = teacher if method == "deterministic_attention" else student
         cb = curve_cb(method, net)
         t0 = time.perf_counter()
+        pc = None  # the prior a VI student is fitted under (None: the default)
         if method in ("vi_conditioned_prior", "vi_conditioned_prior_tempered", "vi_marginal_prior"):
             pc = {"vi_conditioned_prior": prior_c,
                   "vi_conditioned_prior_tempered": prior_c.tempered(S["prior_temperature"]),
@@ -254,7 +257,8 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
         ctx.log(f"{setting}: {method} {res} start val NLL {v0:.3f} ({fit_s:.0f} s)")
         if cfg["save_models"] and isinstance(q, Gaussian):
             ctx.save_model(f"{setting}-{method}", net, q, {"task": setting, "role": method,
-                                                                 "surgery": op.to_dict()})
+                                                                 "surgery": op.to_dict()},
+                           data=(X, y), prior=pc, idata_draws=cfg["idata_draws"])
 
 
 register_kind("rnn_attention", DEFAULTS, run_seed)

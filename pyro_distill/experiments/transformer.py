@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "eval_samples": 100,
     "curve_points": 5,
     "save_models": False,
+    "idata_draws": 200,             # draws in each saved model's ArviZ idata.nc (0: none)
 }
 
 
@@ -156,7 +157,8 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     ctx.record({"setting": "teacher", "method": "vi"} | r | {"fit_s": hist.map_time_s + hist.svi_time_s})
     ctx.log(f"teacher {teacher!r}: acc {r['accuracy']:.3f} nll {r['nll']:.3f}")
     if cfg["save_models"]:
-        ctx.save_model("transformer-teacher", teacher, q_t, {"task": cfg["task"]})
+        ctx.save_model("transformer-teacher", teacher, q_t, {"task": cfg["task"]}, data=(X, y),
+                       idata_draws=cfg["idata_draws"])
     with torch.no_grad():
         tfeat = teacher.features(q_t.mean.to(X.dtype), X)
     tfeat["attn"] = [None if a is None else a.mean(-3) for a in tfeat["attn"]]
@@ -180,7 +182,8 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                                  callback=curve_cb(student, name, "vi_conditioned"), eval_every=every, **fit_kw)
             ev(student, q, name, "vi_conditioned", extra | {"kl_to_prior": float(q.kl(prior))})
             if cfg["save_models"]:
-                ctx.save_model(f"transformer-{name}", student, q, {"plan": plan.to_dict()})
+                ctx.save_model(f"transformer-{name}", student, q, {"plan": plan.to_dict()}, data=(X, y),
+                               prior=prior, idata_draws=cfg["idata_draws"])
         if "vi_standard" in methods:
             q, _ = standard_prior(student, X, y, steps=sc["steps"], lr=sc["lr"], map_steps=sc["map_steps"],
                                   map_lr=sc["map_lr"], seed=seed, callback=curve_cb(student, name, "vi_standard"),
