@@ -95,7 +95,7 @@ def gradient_cost(net: MLP, X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, r
 
 
 def nuts(samples: int, warmup: int, chains: int, tree_depth: int, processes: int | None, activation: str,
-         svi_steps: list[int]) -> None:
+         svi_steps: list[int], target_accept: float = 0.8) -> None:
     ds = synthetic_classification(n_train=500, n_test=1000, n_features=10, n_classes=3, seed=0).to(torch.float64)
     net = MLP([10, 8, 3], activation=activation)
     gaussians = {}
@@ -114,14 +114,15 @@ def nuts(samples: int, warmup: int, chains: int, tree_depth: int, processes: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # convergence is printed below
         ref = D.nuts_reference(net, ds.X, ds.y, num_chains=chains, num_samples=samples, warmup_steps=warmup,
-                               init=q_init, seed=0, max_tree_depth=tree_depth, processes=processes)
+                               init=q_init, seed=0, max_tree_depth=tree_depth, processes=processes,
+                               target_accept_prob=target_accept)
     t_nuts = time.perf_counter() - t0
     summ = D.reference_summary(ref)
     rhat = D.az.rhat(ref)
     share = float(sum(int((rhat[v] < 1.01).sum()) for v in rhat.data_vars)) / net.num_params
     at = ref.attrs
     print(f"[NUTS p={net.num_params}, N={ds.X.shape[0]}, {chains} chains x ({warmup} warmup + {samples} draws), "
-          f"max tree depth {tree_depth}, {at['processes']} processes, started at draws of the longest SVI fit] "
+          f"max tree depth {tree_depth}, target acceptance {target_accept}, {at['processes']} processes, started at draws of the longest SVI fit] "
           f"{t_nuts:.1f} s wall (target < 300 s: {'PASS' if t_nuts < 300 else 'FAIL'}); "
           f"max R-hat {at['rhat_max']:.3f}, {share:.0%} of coordinates < 1.01; min bulk ESS {at['ess_bulk_min']:.0f}; "
           f"leapfrog steps per iteration {at['leapfrog_per_iter_per_chain']}; step sizes {at['step_size_per_chain']}; "
@@ -177,6 +178,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1000)
     ap.add_argument("--chains", type=int, default=4)
     ap.add_argument("--tree-depth", type=int, default=8)
+    ap.add_argument("--target-accept", type=float, default=0.8, help="NUTS target acceptance probability")
     ap.add_argument("--processes", type=int, default=None, help="NUTS worker processes (default: one per core)")
     ap.add_argument("--activation", default="relu", help="activation of the NUTS net (relu, tanh, ...)")
     ap.add_argument("--svi-steps", type=int, nargs="+", default=[300, 10000],
@@ -196,7 +198,7 @@ def main() -> None:
     if not a.skip_large:
         large(a.draws)
     if not a.skip_nuts:
-        nuts(a.samples, a.warmup, a.chains, a.tree_depth, a.processes, a.activation, a.svi_steps)
+        nuts(a.samples, a.warmup, a.chains, a.tree_depth, a.processes, a.activation, a.svi_steps, a.target_accept)
 
 
 if __name__ == "__main__":
