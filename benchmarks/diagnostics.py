@@ -122,7 +122,8 @@ def nuts(samples: int, warmup: int, chains: int, tree_depth: int, processes: int
     share = float(sum(int((rhat[v] < 1.01).sum()) for v in rhat.data_vars)) / net.num_params
     at = ref.attrs
     print(f"[NUTS p={net.num_params}, N={ds.X.shape[0]}, {chains} chains x ({warmup} warmup + {samples} draws), "
-          f"max tree depth {tree_depth}, target acceptance {target_accept}, {at['processes']} processes, started at draws of the longest SVI fit] "
+          f"max tree depth {tree_depth}, target acceptance {target_accept}, {at['processes']} processes, "
+          "started at draws of the longest SVI fit] "
           f"{t_nuts:.1f} s wall (target < 300 s: {'PASS' if t_nuts < 300 else 'FAIL'}); "
           f"max R-hat {at['rhat_max']:.3f}, {share:.0%} of coordinates < 1.01; min bulk ESS {at['ess_bulk_min']:.0f}; "
           f"leapfrog steps per iteration {at['leapfrog_per_iter_per_chain']}; step sizes {at['step_size_per_chain']}; "
