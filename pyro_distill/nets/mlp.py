@@ -132,15 +132,8 @@ class MLP(BayesianNet):
         if self.activation not in _DERIVATIVES:
             return super().log_likelihood_and_grad(w, x, y, noise_scale)
         L = self.num_layers
-        Ws, bs = [], []
-        off = 0
-        for t in range(1, L + 1):  # views into w, without the Layout's per-block bookkeeping
-            n, m = self.sizes[t], self.sizes[t - 1]
-            Ws.append(w[off : off + n * m].view(n, m))
-            off += n * m
-            if self.bias:
-                bs.append(w[off : off + n])
-                off += n
+        views = [w[b.offset : b.stop].view(b.shape) for b in self.layout]  # the Layout's offsets, no checks
+        Ws, bs = (views[0::2], views[1::2]) if self.bias else (views, [])
         hs, pre = [x], []
         h = x
         for t in range(L):
