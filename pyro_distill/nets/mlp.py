@@ -23,15 +23,15 @@ ACTIVATIONS = {
 }
 #: activations with sigma(sigma(x)) = sigma(x): a layer with U = I, b = 0 between them is a no-op
 IDEMPOTENT = ("relu", "identity")
-#: sigma'(a) from the pre-activation a and h = sigma(a), for the hand-written backward of
-#: :meth:`MLP.log_likelihood_and_grad` (None: the identity, sigma' = 1)
-_DERIVATIVES = {
-    "relu": lambda a, h: (a > 0).to(a.dtype),
-    "identity": None,
-    "tanh": lambda a, h: 1 - h * h,
-    "sigmoid": lambda a, h: h * (1 - h),
+#: the chain rule through each activation, ``(d ll/d h, pre-activation a, h = sigma(a)) -> d ll/d a``, for the
+#: hand-written backward of :meth:`MLP.log_likelihood_and_grad`
+_BACKWARD = {
+    "relu": lambda d, a, h: torch.ops.aten.threshold_backward(d, a, 0),  # one kernel: d where a > 0, else 0
+    "identity": lambda d, a, h: d,
+    "tanh": lambda d, a, h: d * (1 - h * h),
+    "sigmoid": lambda d, a, h: d * h * (1 - h),
 }
-ANALYTIC_GRAD_ACTIVATIONS = tuple(_DERIVATIVES)
+ANALYTIC_GRAD_ACTIVATIONS = tuple(_BACKWARD)
 
 
 @register_net
@@ -123,14 +123,16 @@ class MLP(BayesianNet):
         hand-written backward pass (one matmul per layer and direction, no autograd graph).
 
         For samplers that need many thousands of gradients of a small net (NUTS), where the cost is
-        per-operation overhead, not FLOPs: on an MLP [10, 8, 3] with N = 500 it takes about a third of
-        the time of autograd through :meth:`forward`. Activations: :data:`ANALYTIC_GRAD_ACTIVATIONS`;
-        others fall back to autograd.
+        per-operation overhead, not FLOPs: on an MLP [10, 8, 3] with N = 500 it takes about half the time
+        of autograd through :meth:`forward` and a third of autograd through the traced Pyro model
+        (``benchmarks/diagnostics.py``). Activations: :data:`ANALYTIC_GRAD_ACTIVATIONS`; others fall back
+        to autograd.
         """
         if w.dim() != 1 or w.shape[0] != self.num_params:
             raise ValueError(f"w must be one weight vector [p={self.num_params}], got {tuple(w.shape)}")
-        if self.activation not in _DERIVATIVES:
+        if self.activation not in _BACKWARD:
             return super().log_likelihood_and_grad(w, x, y, noise_scale)
+        act_backward = _BACKWARD[self.activation]
         L = self.num_layers
         views = [w[b.offset : b.stop].view(b.shape) for b in self.layout]  # the Layout's offsets, no checks
         Ws, bs = (views[0::2], views[1::2]) if self.bias else (views, [])
@@ -163,9 +165,5 @@ class MLP(BayesianNet):
                 grads.append(d.sum(0))
             grads.append((d.T @ hs[t]).view(-1))
             if t > 0:
-                d = d @ Ws[t]
-                if self.activation == "relu":
-                    d = torch.ops.aten.threshold_backward(d, pre[t - 1], 0)
-                elif self.activation != "identity":
-                    d = d * _DERIVATIVES[self.activation](pre[t - 1], hs[t])
+                d = act_backward(d @ Ws[t], pre[t - 1], hs[t])
         return ll, torch.cat(grads[::-1])
