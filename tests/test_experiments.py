@@ -201,6 +201,7 @@ def test_idx_loader_on_tiny_files(tmp_path, monkeypatch):
 
 def test_idx_missing_files_message(tmp_path, monkeypatch):
     monkeypatch.delenv("PYRO_DISTILL_DATA", raising=False)
+    monkeypatch.setattr("pyro_distill.data.idx.SYSTEM_DIRS", ())  # the Debian package may be installed here
     with pytest.raises(FileNotFoundError) as e:
         fashion_mnist(tmp_path)
     msg = str(e.value)
