@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .arrays import as_data, as_tensor
 from .gaussian import DiagGaussian, Gaussian
 from .inference import DivergenceError, FitHistory, fit_map, fit_posterior
 from .nets.base import BayesianNet
@@ -56,6 +57,7 @@ def standard_prior(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, guide: st
                    map_steps: int = 100, prior_scale: float | None = None, seed: int = 0,
                    **fit_kwargs: Any) -> tuple[Gaussian, FitHistory]:
     """Baseline 1: VI under ``N(0, s^2 I)`` from a random start (fan-in ``s`` unless ``prior_scale``)."""
+    X, y = as_data(X, y)
     prior = _std_prior(net, X, prior_scale)
     return fit_posterior(net, X, y, guide=guide, prior=prior, steps=steps, map_steps=map_steps, init="map",
                          seed=seed, **fit_kwargs)
@@ -66,7 +68,8 @@ def standard_prior_conditioned_init(net: BayesianNet, X: torch.Tensor, y: torch.
                                     prior_scale: float | None = None, seed: int = 0,
                                     **fit_kwargs: Any) -> tuple[Gaussian, FitHistory]:
     """Baseline 2: VI under the standard prior, started at ``start`` (the teacher-derived prior's mean)."""
-    start = torch.as_tensor(start)
+    X, y = as_data(X, y)
+    start = as_tensor(start, "start")
     if start.shape != (net.num_params,):
         raise ValueError(f"start has shape {tuple(start.shape)}, the student needs [{net.num_params}]")
     prior = _std_prior(net, X, prior_scale)
@@ -79,6 +82,7 @@ def deterministic(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, steps: int
                   batch_size: int | None = None, callback: Callable[[int, torch.Tensor], Any] | None = None,
                   eval_every: int = 0) -> tuple[torch.Tensor, FitHistory]:
     """Baseline 3: MAP weights by Adam on ``-log p(y | X, w) - log p(w)`` (cross-entropy + weight decay)."""
+    X, y = as_data(X, y)
     return fit_map(net, X, y, prior=_std_prior(net, X, prior_scale), init=init, steps=steps, lr=lr,
                    batch_size=batch_size, seed=seed, callback=callback, eval_every=eval_every)
 
@@ -116,6 +120,8 @@ def knowledge_distillation(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, t
     """Baseline 4: a point student trained by Adam on :func:`kd_loss` plus the same ``-log p(w) / N``
     regularizer as :func:`deterministic`. ``teacher_probs`` ``[N, C]``: the teacher's posterior predictive
     on the rows of ``X``. Returns the weights ``[p]`` and a history (``map_loss`` = the loss per step)."""
+    X, y = as_data(X, y)
+    teacher_probs = as_tensor(teacher_probs, "teacher_probs")
     net.check_data(X, y)
     if teacher_probs.shape != (X.shape[0], net.num_outputs):
         raise ValueError(f"teacher_probs must be [N={X.shape[0]}, C={net.num_outputs}] (the teacher's predictive "
@@ -135,11 +141,11 @@ def knowledge_distillation(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, t
         opt.zero_grad(set_to_none=True)
         loss = kd_loss(net.forward(w, xb), tb, yb, gamma, temperature) - prior.log_prob(w) / N
         if not bool(torch.isfinite(loss)):
-            raise DivergenceError(f"KD diverged at step {step} (loss {float(loss)}); lower lr (now {lr})", step,
+            raise DivergenceError(f"KD diverged at step {step} (loss {loss.item()}); lower lr (now {lr})", step,
                                   w.detach().clone(), hist)
         loss.backward()
         opt.step()
-        hist.map_loss.append(float(loss))
+        hist.map_loss.append(loss.item())
         if callback is not None and eval_every and (step + 1) % eval_every == 0:
             for k, v in (callback(step + 1, w.detach()) or {}).items():
                 hist.log(k, step + 1, v)
@@ -177,6 +183,7 @@ def prune_finetune(teacher_net: BayesianNet, teacher_weights: torch.Tensor, stud
                    callback: Callable[[int, torch.Tensor], Any] | None = None,
                    eval_every: int = 0) -> tuple[torch.Tensor, FitHistory]:
     """Baseline 5: :func:`prune_weights`, then fine-tuning by the same MAP objective as :func:`deterministic`."""
+    X, y = as_data(X, y)
     w0, ops = prune_weights(teacher_net, teacher_weights, student_net, seed=seed)
     w, hist = deterministic(student_net, X, y, steps=steps, lr=lr, prior_scale=prior_scale, seed=seed,
                             init=w0.to(X), batch_size=batch_size, callback=callback, eval_every=eval_every)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .arrays import as_data
 from .gaussian import Gaussian
 from .inference import FitHistory, fit_posterior
 from .nets.base import BayesianNet
@@ -74,6 +75,7 @@ def distill(teacher_net: BayesianNet, teacher_posterior: Gaussian, student_net: 
     tempers the prior, ``guide`` is the student's posterior structure; ``steps``/``map_steps`` and any
     other keyword (``lr``, ``num_particles``, ``callback``, ``eval_every``, ...) go to ``fit_posterior``.
     """
+    X, y = as_data(X, y)
     net, prior, ops = student_prior(teacher_net, teacher_posterior, student_net, selector=selector, tau=tau,
                                     seed=seed, ops=ops)
     dtype = X.dtype if X.is_floating_point() else prior.dtype

@@ -12,7 +12,10 @@ step (``factor_lr``) on top of the Laplace start, and the ELBO at start and end 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -24,6 +27,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule, PyroParam
 
+from .arrays import as_data
 from .gaussian import DenseGaussian, DiagGaussian, Gaussian, LowRankGaussian, cholesky_jitter
 from .nets.base import BayesianNet
 
@@ -39,6 +43,7 @@ __all__ = [
 ]
 
 GUIDES = ("mvn", "lowrank", "diag")
+log = logging.getLogger(__name__)
 
 
 class DivergenceError(RuntimeError):
@@ -193,13 +198,16 @@ def _log_joint(net, w, prior, X, y, idx=None, noise_scale=None):
 
 def fit_map(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian | None = None,
             init: torch.Tensor | None = None, steps: int = 1000, lr: float = 1e-2, batch_size: int | None = None,
-            seed: int | None = 0, history: FitHistory | None = None, progress: bool = False,
+            seed: int | None = 0, history: FitHistory | None = None, progress: bool | None = None,
             callback: Callable[[int, torch.Tensor], dict[str, float] | None] | None = None,
             eval_every: int = 0, fit_noise: bool = False) -> tuple[torch.Tensor, FitHistory]:
     """Maximize ``log p(y | X, w) + log p(w)`` by Adam (full batch unless ``batch_size``).
 
     Returns the MAP weights ``[p]`` and the history (``map_loss`` = negative log joint per datum).
+    ``progress``: a tqdm bar (``None``: only when stderr is a terminal and ``$CI`` is unset).
     """
+    X, y = as_data(X, y)
+    progress = _auto_progress(progress)
     _seed(seed)
     history = history or FitHistory()
     # token inputs (long) carry no float dtype: the weights then follow the prior (or float32)
@@ -236,6 +244,9 @@ def fit_map(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian 
         if progress and step % 50 == 0:
             it.set_postfix(loss=f"{float(loss.detach()):.4f}")
     history.map_time_s += time.perf_counter() - t0
+    if history.map_loss:
+        log.info("MAP: %d steps in %.1fs, loss %.4g -> %.4g", steps, history.map_time_s, history.map_loss[0],
+                 history.map_loss[-1])
     if log_noise is not None:
         history.info["noise_scale"] = float(log_noise.exp())
     return w.detach(), history
@@ -306,8 +317,15 @@ def laplace(net: BayesianNet, X: torch.Tensor, w_map: torch.Tensor, prior: Gauss
 
 
 # ============================================================================ SVI
-def _progress(it, enabled: bool, desc: str):
-    if not enabled:
+def _auto_progress(progress: bool | None) -> bool:
+    """``None`` means auto: a bar when stderr is a terminal, none in CI (``$CI`` set) or when piped."""
+    if progress is not None:
+        return bool(progress)
+    return bool(getattr(sys.stderr, "isatty", lambda: False)()) and not os.environ.get("CI")
+
+
+def _progress(it, enabled: bool | None, desc: str):
+    if not _auto_progress(enabled):
         return _Quiet(it)
     from tqdm.auto import tqdm
 
@@ -357,7 +375,7 @@ def fit_posterior(
     seed: int | None = 0,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     callback: Callable[[int, Gaussian], dict[str, float] | None] | None = None,
     eval_every: int = 0,
     elbo_eval_particles: int = 64,
@@ -377,6 +395,8 @@ def fit_posterior(
     parameters before the failing step, or, if an earlier step already left non-finite parameters, the
     snapshot taken every ``snapshot_every`` steps). ``callback(step, q)`` receives a copy of q.
     """
+    X, y = as_data(X, y)
+    progress = _auto_progress(progress)
     _check_inputs(net, X, y, guide, prior)
     device = torch.device(device) if device is not None else X.device
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -423,6 +443,8 @@ def fit_posterior(
         else:
             raise ValueError(f"unknown cov_init {cov_init!r}; use 'laplace' or 'prior'")
         history.laplace_time_s = time.perf_counter() - t0
+        log.info("%s start (%s): %.1fs", "Laplace" if cov_init == "laplace" else "shrunk-prior", kind,
+                 history.laplace_time_s)
     start.layout = net.layout
 
     # ---- phase 3: SVI
@@ -493,6 +515,8 @@ def fit_posterior(
     post.layout = net.layout
     post.meta = {"source": "svi", "guide": guide, "steps": steps}
     history.elbo_end = full_elbo(post)
+    log.info("SVI[%s]: %d steps in %.1fs, ELBO %.1f -> %.1f", guide, steps, history.svi_time_s,
+             history.elbo_start, history.elbo_end)
     if history.elbo_end < history.elbo_start - 0.05 * abs(history.elbo_start) and steps > 0:
         warnings.warn(f"SVI ended with a lower ELBO ({history.elbo_end:.1f}) than its start "
                       f"({history.elbo_start:.1f}); the step sizes may be too large", RuntimeWarning, stacklevel=2)

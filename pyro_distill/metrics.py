@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .arrays import as_data, as_tensor
 from .gaussian import Gaussian
 from .nets.base import BayesianNet
 
@@ -125,6 +126,7 @@ def predict(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, num_s
             seed: int = 0, chunk: int = 50) -> torch.Tensor:
     """Predictive quantities: class probabilities ``[N, C]`` (classification) or output draws ``[S, N]``
     (regression). ``q`` is a Gaussian (draws; a point mass uses its mean) or one weight vector ``[p]``."""
+    X = as_tensor(X, "X")
     if isinstance(q, Gaussian):
         if q.dim != net.num_params:
             raise ValueError(f"the Gaussian has {q.dim} coordinates but the network has p={net.num_params}")
@@ -156,6 +158,9 @@ def evaluate(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, y: t
     Classification: ``accuracy, nll, ece, brier, params`` (+ ``agreement`` with ``teacher_probs``).
     Regression: ``rmse, nll, params`` with noise ``noise_scale`` (default: the network's).
     """
+    X, y = as_data(X, y)
+    if teacher_probs is not None:
+        teacher_probs = as_tensor(teacher_probs, "teacher_probs")
     net.check_data(X, y)
     out = predict(net, q, X, num_samples=num_samples, seed=seed)
     if net.likelihood == "categorical":
