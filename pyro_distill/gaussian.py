@@ -1,4 +1,4 @@
-"""Gaussians over a flat parameter vector in three structures with one interface.
+"""Gaussians over a flat parameter vector in several structures with one interface.
 
 * :class:`DenseGaussian` ``N(m, L L^T)``                     exact, O(p^2) memory;
 * :class:`LowRankGaussian` ``N(m, W W^T + diag(d))``         O(p k) memory;
@@ -9,6 +9,14 @@ Gaussian over the complement ``K`` (mean ``m_K + S_KI S_II^{-1}(v - m_I)``, cova
 ``S_KK - S_KI S_II^{-1} S_IK``, by Cholesky solves; Woodbury for low-rank), and ``marginalize(K)``.
 Both keep the structure. ``kl`` is closed form between any two structures and differentiable, so it
 is also the KL term of the ELBO. Nothing here knows about networks or data.
+
+Every structure is a :class:`torch.distributions.Distribution` with ``batch_shape == ()`` and
+``event_shape == (p,)``: ``sample(sample_shape)`` / ``rsample`` give ``[*sample_shape, p]`` (an int ``n`` means
+``(n,)``; the ``generator=`` keyword is ours), ``mean``, ``variance``, ``stddev``, ``covariance_matrix`` and
+``precision_matrix`` (dense, only when asked), ``entropy``, ``log_prob``, and
+``torch.distributions.kl_divergence`` works between any two of them and against torch/Pyro
+``MultivariateNormal``, ``LowRankMultivariateNormal`` and ``Independent(Normal, 1)``.
+:meth:`Gaussian.from_distribution` / :func:`as_gaussian` turn those torch/Pyro distributions into ours.
 """
 
 from __future__ import annotations
@@ -23,6 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributions import (
+    Distribution,
+    Independent,
+    LowRankMultivariateNormal,
+    MultivariateNormal,
+    Normal,
+    constraints,
+)
+from torch.distributions.kl import register_kl
 
 from .layout import Layout
 
@@ -32,6 +49,7 @@ __all__ = [
     "LowRankGaussian",
     "DiagGaussian",
     "NotPositiveDefiniteError",
+    "as_gaussian",
     "load",
     "cholesky_jitter",
     "FORMAT_VERSION",
@@ -175,12 +193,36 @@ def _not_pd_message(what: str, n: int) -> str:
     )
 
 
-class Gaussian(ABC):
-    """A Gaussian over a flat vector, with an optional :class:`Layout` naming its coordinates."""
+_EMPTY_SHAPE = torch.Size()
+
+
+def _as_sample_shape(sample_shape: int | Sequence[int] | torch.Size) -> torch.Size:
+    """torch's ``sample_shape`` convention, plus the library's older ``n`` (an int means ``(n,)``)."""
+    if isinstance(sample_shape, torch.Size):
+        return sample_shape
+    if isinstance(sample_shape, int) or (isinstance(sample_shape, torch.Tensor) and sample_shape.dim() == 0):
+        n = int(sample_shape)
+        if n < 0:
+            raise ValueError(f"number of draws must be >= 0, got {n}")
+        return torch.Size([n])
+    return torch.Size(int(k) for k in sample_shape)
+
+
+class Gaussian(Distribution, ABC):
+    """A Gaussian over a flat vector, with an optional :class:`Layout` naming its coordinates.
+
+    A :class:`torch.distributions.Distribution` with ``batch_shape == ()`` and ``event_shape == (p,)``.
+    """
 
     kind: str = ""
+    arg_constraints: dict[str, constraints.Constraint] = {"loc": constraints.real_vector}
+    support = constraints.real_vector
+    has_rsample = True
 
-    def __init__(self, loc: torch.Tensor, layout: Layout | None = None, meta: dict | None = None):
+    def __init__(self, loc: torch.Tensor, layout: Layout | None = None, meta: dict | None = None,
+                 validate_args: bool = False):
+        if not isinstance(loc, torch.Tensor):
+            raise TypeError(f"loc must be a torch.Tensor, got {type(loc).__name__}; wrap it with torch.as_tensor")
         if loc.dim() != 1:
             raise ValueError(f"loc must be a vector [p], got shape {tuple(loc.shape)}")
         self.loc = loc
@@ -191,6 +233,11 @@ class Gaussian(ABC):
             )
         self.layout = layout
         self.meta: dict[str, Any] = dict(meta or {})
+        # The structures check their own parameters (finite, positive scales) with errors that name the fix;
+        # torch's argument validation stays off by default (validate_args=True adds its support check of
+        # log_prob's argument).
+        Distribution.__init__(self, torch.Size(), torch.Size([loc.shape[-1]]), validate_args=False)
+        self._validate_args = bool(validate_args)
 
     # ----------------------------------------------------------------- basics
     @property
@@ -199,6 +246,10 @@ class Gaussian(ABC):
 
     @property
     def mean(self) -> torch.Tensor:
+        return self.loc
+
+    @property
+    def mode(self) -> torch.Tensor:
         return self.loc
 
     @property
@@ -212,6 +263,20 @@ class Gaussian(ABC):
     @property
     @abstractmethod
     def variance(self) -> torch.Tensor: ...
+
+    @property
+    def stddev(self) -> torch.Tensor:
+        return self.variance.sqrt()
+
+    @property
+    def covariance_matrix(self) -> torch.Tensor:
+        """Dense ``p x p`` covariance (computed on each access: O(p^2) memory)."""
+        return self.covariance()
+
+    @property
+    def precision_matrix(self) -> torch.Tensor:
+        """Dense ``p x p`` precision (computed on each access: O(p^2) memory)."""
+        return self.precision()
 
     @abstractmethod
     def covariance(self) -> torch.Tensor:
@@ -240,15 +305,65 @@ class Gaussian(ABC):
     def _tensors(self) -> dict[str, torch.Tensor]: ...
 
     @abstractmethod
-    def rsample(self, n: int = 1, generator: torch.Generator | None = None) -> torch.Tensor: ...
+    def _draw(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """``n`` reparameterized draws ``[n, p]``."""
 
-    def sample(self, n: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` draws, shape ``[n, p]``."""
+    def rsample(self, sample_shape: int | Sequence[int] | torch.Size = _EMPTY_SHAPE,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterized draws ``[*sample_shape, p]`` (an int ``n`` means ``(n,)``)."""
+        shape = _as_sample_shape(sample_shape)
+        return self._draw(math.prod(shape), generator).reshape(*shape, self.dim)
+
+    def sample(self, sample_shape: int | Sequence[int] | torch.Size = _EMPTY_SHAPE,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draws ``[*sample_shape, p]`` without gradient (an int ``n`` means ``(n,)``)."""
         with torch.no_grad():
-            return self.rsample(n, generator)
+            return self.rsample(sample_shape, generator)
 
     def _eps(self, *shape: int, generator: torch.Generator | None) -> torch.Tensor:
         return torch.randn(*shape, dtype=self.dtype, device=self.device, generator=generator)
+
+    def expand(self, batch_shape: Sequence[int] | torch.Size, _instance: Any = None) -> Gaussian:
+        """Only the trivial expansion (``batch_shape == ()``) is supported: these are single Gaussians."""
+        if tuple(batch_shape) == ():
+            return self
+        raise NotImplementedError(
+            f"{type(self).__name__} has batch_shape () only; for a batch of draws use sample(sample_shape), "
+            "or to_pyro().expand(batch_shape) for a Pyro site"
+        )
+
+    @classmethod
+    def from_distribution(cls, d: Any, layout: Layout | None = None) -> Gaussian:
+        """The library's structure for a torch/Pyro Gaussian over a vector (``batch_shape == ()``).
+
+        ``MultivariateNormal`` -> :class:`DenseGaussian`, ``LowRankMultivariateNormal`` -> :class:`LowRankGaussian`,
+        ``Independent(Normal, 1)`` (Pyro: ``Normal(loc, scale).to_event(1)``) -> :class:`DiagGaussian`; one of
+        our Gaussians is returned as is (``layout`` is attached when it has none).
+        """
+        if isinstance(d, Gaussian):
+            return _with_layout(d, layout)
+        if not isinstance(d, Distribution):
+            raise TypeError(
+                f"expected a Gaussian or a torch/Pyro distribution, got {type(d).__name__}; pass a "
+                "pyro_distill Gaussian, MultivariateNormal, LowRankMultivariateNormal or Normal(loc, scale).to_event(1)"
+            )
+        if tuple(d.batch_shape) != () or len(d.event_shape) != 1:
+            raise ValueError(
+                f"{type(d).__name__} with batch_shape {tuple(d.batch_shape)} and event_shape {tuple(d.event_shape)}: "
+                "a Gaussian over one flat vector needs batch_shape () and event_shape (p,) "
+                "(use .to_event(1) on a Normal over p coordinates)"
+            )
+        if isinstance(d, MultivariateNormal):
+            return DenseGaussian(d.loc, d.scale_tril, layout=layout)
+        if isinstance(d, LowRankMultivariateNormal):
+            return LowRankGaussian(d.loc, d.cov_factor, d.cov_diag, layout=layout)
+        if isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1 and isinstance(d.base_dist, Normal):
+            loc, scale = torch.broadcast_tensors(d.base_dist.loc, d.base_dist.scale)
+            return DiagGaussian(loc.contiguous(), scale.contiguous(), layout=layout)
+        raise TypeError(
+            f"cannot convert {type(d).__name__} to a Gaussian structure; supported: MultivariateNormal, "
+            "LowRankMultivariateNormal, Independent(Normal, 1) (Pyro: Normal(loc, scale).to_event(1))"
+        )
 
     # ----------------------------------------------------------------- densities
     def mahalanobis(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,20 +374,39 @@ class Gaussian(ABC):
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log density at ``x`` of shape ``[..., p]``."""
+        if self._validate_args:
+            self._validate_sample(x)
         return -0.5 * (self.dim * math.log(2 * math.pi) + self.logdet() + self.mahalanobis(x))
 
     def entropy(self) -> torch.Tensor:
         return 0.5 * (self.dim * (1 + math.log(2 * math.pi)) + self.logdet())
 
-    def kl(self, other: Gaussian) -> torch.Tensor:
-        """Closed-form ``KL(self || other)`` for any pair of structures (differentiable)."""
+    def kl(self, other: Gaussian | Distribution) -> torch.Tensor:
+        """Closed-form ``KL(self || other)`` for any pair of structures (differentiable).
+
+        ``KL = 1/2 [tr(S_o^{-1} S) + (m_o - m)^T S_o^{-1} (m_o - m) - p + log|S_o| - log|S|]``; ``other`` may also be
+        a torch/Pyro Gaussian (converted by :func:`as_gaussian`).
+        """
+        other = as_gaussian(other)
         if other.dim != self.dim:
             raise ValueError(f"KL between Gaussians of dimension {self.dim} and {other.dim}")
+        special = self._kl_special(other)
+        if special is not None:
+            return special
+        if isinstance(other, DiagGaussian):  # tr(diag(v)^{-1} S) needs only the variances: O(p) beyond them
+            var = other.variance
+            diff = other.loc - self.loc
+            return 0.5 * ((self.variance / var).sum() + (diff**2 / var).sum() - self.dim + other.logdet()
+                          - self.logdet())
         A, e = self._factor_form()
         tr = other._trace_inv(A, e)
         diff = (other.loc - self.loc).unsqueeze(-1)
         maha = other._quad(diff).sum()
         return 0.5 * (tr + maha - self.dim + other.logdet() - self.logdet())
+
+    def _kl_special(self, other: Gaussian) -> torch.Tensor | None:
+        """A structure-specific closed form of ``KL(self || other)``, or None for the generic one."""
+        return None
 
     # ----------------------------------------------------------------- structure operations
     @abstractmethod
@@ -362,7 +496,10 @@ class Gaussian(ABC):
         return path
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(p={self.dim}, dtype={self.dtype})"
+        return f"{type(self).__name__}(p={self.dim}{self._repr_extra()}, dtype={str(self.dtype).replace('torch.', '')})"
+
+    def _repr_extra(self) -> str:
+        return ""
 
 
 # ============================================================================ dense
@@ -370,6 +507,7 @@ class DenseGaussian(Gaussian):
     """``N(loc, L L^T)`` with ``L = scale_tril`` lower triangular, positive diagonal."""
 
     kind = "dense"
+    arg_constraints = {"loc": constraints.real_vector, "scale_tril": constraints.lower_triangular}
 
     def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor, layout: Layout | None = None,
                  meta: dict | None = None):
@@ -413,7 +551,7 @@ class DenseGaussian(Gaussian):
             out = out + ((Linv**2).sum(0) * e).sum()
         return out
 
-    def rsample(self, n=1, generator=None):
+    def _draw(self, n, generator):
         z = self._eps(n, self.dim, generator=generator)
         return self.loc + z @ self.scale_tril.T
 
@@ -511,6 +649,8 @@ class LowRankGaussian(Gaussian):
     """``N(loc, W W^T + diag(d))`` with ``W = cov_factor`` ``[p, k]`` and ``d = cov_diag > 0``."""
 
     kind = "lowrank"
+    arg_constraints = {"loc": constraints.real_vector, "cov_factor": constraints.independent(constraints.real, 2),
+                       "cov_diag": constraints.independent(constraints.positive, 1)}
     #: rows processed at once when conditioning (bounds the temporary memory)
     chunk_rows = 1 << 17
 
@@ -528,6 +668,9 @@ class LowRankGaussian(Gaussian):
     @property
     def rank(self) -> int:
         return self.cov_factor.shape[-1]
+
+    def _repr_extra(self) -> str:
+        return f", rank={self.rank}"
 
     @property
     def variance(self):
@@ -574,7 +717,7 @@ class LowRankGaussian(Gaussian):
             out = out + (e / d).sum() - ((Tcols**2).sum(0) * e).sum()
         return out
 
-    def rsample(self, n=1, generator=None):
+    def _draw(self, n, generator):
         z = self._eps(n, self.rank, generator=generator)
         eps = self._eps(n, self.dim, generator=generator)
         return self.loc + z @ self.cov_factor.T + eps * self.cov_diag.sqrt()
@@ -629,6 +772,7 @@ class DiagGaussian(Gaussian):
     """``N(loc, diag(scale^2))``: conditioning drops coordinates."""
 
     kind = "diag"
+    arg_constraints = {"loc": constraints.real_vector, "scale": constraints.independent(constraints.positive, 1)}
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, layout: Layout | None = None,
                  meta: dict | None = None):
@@ -665,7 +809,7 @@ class DiagGaussian(Gaussian):
             out = out + (e / var).sum()
         return out
 
-    def rsample(self, n=1, generator=None):
+    def _draw(self, n, generator):
         return self.loc + self._eps(n, self.dim, generator=generator) * self.scale
 
     def marginalize(self, keep):
@@ -692,6 +836,58 @@ class DiagGaussian(Gaussian):
 
 
 _KINDS: dict[str, type[Gaussian]] = {c.kind: c for c in (DenseGaussian, LowRankGaussian, DiagGaussian)}
+
+
+def _with_layout(g: Gaussian, layout: Layout | None) -> Gaussian:
+    if layout is None or g.layout == layout:
+        return g
+    if g.layout is not None:
+        raise ValueError(f"the Gaussian's layout {g.layout} differs from the expected {layout}; "
+                         "it belongs to another architecture")
+    if layout.size != g.dim:
+        raise ValueError(f"layout has p={layout.size} coordinates but the Gaussian has {g.dim}")
+    out = g._replace()
+    out.layout = layout
+    return out
+
+
+def as_gaussian(x: Any, p: int | None = None, layout: Layout | None = None) -> Gaussian:
+    """A prior or posterior given as one of our Gaussians or a torch/Pyro distribution, as our structure.
+
+    ``p`` (when given) is the dimension the caller needs; ``layout`` is attached when the Gaussian has none.
+    Raises TypeError for anything else, naming what is accepted.
+    """
+    if not isinstance(x, (Gaussian, Distribution)):
+        raise TypeError(
+            f"expected a Gaussian prior/posterior, got {type(x).__name__}; pass a pyro_distill Gaussian "
+            "(DenseGaussian, LowRankGaussian, DiagGaussian, KronGaussian) or a torch/Pyro MultivariateNormal, "
+            "LowRankMultivariateNormal or Normal(loc, scale).to_event(1)"
+        )
+    g = Gaussian.from_distribution(x, layout=None)
+    if p is not None and g.dim != p:
+        raise ValueError(f"the Gaussian has {g.dim} coordinates but {p} are needed (it belongs to another "
+                         "architecture)")
+    return _with_layout(g, layout)
+
+
+# torch.distributions.kl_divergence between our structures, and between ours and torch's Gaussians
+@register_kl(Gaussian, Gaussian)
+def _kl_gaussian_gaussian(p: Gaussian, q: Gaussian) -> torch.Tensor:
+    return p.kl(q)
+
+
+def _register_torch_kl(torch_type: type) -> None:
+    @register_kl(Gaussian, torch_type)
+    def _ours_torch(p, q):  # noqa: ANN001, ANN202
+        return p.kl(Gaussian.from_distribution(q))
+
+    @register_kl(torch_type, Gaussian)
+    def _torch_ours(p, q):  # noqa: ANN001, ANN202
+        return Gaussian.from_distribution(p).kl(q)
+
+
+for _t in (MultivariateNormal, LowRankMultivariateNormal, Independent):
+    _register_torch_kl(_t)
 
 
 def load(path: str | os.PathLike, layout: Layout | None = None, map_location: str = "cpu") -> Gaussian:
