@@ -1,0 +1,566 @@
+"""Curvature of the negative log-likelihood of any :class:`~pyro_distill.nets.base.BayesianNet`.
+
+The generalized Gauss-Newton matrix (GGN) at weights ``w`` on data ``X``::
+
+    G = sum_n sum_g J_ng^T H_ng J_ng,   J_ng = d f_g(x_n, w) / d w  (C x p),
+
+with ``H = diag(pi) - pi pi^T`` (softmax of the logits) for a categorical likelihood and ``H = I / s^2`` for a
+Gaussian one with noise std ``s``; ``g`` runs over output groups (one for an MLP or a Transformer, one per
+target position for the :class:`~pyro_distill.nets.attention_rnn.AttentionRNN`, padding positions left out).
+
+* :class:`GGN` -- the matrix as a linear operator (``mv``, ``mm`` by ``torch.func`` jvp then vjp, chunked over
+  the data; no p x p matrix), its exact diagonal, the dense matrix on request, top-k eigenpairs (Lanczos with
+  full reorthogonalization, or a block LOBPCG, both on the operator) and a scipy ``LinearOperator``.
+* :func:`kfac` -- Kronecker factors of the GGN blocks of MLP layers (KFAC), :func:`kfac_block_dense` and
+  :func:`kfac_indices` to place them in the flat parameter vector.
+
+Every exact computation uses a square-root factor of the output Hessian, ``H = R R^T``: for a softmax
+``R = diag(sqrt(pi)) - pi sqrt(pi)^T`` (C x C), for a Gaussian ``R = I / s``. Then
+``G = sum_n sum_c (J_n^T r_nc)(J_n^T r_nc)^T`` with ``r_nc`` the columns of ``R_n``: the diagonal and the dense
+matrix are sums over those "sqrt-factor gradients". For an :class:`~pyro_distill.nets.mlp.MLP` they are built in
+closed form (one backward pass of the C columns through the layers, outer products with the layer inputs);
+for other families by ``vmap`` over ``vjp`` per chunk of examples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from .nets.base import BayesianNet
+from .nets.mlp import MLP
+
+__all__ = ["GGN", "kfac", "kfac_block_dense", "kfac_indices", "output_hessian_sqrt"]
+
+#: float entries per working buffer (per-example gradient rows, cotangents): 2^25 = 128 MB in float32
+_BUDGET = 2**25
+
+
+# ============================================================================ output Hessian
+def output_hessian_sqrt(out: torch.Tensor, likelihood: str, noise_scale: float | None = None,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A square-root factor ``R`` (``[..., C, C]``, columns = factor columns) of the Hessian of the negative
+    log-likelihood in the outputs ``out`` ``[..., C]``: ``H = R R^T``.
+
+    Softmax: ``R = diag(sqrt(pi)) - pi sqrt(pi)^T`` (then ``R R^T = diag(pi) - pi pi^T`` since
+    ``sqrt(pi)^T sqrt(pi) = 1``); Gaussian: ``R = I / s``. ``mask`` (``[...]``, 0/1) zeroes masked groups.
+    """
+    C = out.shape[-1]
+    if likelihood == "categorical":
+        pi = torch.softmax(out.detach(), -1)
+        sq = pi.sqrt()
+        R = torch.diag_embed(sq) - pi.unsqueeze(-1) * sq.unsqueeze(-2)
+    elif likelihood == "gaussian":
+        if noise_scale is None:
+            raise ValueError("a Gaussian likelihood needs its noise scale: pass noise_scale")
+        eye = torch.eye(C, dtype=out.dtype, device=out.device) / float(noise_scale)
+        R = eye.expand(*out.shape[:-1], C, C)
+    else:
+        raise ValueError(f"unknown likelihood {likelihood!r}; choose 'categorical' or 'gaussian'")
+    if mask is not None:
+        R = R * mask[..., None, None].to(R.dtype)
+    return R
+
+
+# ============================================================================ the operator
+class GGN:
+    """The GGN of the negative log-likelihood of ``net`` at ``w`` on inputs ``X`` as a linear operator.
+
+    ``y`` only matters for sequence outputs with padding (AttentionRNN): target positions with the padding
+    label contribute nothing; without ``y`` every position counts. ``noise_scale`` overrides the network's
+    Gaussian noise std. ``chunk`` is the number of examples per pass (default: from a ~128 MB budget).
+    Device and dtype follow ``w``; float inputs ``X`` are cast to ``w``'s dtype.
+
+    >>> G = GGN(net, w_map, X)                              # doctest: +SKIP
+    >>> G.mv(v); G.mm(V); G.diagonal(); G.dense(); G.eigh_topk(50)   # doctest: +SKIP
+    """
+
+    def __init__(self, net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor | None = None,
+                 noise_scale: float | None = None, chunk: int | None = None):
+        if w.dim() != 1 or w.shape[0] != net.num_params:
+            raise ValueError(f"w must be one weight vector [p={net.num_params}], got shape {tuple(w.shape)}")
+        if X.shape[0] == 0:
+            raise ValueError("the GGN needs at least one input row; X is empty")
+        self.net = net
+        self.w = w.detach()
+        self.p = int(w.shape[0])
+        self.dtype, self.device = self.w.dtype, self.w.device
+        self.X = X.to(device=self.device, dtype=self.dtype) if X.is_floating_point() else X.to(self.device)
+        self.N = int(X.shape[0])
+        self.likelihood = net.likelihood
+        s = net.noise_scale if noise_scale is None else noise_scale
+        if self.likelihood == "gaussian" and s is None:
+            raise ValueError("this network's noise scale is fitted: pass noise_scale=<its value> to the GGN")
+        self.noise_scale = None if s is None else float(s)
+        with torch.no_grad():
+            out0 = net.forward(self.w, self.X[:1])
+        self.out_shape = tuple(out0.shape[1:])  # per example: (*groups, C)
+        self.C = int(self.out_shape[-1])
+        self.groups = math.prod(self.out_shape[:-1])
+        self.mask = self._group_mask(y)
+        per_example = max(1, self.groups * self.C)
+        self.chunk = int(chunk) if chunk is not None else max(1, min(self.N, 2**15 // per_example))
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be a positive number of examples, got {chunk}")
+
+    def _group_mask(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """0/1 weights ``[N, *groups]`` for the output groups (padding positions of sequence labels)."""
+        pad = getattr(self.net, "pad", None)
+        if y is None or pad is None or len(self.out_shape) < 2:
+            return None
+        y = y.to(self.device)
+        if tuple(y.shape) != (self.N, *self.out_shape[:-1]):
+            raise ValueError(f"labels must be [N, *groups] = {(self.N, *self.out_shape[:-1])} to mask padding, "
+                             f"got {tuple(y.shape)}")
+        return (y != pad).to(self.dtype)
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.p, self.p)
+
+    def _slices(self, chunk: int | None = None) -> Iterator[slice]:
+        c = chunk or self.chunk
+        for a in range(0, self.N, c):
+            yield slice(a, min(a + c, self.N))
+
+    def _f(self, sl: slice) -> Callable[[torch.Tensor], torch.Tensor]:
+        xb = self.X[sl]
+        return lambda ww: self.net.forward(ww, xb)
+
+    def _mask(self, sl: slice) -> torch.Tensor | None:
+        return None if self.mask is None else self.mask[sl]
+
+    def _hmul(self, out: torch.Tensor, U: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``H_n u_n`` for every example/group: ``U`` ``[..., B, *groups, C]`` (leading batch dims allowed)."""
+        if self.likelihood == "categorical":
+            pi = torch.softmax(out, -1)
+            HU = pi * U - pi * (pi * U).sum(-1, keepdim=True)
+        else:
+            HU = U / self.noise_scale**2
+        return HU if mask is None else HU * mask.unsqueeze(-1)
+
+    def _sqrt(self, out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return output_hessian_sqrt(out, self.likelihood, self.noise_scale, mask)
+
+    # ------------------------------------------------------------------ products
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        """``G v`` for ``v`` ``[p]``: per chunk ``J v`` by jvp, times ``H_n``, then ``J^T`` by vjp."""
+        if v.shape != (self.p,):
+            raise ValueError(f"mv expects a vector [p={self.p}], got {tuple(v.shape)}")
+        return self.mm(v.unsqueeze(-1)).squeeze(-1)
+
+    def mm(self, V: torch.Tensor) -> torch.Tensor:
+        """``G V`` for ``V`` ``[p, k]`` (the k columns go through one vmapped jvp and vjp per chunk)."""
+        if V.dim() != 2 or V.shape[0] != self.p:
+            raise ValueError(f"mm expects a matrix [p={self.p}, k], got {tuple(V.shape)}")
+        Vt = V.to(device=self.device, dtype=self.dtype).T.contiguous()  # [k, p]
+        res = torch.zeros_like(Vt)
+        for sl in self._slices():
+            f = self._f(sl)
+            out, vjp_fn = vjp(f, self.w)
+            JV = vmap(lambda t, f=f: jvp(f, (self.w,), (t,))[1])(Vt)  # [k, B, *groups, C]
+            HJV = self._hmul(out.detach(), JV, self._mask(sl))
+            res += vmap(lambda u, vjp_fn=vjp_fn: vjp_fn(u)[0])(HJV)
+        return res.T
+
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
+        return self.mv(V) if V.dim() == 1 else self.mm(V)
+
+    # ------------------------------------------------------------------ sqrt-factor gradients
+    def _factor_rows(self, max_rows: int) -> Iterator[torch.Tensor]:
+        """Blocks of rows ``(J_n^T r_nc)^T`` (``[rows, p]``), over every example, group and factor column, so
+        that ``G = sum over blocks of rows^T rows``. MLP: closed form; other nets: vmap over vjp."""
+        if isinstance(self.net, MLP):
+            B = max(1, max_rows // self.C)
+            for sl in self._slices(B):
+                yield _mlp_factor_rows(self.net, self.w, self.X[sl], self._sqrt_mlp(sl))
+            return
+        K1 = self.groups * self.C  # cotangents per example
+        B = max(1, min(self.chunk, max_rows // K1, _generic_chunk(self.p, K1)))
+        for sl in self._slices(B):
+            yield self._generic_rows(sl)
+
+    def _sqrt_mlp(self, sl: slice) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda out: self._sqrt(out, None)
+
+    def _generic_rows(self, sl: slice) -> torch.Tensor:
+        """Per (example, group, factor column) gradients ``J_ng^T r_ngc`` of one chunk: ``[B * G * C, p]``."""
+        f = self._f(sl)
+        out, vjp_fn = vjp(f, self.w)
+        out = out.detach()
+        B = out.shape[0]
+        R = self._sqrt(out, self._mask(sl))  # [B, *groups, C, C]
+        K = B * self.groups
+        R = R.reshape(K, self.C, self.C)
+        # cotangent (example-group e, column c): R[e, :, c] at position e, zero elsewhere
+        cot = torch.zeros(K, self.C, K, self.C, dtype=out.dtype, device=out.device)
+        idx = torch.arange(K, device=out.device)
+        cot[idx, :, idx, :] = R.transpose(-1, -2)
+        cot = cot.reshape(K * self.C, *out.shape)
+        return vmap(lambda u: vjp_fn(u)[0])(cot)
+
+    # ------------------------------------------------------------------ diagonal, dense, trace
+    def diagonal(self) -> torch.Tensor:
+        """The exact diagonal ``diag(G)_i = sum_n sum_c (J_n^T r_nc)_i^2`` (``[p]``)."""
+        if isinstance(self.net, MLP):
+            d = torch.zeros(self.p, dtype=self.dtype, device=self.device)
+            B = max(1, min(self.N, _BUDGET // max(1, self.C * max(self.net.sizes))))
+            for sl in self._slices(B):
+                d += _mlp_diag(self.net, self.w, self.X[sl], lambda out: self._sqrt(out, None))
+            return d
+        d = torch.zeros(self.p, dtype=self.dtype, device=self.device)
+        for rows in self._factor_rows(_BUDGET // self.p):
+            d += rows.square().sum(0)
+        return d
+
+    def trace(self) -> float:
+        """``tr G`` (the sum of the exact diagonal)."""
+        return float(self.diagonal().sum())
+
+    def dense(self) -> torch.Tensor:
+        """The p x p matrix (one p x p buffer plus one row block): ``G += rows^T rows`` per block of
+        sqrt-factor gradients (``syrk`` on CPU, half the flops of a product, then mirrored)."""
+        p = self.p
+        G = torch.zeros(p, p, dtype=self.dtype, device=self.device)
+        syrk = _syrk(self.dtype) if self.device.type == "cpu" else None
+        Gf = G.numpy().T if syrk is not None else None  # Fortran view of the same memory
+        for rows in self._factor_rows(max(64, _BUDGET // p)):
+            if syrk is not None:
+                # numpy rows.T is [p, K] in Fortran order (no copy): Gf(lower) += rows^T rows
+                syrk(1.0, rows.detach().contiguous().numpy().T, beta=1.0, c=Gf, trans=0, lower=1,
+                     overwrite_c=1)
+            else:
+                G.addmm_(rows.T, rows)
+        if syrk is not None:  # Fortran lower = C upper: mirror the upper triangle down, a row block at a time
+            bs = 256
+            for a in range(0, p, bs):
+                b = min(a + bs, p)
+                G[a:b, :a] = G[:a, a:b].T
+                blk = G[a:b, a:b]
+                blk.copy_(blk.triu() + blk.triu(1).T)
+        return G
+
+    # ------------------------------------------------------------------ spectrum
+    def eigh_topk(self, k: int, seed: int = 0, method: str = "lanczos", tol: float | None = None,
+                  max_iter: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` largest eigenpairs ``(values [k] descending, vectors [p, k])`` of the operator.
+
+        ``"lanczos"``: Lanczos with full reorthogonalization (one ``mv`` per step, at most ``max_iter`` steps,
+        default ``min(p, max(3k, k + 60))``); ``"lobpcg"``: block LOBPCG with block ``mm`` products. Both
+        start from a seeded random vector/block (reproducible) and stop when the residual norms of the top
+        ``k`` Ritz pairs are below ``tol * lambda_max`` (default 1e-10 in float64, 1e-5 in float32).
+        """
+        if not 1 <= k <= self.p:
+            raise ValueError(f"k must lie in 1..p={self.p}, got {k}")
+        if tol is None:
+            tol = 1e-10 if self.dtype == torch.float64 else 1e-5
+        if method == "lanczos":
+            return _lanczos(self.mv, self.p, k, seed, tol, max_iter, self.dtype, self.device)
+        if method == "lobpcg":
+            return _lobpcg(self.mm, self.p, k, seed, tol, max_iter, self.dtype, self.device)
+        raise ValueError(f"unknown method {method!r}; choose 'lanczos' or 'lobpcg'")
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` over numpy float vectors (for ``eigsh``, ``cg``, ...)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def matvec(v):
+            return self.mv(torch.as_tensor(v, dtype=self.dtype, device=self.device).reshape(-1)).cpu().numpy()
+
+        def matmat(V):
+            return self.mm(torch.as_tensor(V, dtype=self.dtype, device=self.device)).cpu().numpy()
+
+        dt = torch.empty((), dtype=self.dtype).numpy().dtype
+        return LinearOperator((self.p, self.p), matvec=matvec, rmatvec=matvec, matmat=matmat, dtype=dt)
+
+
+def _generic_chunk(p: int, K1: int) -> int:
+    """Examples per vmap-over-vjp pass: the cost per example grows with the chunk (each cotangent runs a
+    backward through the whole chunk), the per-call overhead shrinks: a few examples is the sweet spot."""
+    return max(1, min(16, 4096 // max(1, K1)))
+
+
+def _syrk(dtype: torch.dtype):
+    if dtype not in (torch.float32, torch.float64):
+        return None
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # pragma: no cover - scipy is a dependency
+        return None
+    return blas.dsyrk if dtype == torch.float64 else blas.ssyrk
+
+
+# ============================================================================ MLP closed forms
+def _act_derivative(net: MLP, a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``sigma'(a)`` of the MLP's elementwise activation (closed forms, autograd otherwise)."""
+    name = net.activation
+    if name == "relu":
+        return (a > 0).to(a.dtype)
+    if name == "identity":
+        return torch.ones_like(a)
+    if name == "tanh":
+        return 1 - h * h
+    if name == "sigmoid":
+        return h * (1 - h)
+    with torch.enable_grad():
+        aa = a.detach().requires_grad_(True)
+        (d,) = torch.autograd.grad(net._act(aa).sum(), aa)
+    return d
+
+
+def _mlp_parts(net: MLP, w: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    P = net.layout.unflatten(w)
+    L = net.num_layers
+    Ws = [P[f"layer{t}.weight"] for t in range(1, L + 1)]
+    bs = [P[f"layer{t}.bias"] if net.bias else None for t in range(1, L + 1)]
+    return Ws, bs
+
+
+def _mlp_forward(net: MLP, w: torch.Tensor, x: torch.Tensor
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(outputs ``[B, C]``, layer inputs ``h_0..h_{L-1}``, activation derivatives ``sigma'(a_1..a_{L-1})``)."""
+    Ws, bs = _mlp_parts(net, w)
+    L = len(Ws)
+    h, inputs, dacts = x, [x], []
+    for t in range(L):
+        a = h @ Ws[t].T if bs[t] is None else torch.addmm(bs[t], h, Ws[t].T)
+        if t == L - 1:
+            return a, inputs, dacts
+        h = net._act(a)
+        dacts.append(_act_derivative(net, a, h))
+        inputs.append(h)
+    raise AssertionError("unreachable")
+
+
+def _mlp_backprop(net: MLP, w: torch.Tensor, dacts: list[torch.Tensor], R: torch.Tensor) -> list[torch.Tensor]:
+    """Backpropagate output cotangents ``R`` ``[B, C, K]`` (K columns) to every layer's pre-activation:
+    ``[g_1, ..., g_L]`` with ``g_t`` ``[B, K, n_t]``."""
+    Ws, _ = _mlp_parts(net, w)
+    g = R.transpose(-1, -2)
+    gs = [g]
+    for t in range(len(Ws) - 1, 0, -1):
+        g = (g @ Ws[t]) * dacts[t - 1].unsqueeze(-2)
+        gs.append(g)
+    return gs[::-1]
+
+
+def _mlp_diag(net: MLP, w: torch.Tensor, x: torch.Tensor, sqrt: Callable[[torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+    """Exact GGN diagonal of one chunk: weight block ``t``: ``sum_n (sum_c g_nc^2) (h_n^2)^T``; bias:
+    ``sum_n sum_c g_nc^2``."""
+    out, inputs, dacts = _mlp_forward(net, w, x)
+    gs = _mlp_backprop(net, w, dacts, sqrt(out))
+    parts = []
+    for t, g in enumerate(gs):
+        S = g.square().sum(-2)  # [B, n_t]
+        parts.append((S.T @ inputs[t].square()).reshape(-1))
+        if net.bias:
+            parts.append(S.sum(0))
+    return torch.cat(parts)
+
+
+def _mlp_factor_rows(net: MLP, w: torch.Tensor, x: torch.Tensor, sqrt: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> torch.Tensor:
+    """Rows ``(J_n^T r_nc)^T`` of one chunk in flat layout order: ``[B * C, p]`` (weights ``g h^T`` row-major,
+    biases ``g``)."""
+    out, inputs, dacts = _mlp_forward(net, w, x)
+    gs = _mlp_backprop(net, w, dacts, sqrt(out))
+    B, K = gs[-1].shape[:2]
+    rows = torch.empty(B, K, w.shape[0], dtype=w.dtype, device=w.device)
+    for t, g in enumerate(gs, start=1):
+        sw = net.layout.slice(f"layer{t}.weight")
+        rows[:, :, sw] = (g.unsqueeze(-1) * inputs[t - 1][:, None, None, :]).reshape(B, K, -1)
+        if net.bias:
+            rows[:, :, net.layout.slice(f"layer{t}.bias")] = g
+    return rows.reshape(B * K, -1)
+
+
+# ============================================================================ eigensolvers
+def _orth_against(z: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``z`` minus its projection on the orthonormal columns of ``Q`` (twice: full reorthogonalization)."""
+    for _ in range(2):
+        z = z - Q @ (Q.T @ z)
+    return z
+
+
+def _lanczos(mv: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: int, tol: float,
+             max_iter: int | None, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs of a symmetric PSD operator by Lanczos with full reorthogonalization."""
+    m_max = min(p, max_iter if max_iter is not None else max(3 * k, k + 60))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    Q = torch.zeros(p, m_max, dtype=dtype, device=device)
+    alpha = torch.zeros(m_max, dtype=torch.float64)
+    beta = torch.zeros(m_max, dtype=torch.float64)
+    q = torch.randn(p, generator=gen, dtype=dtype, device=device)
+    q = q / q.norm()
+    m = 0
+    for j in range(m_max):
+        Q[:, j] = q
+        z = mv(q)
+        alpha[j] = float(q @ z)
+        z = _orth_against(z, Q[:, : j + 1])
+        b = float(z.norm())
+        m = j + 1
+        if m >= k and (m == m_max or m % 5 == 0 or b == 0.0):
+            T = torch.diag(alpha[:m]) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
+            theta, S = torch.linalg.eigh(T)
+            res = (b * S[-1, -k:]).abs()
+            if bool((res <= tol * max(float(theta[-1].abs()), 1e-300)).all()):
+                break
+        if m == m_max:
+            break
+        scale = max(float(alpha[: j + 1].abs().max()), 1e-300)
+        if b <= 1e-12 * scale:  # invariant subspace: continue from a fresh direction (T splits into blocks)
+            z = _orth_against(torch.randn(p, generator=gen, dtype=dtype, device=device), Q[:, : j + 1])
+            b_next = 0.0
+            q = z / z.norm()
+        else:
+            b_next = b
+            q = z / b
+        beta[j] = b_next
+    T = torch.diag(alpha[:m]) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
+    theta, S = torch.linalg.eigh(T)
+    top = torch.arange(m - 1, m - 1 - k, -1)
+    vecs = Q[:, :m] @ S[:, top].to(dtype=dtype, device=device)
+    return theta[top].to(dtype=dtype, device=device), vecs
+
+
+def _lobpcg(mm: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: int, tol: float,
+            max_iter: int | None, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs by block LOBPCG (Knyazev 2001): Rayleigh-Ritz on ``[X, residuals, previous step]``,
+    one block product ``mm`` of ``[p, <= 2k]`` columns per iteration. The basis is orthonormalized by QR
+    (with column dropping for rank loss), which is the stable "ortho" variant."""
+    n_iter = max_iter if max_iter is not None else 200
+    gen = torch.Generator(device=device).manual_seed(seed)
+    X, _ = torch.linalg.qr(torch.randn(p, k, generator=gen, dtype=dtype, device=device))
+    AX = mm(X)
+    theta, S = torch.linalg.eigh(X.T @ AX)
+    X, AX = X @ S, AX @ S
+    P = AP = None
+    for _ in range(n_iter):
+        Rres = AX - X * theta
+        lam = max(float(theta.abs().max()), 1e-300)
+        done = Rres.norm(dim=0) <= tol * lam
+        if bool(done.all()):
+            break
+        W = Rres[:, ~done]
+        blocks = [X] + ([P] if P is not None else [])
+        Wn = W
+        for _r in range(2):  # orthogonalize the residuals against the current basis
+            for Bk in blocks:
+                Wn = Wn - Bk @ (Bk.T @ Wn)
+        Qw, Rw = torch.linalg.qr(Wn)
+        keep = Rw.diagonal().abs() > 1e-10 * max(float(Rw.diagonal().abs().max()), 1e-300)
+        Qw = Qw[:, keep]
+        AW = mm(Qw) if Qw.shape[1] else Qw
+        basis = [X, Qw] + ([P] if P is not None else [])
+        Abasis = [AX, AW] + ([AP] if AP is not None else [])
+        Z = torch.cat(basis, 1)
+        AZ = torch.cat(Abasis, 1)
+        # Z may be slightly non-orthonormal (P): Rayleigh-Ritz on the Gram matrix via its Cholesky factor
+        M = Z.T @ Z
+        Lc = torch.linalg.cholesky(0.5 * (M + M.T) + 1e-14 * torch.eye(M.shape[0], dtype=dtype, device=device))
+        Ainner = Z.T @ AZ
+        Ainner = 0.5 * (Ainner + Ainner.T)
+        Li = torch.linalg.solve_triangular(Lc, torch.eye(M.shape[0], dtype=dtype, device=device), upper=False)
+        ev, U = torch.linalg.eigh(Li @ Ainner @ Li.T)
+        C = Li.T @ U[:, -k:].flip(-1)
+        ev = ev[-k:].flip(-1)
+        Xn, AXn = Z @ C, AZ @ C
+        # the new search direction: the part of the step outside X
+        Cp = C.clone()
+        Cp[:k] = 0
+        P, AP = Z @ Cp, AZ @ Cp
+        nrm = P.norm(dim=0).clamp_min(1e-300)
+        P, AP = P / nrm, AP / nrm
+        X, AX, theta = Xn, AXn, ev
+    order = torch.argsort(theta, descending=True)
+    return theta[order], X[:, order]
+
+
+# ============================================================================ KFAC
+def kfac(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor | None = None, sampled: bool = False,
+         seed: int = 0, noise_scale: float | None = None, chunk: int | None = None
+         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """KFAC factors ``{"layer{t}": (A_t, G_t)}`` of the GGN blocks of an MLP's layers, in one pass over ``X``.
+
+    With ``a_n = [h_{t-1,n}; 1]`` the layer's input augmented by a 1 for the bias (no 1 when ``bias=False``)
+    and ``g_nc`` the backpropagated sqrt-factor column ``r_nc`` of the output Hessian at layer ``t``'s
+    pre-activation (``H_n = R_n R_n^T``; ``sampled=True``: one column per example, the gradient of the
+    negative log-likelihood of a label drawn from the model, seeded by ``seed``; ``E[g g^T] = H``)::
+
+        A_t = (1/N) sum_n a_n a_n^T                 (n_{t-1}+1) x (n_{t-1}+1), input side = columns
+        G_t = sum_n sum_c g_nc g_nc^T               n_t x n_t,                 output side = rows
+        GGN block of vec([U_t | b_t]) (row-major) ~= G_t ⊗ A_t          (kfac_block_dense(A_t, G_t))
+
+    ``vec([U_t | b_t])`` is row-major over the ``n_t x (n_{t-1}+1)`` matrix (row = neuron, the bias as the last
+    column); its flat indices are :func:`kfac_indices`. The approximation is exact for a one-layer model with
+    a Gaussian likelihood. ``y`` is unused for an MLP (the output Hessian of the GGN does not depend on it).
+    """
+    if not isinstance(net, MLP):
+        raise NotImplementedError(
+            f"KFAC factors are implemented for MLP layers; {type(net).__name__} needs its linear maps' inputs "
+            "and output gradients exposed by the network (use GGN(...).diagonal() or eigh_topk instead)")
+    G = GGN(net, w, X, noise_scale=noise_scale, chunk=chunk)
+    L, sizes = net.num_layers, net.sizes
+    aug = 1 if net.bias else 0
+    As = [torch.zeros(sizes[t] + aug, sizes[t] + aug, dtype=G.dtype, device=G.device) for t in range(L)]
+    Gs = [torch.zeros(sizes[t + 1], sizes[t + 1], dtype=G.dtype, device=G.device) for t in range(L)]
+    gen = torch.Generator(device=G.device).manual_seed(seed) if sampled else None
+    B = chunk or max(1, min(G.N, _BUDGET // max(1, G.C * max(sizes))))
+    for sl in G._slices(B):
+        x = G.X[sl]
+        out, inputs, dacts = _mlp_forward(net, G.w, x)
+        if sampled:
+            R = _sampled_cotangent(out, G.likelihood, G.noise_scale, gen)
+        else:
+            R = G._sqrt(out, None)
+        gs = _mlp_backprop(net, G.w, dacts, R)
+        for t in range(L):
+            h = inputs[t]
+            As[t][: sizes[t], : sizes[t]].addmm_(h.T, h)
+            if aug:
+                s = h.sum(0)
+                As[t][: sizes[t], -1] += s
+                As[t][-1, : sizes[t]] += s
+                As[t][-1, -1] += h.shape[0]
+            g = gs[t].reshape(-1, gs[t].shape[-1])
+            Gs[t].addmm_(g.T, g)
+    return {f"layer{t + 1}": (As[t] / G.N, Gs[t]) for t in range(L)}
+
+
+def _sampled_cotangent(out: torch.Tensor, likelihood: str, noise_scale: float | None,
+                       gen: torch.Generator | None) -> torch.Tensor:
+    """One column per example (``[B, C, 1]``): ``pi - onehot(y~)``, ``y~ ~ Cat(pi)`` (softmax), or
+    ``eps / s``, ``eps ~ N(0, I)`` (Gaussian) -- the output gradient of the NLL of a sampled label."""
+    if likelihood == "categorical":
+        pi = torch.softmax(out, -1)
+        yt = torch.multinomial(pi, 1, generator=gen)
+        return (pi - torch.zeros_like(pi).scatter_(-1, yt, 1.0)).unsqueeze(-1)
+    eps = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+    return (eps / float(noise_scale)).unsqueeze(-1)
+
+
+def kfac_block_dense(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """The dense KFAC block ``G ⊗ A`` over ``vec([U_t | b_t])`` (row-major, bias last column); place it at
+    :func:`kfac_indices` of the flat vector: ``M[idx[:, None], idx] = kfac_block_dense(A, G)``."""
+    return torch.kron(G, A)
+
+
+def kfac_indices(net: MLP, layer: int | str) -> torch.Tensor:
+    """Flat indices (``[n_t * (n_{t-1}+1)]``, from the Layout) of ``vec([U_t | b_t])`` row-major: neuron ``i``'s
+    weights ``U_t[i, :]`` then its bias ``b_t[i]``, neuron after neuron (the flat vector stores all weight
+    rows, then the bias block; this is the map between the two orders). ``layer``: ``t`` or ``"layer{t}"``."""
+    name = layer if isinstance(layer, str) else f"layer{int(layer)}"
+    wname = f"{name}.weight"
+    if wname not in net.layout:
+        raise KeyError(f"no layer {name!r} in this network; layers are layer1..layer{net.num_layers}")
+    n_out, n_in = net.layout.shape(wname)
+    W = net.layout.indices(wname).reshape(n_out, n_in)
+    if getattr(net, "bias", False):
+        W = torch.cat([W, net.layout.indices(f"{name}.bias").reshape(n_out, 1)], 1)
+    return W.reshape(-1)

@@ -1,0 +1,229 @@
+"""The curvature engine: the GGN operator, its exact diagonal, the dense matrix, top-k eigenpairs and KFAC,
+against a dense reference built here by ``torch.func.jacrev`` (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import jacrev
+
+from pyro_distill.curvature import GGN, kfac, kfac_block_dense, kfac_indices, output_hessian_sqrt
+from pyro_distill.data.sequences import PAD, dates
+from pyro_distill.nets import MLP, AttentionRNN, Transformer
+
+D = torch.float64
+
+
+def _reference(net, w, X, y=None, noise_scale=None):
+    """``sum_n sum_g J_ng^T H_ng J_ng`` from the full Jacobian; padding positions (y == pad) left out."""
+    out = net.forward(w, X)
+    J = jacrev(lambda ww: net.forward(ww, X))(w)
+    C, p = out.shape[-1], w.shape[0]
+    out, J = out.reshape(-1, C), J.reshape(-1, C, p)
+    if net.likelihood == "categorical":
+        pi = torch.softmax(out, -1)
+        H = torch.diag_embed(pi) - pi.unsqueeze(-1) * pi.unsqueeze(-2)
+    else:
+        s = net.noise_scale if noise_scale is None else noise_scale
+        H = torch.eye(C, dtype=D).expand(out.shape[0], C, C) / s**2
+    if y is not None and getattr(net, "pad", None) is not None and out.shape[0] != X.shape[0]:
+        H = H * (y.reshape(-1) != net.pad).to(D)[:, None, None]
+    return torch.einsum("ncp,ncd,ndq->pq", J, H, J)
+
+
+def _mlp_case(likelihood="categorical", bias=True, activation="tanh", sizes=(4, 5, 3)):
+    g = torch.Generator().manual_seed(0)
+    net = MLP(list(sizes), activation=activation, bias=bias, likelihood=likelihood, noise_scale=0.7)
+    w = net.init_weights(g, dtype=D) * 2
+    X = torch.randn(13, sizes[0], generator=g, dtype=D)
+    return net, w, X, None
+
+
+def _rnn_case():
+    task = dates(n_train=8, n_val=2, n_test=2, seed=1)
+    net = AttentionRNN(**task.net_kwargs(), emb=3, hidden=3, attn=2)
+    w = net.init_weights(torch.Generator().manual_seed(1), dtype=D)
+    X, y = task.X[:5], task.y[:5].clone()
+    y[0, -3:] = PAD  # padding really occurs among the labels
+    assert bool((y == PAD).any())
+    return net, w, X, y
+
+
+def _transformer_case():
+    net = Transformer(input_dim=5, n_classes=3, max_len=4, d_model=4, heads=[2], ffn=[True], d_head=2, d_ff=3)
+    g = torch.Generator().manual_seed(2)
+    w = net.init_weights(g, dtype=D)
+    X = torch.randn(6, 4, 5, generator=g, dtype=D)
+    X[0, 3:] = float("nan")
+    return net, w, X, None
+
+
+CASES = {
+    "mlp": _mlp_case,
+    "mlp-gauss-nobias": lambda: _mlp_case("gaussian", bias=False, activation="relu"),
+    "mlp-gelu": lambda: _mlp_case(activation="gelu"),
+    "rnn": _rnn_case,
+    "transformer": _transformer_case,
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    net, w, X, y = CASES[request.param]()
+    return net, w, X, y, _reference(net, w, X, y)
+
+
+def test_sqrt_factor_reproduces_the_output_hessian():
+    out = torch.randn(7, 4, dtype=D)
+    R = output_hessian_sqrt(out, "categorical")
+    pi = torch.softmax(out, -1)
+    assert torch.allclose(R @ R.mT, torch.diag_embed(pi) - pi[..., :, None] * pi[..., None, :], atol=1e-14)
+    R = output_hessian_sqrt(out, "gaussian", noise_scale=0.5)
+    assert torch.allclose(R @ R.mT, 4 * torch.eye(4, dtype=D).expand(7, 4, 4))
+
+
+def test_operator_products_equal_the_dense_ggn(case):
+    net, w, X, y, G = case
+    op = GGN(net, w, X, y, chunk=4)  # several chunks
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(op.p, generator=g, dtype=D)
+    V = torch.randn(op.p, 3, generator=g, dtype=D)
+    scale = G.abs().max()
+    assert torch.allclose(op.mv(v), G @ v, atol=1e-8 * scale * op.p**0.5, rtol=1e-8)
+    assert torch.allclose(op.mm(V), G @ V, atol=1e-8 * scale * op.p**0.5, rtol=1e-8)
+    assert torch.allclose(op @ V, G @ V, atol=1e-8 * scale * op.p**0.5, rtol=1e-8)
+
+
+def test_exact_diagonal_and_dense_equal_the_reference(case):
+    net, w, X, y, G = case
+    op = GGN(net, w, X, y, chunk=4)
+    assert torch.allclose(op.diagonal(), G.diagonal(), atol=1e-10, rtol=1e-10)
+    Gd = op.dense()
+    assert torch.allclose(Gd, G, atol=1e-10, rtol=1e-10)
+    assert torch.equal(Gd, Gd.T)
+    assert op.trace() == pytest.approx(float(G.trace()), rel=1e-12)
+
+
+def test_mask_drops_padding_positions():
+    net, w, X, y = _rnn_case()
+    masked, full = GGN(net, w, X, y).diagonal(), GGN(net, w, X).diagonal()
+    assert bool((full >= masked - 1e-12).all()) and float((full - masked).sum()) > 0
+    assert torch.allclose(full, _reference(net, w, X).diagonal(), atol=1e-10)
+
+
+def test_float32_follows_w():
+    net, w, X, _ = _mlp_case()
+    op = GGN(net, w.float(), X)
+    assert op.diagonal().dtype == torch.float32 and op.mv(torch.ones(op.p)).dtype == torch.float32
+    assert torch.allclose(op.diagonal().double(), GGN(net, w, X).diagonal(), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(op.dense().double(), _reference(net, w, X), rtol=1e-4, atol=1e-5)
+
+
+def test_gaussian_noise_scale_is_required_and_applied():
+    net, w, X, _ = _mlp_case("gaussian")
+    G = _reference(net, w, X, noise_scale=0.3)
+    assert torch.allclose(GGN(net, w, X, noise_scale=0.3).diagonal(), G.diagonal(), atol=1e-10)
+    fitted = MLP([4, 5, 3], likelihood="gaussian", noise_scale=None)
+    with pytest.raises(ValueError, match="noise_scale"):
+        GGN(fitted, w, X)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "lobpcg"])
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_topk_eigenpairs_match_eigh(method, name):
+    net, w, X, y = CASES[name]()
+    if name == "mlp":
+        net, w, X, y = _mlp_case(sizes=(6, 8, 4))
+        X = torch.cat([X, X * 0.5 - 1, X.flip(0) + 0.3])  # N C > p: a full-rank spectrum
+    G = _reference(net, w, X, y)
+    k = 5
+    op = GGN(net, w, X, y)
+    vals, vecs = op.eigh_topk(k, seed=0, method=method)
+    ev, U = torch.linalg.eigh(G)
+    ref = ev.flip(0)[:k]
+    assert vals.shape == (k,) and vecs.shape == (op.p, k)
+    assert torch.allclose(vals, ref, rtol=1e-6, atol=1e-10 * float(ref[0]))
+    # subspace angle between the top-k subspaces: the cosines are the singular values of U_k^T V
+    cos = torch.linalg.svdvals(U[:, -k:].T @ vecs)
+    assert float(cos.min()) > 1 - 1e-6
+    assert torch.allclose(vecs.T @ vecs, torch.eye(k, dtype=D), atol=1e-8)
+    vals2, vecs2 = op.eigh_topk(k, seed=0, method=method)
+    assert torch.equal(vals, vals2) and torch.equal(vecs, vecs2)  # seeded: reproducible
+
+
+def test_lanczos_handles_a_rank_deficient_ggn():
+    net, w, X, _ = _mlp_case()
+    X = X[:2]  # rank <= N (C - 1) = 4 < k
+    G = _reference(net, w, X)
+    vals, _ = GGN(net, w, X).eigh_topk(6)
+    ref = torch.linalg.eigvalsh(G).flip(0)[:6]
+    assert torch.allclose(vals, ref, atol=1e-9 * float(ref[0]))
+
+
+def test_scipy_operator():
+    net, w, X, _ = _mlp_case()
+    A = GGN(net, w, X).to_scipy()
+    v = torch.randn(A.shape[0], dtype=D)
+    assert torch.allclose(torch.as_tensor(A @ v.numpy()), _reference(net, w, X) @ v, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- KFAC
+@pytest.mark.parametrize("bias", [True, False])
+def test_kfac_is_exact_for_one_linear_layer_with_gaussian_likelihood(bias):
+    net = MLP([4, 3], activation="tanh", bias=bias, likelihood="gaussian", noise_scale=0.6)
+    g = torch.Generator().manual_seed(4)
+    w = net.init_weights(g, dtype=D)
+    X = torch.randn(11, 4, generator=g, dtype=D)
+    G = _reference(net, w, X)
+    (A, Gf), = kfac(net, w, X).values()
+    assert A.shape == ((5, 5) if bias else (4, 4)) and Gf.shape == (3, 3)
+    idx = kfac_indices(net, 1)
+    assert sorted(idx.tolist()) == list(range(net.num_params))
+    assert torch.allclose(kfac_block_dense(A, Gf), G[idx[:, None], idx], atol=1e-12)
+    # the documented factors: A = mean of augmented outer products, G = N I / s^2
+    a = torch.cat([X, torch.ones(11, 1, dtype=D)], 1) if bias else X
+    assert torch.allclose(A, a.T @ a / 11, atol=1e-13)
+    assert torch.allclose(Gf, 11 * torch.eye(3, dtype=D) / 0.36, atol=1e-12)
+
+
+def test_kfac_index_map_orders_each_neuron_weights_then_bias():
+    net = MLP([2, 3, 2])
+    idx = kfac_indices(net, "layer2").reshape(2, 4)
+    assert idx[:, :3].reshape(-1).tolist() == net.layout.indices("layer2.weight").tolist()
+    assert idx[:, 3].tolist() == net.layout.indices("layer2.bias").tolist()
+    with pytest.raises(KeyError, match="layer1..layer2"):
+        kfac_indices(net, 3)
+
+
+def test_kfac_deep_mlp_shapes_symmetry_and_last_layer():
+    net, w, X, _ = _mlp_case(sizes=(4, 6, 5, 3))
+    fac = kfac(net, w, X)
+    assert list(fac) == ["layer1", "layer2", "layer3"]
+    for (A, Gf), (n_in, n_out) in zip(fac.values(), [(4, 6), (6, 5), (5, 3)]):
+        assert A.shape == (n_in + 1, n_in + 1) and Gf.shape == (n_out, n_out)
+        assert torch.equal(A, A.T) or torch.allclose(A, A.T, atol=1e-14)
+        assert torch.allclose(Gf, Gf.T, atol=1e-14)
+        assert torch.linalg.eigvalsh(A).min() > -1e-12 and torch.linalg.eigvalsh(Gf).min() > -1e-12
+        assert float(A[-1, -1]) == pytest.approx(1.0)
+    # the exact GGN block and KFAC have the same trace when G_t = sum_n sum_c g g^T and A_t the mean:
+    # no -- they differ (KFAC's independence assumption); but the bias block of the last layer is exact
+    G = _reference(net, w, X)
+    A3, G3 = fac["layer3"]
+    idx = kfac_indices(net, 3).reshape(3, 6)[:, -1]
+    assert torch.allclose(G3 * A3[-1, -1], G[idx[:, None], idx], atol=1e-12)
+
+
+def test_sampled_kfac_is_unbiased_ish():
+    net, w, X, _ = _mlp_case(sizes=(3, 4, 3))
+    X = X.repeat(40, 1)  # many draws per input: the sampled G averages to the exact one
+    A, Gx = kfac(net, w, X)["layer2"]
+    As, Gs = kfac(net, w, X, sampled=True, seed=1)["layer2"]
+    assert torch.equal(A, As)
+    assert float((Gs - Gx).norm() / Gx.norm()) < 0.15
+    assert torch.equal(Gs, kfac(net, w, X, sampled=True, seed=1)["layer2"][1])
+
+
+def test_kfac_refuses_other_families_with_a_clear_error():
+    net, w, X, _ = _transformer_case()
+    with pytest.raises(NotImplementedError, match="MLP"):
+        kfac(net, w, X)
