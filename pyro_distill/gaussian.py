@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import warnings
 from abc import ABC, abstractmethod
@@ -194,6 +195,30 @@ def _not_pd_message(what: str, n: int) -> str:
 
 
 _EMPTY_SHAPE = torch.Size()
+
+
+def _checkable(*tensors: torch.Tensor) -> bool:
+    """Parameters are checked at construction unless one carries a gradient: the differentiable Gaussians built
+    at every step of a fit skip the (one-pass) check, and the fit's divergence guard watches them instead."""
+    return not any(t.requires_grad for t in tensors)
+
+
+def _check_finite(g: Any, name: str, t: torch.Tensor, fix: str) -> None:
+    ok = torch.isfinite(t)
+    if not bool(ok.all()):
+        bad = (~ok).reshape(-1)
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{type(g).__name__}: {name} holds {int(bad.sum())} NaN/inf entries (first at flat index "
+                         f"{i}: {float(t.reshape(-1)[i])}); {fix}")
+
+
+def _check_positive(g: Any, name: str, t: torch.Tensor, fix: str) -> None:
+    _check_finite(g, name, t, fix)
+    bad = t.reshape(-1) <= 0
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"{type(g).__name__}: {name} must be > 0 but {int(bad.sum())} entries are <= 0 (first at "
+                         f"index {i}: {float(t.reshape(-1)[i])}); {fix}")
 
 
 def _as_sample_shape(sample_shape: int | Sequence[int] | torch.Size) -> torch.Size:
@@ -455,12 +480,19 @@ class Gaussian(Distribution, ABC):
     def _scaled(self, c: float) -> Gaussian: ...
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Gaussian:
-        t = {k: v.to(device=device, dtype=dtype) for k, v in self._tensors().items()}
-        return type(self)(**t, layout=self.layout, meta=self.meta)
+        """The same Gaussian on ``device`` / in ``dtype`` (integer index tensors keep their dtype)."""
+        t = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in self._tensors().items()}
+        return type(self)._from_tensors(t, layout=self.layout, meta=self.meta)
 
     def detach(self) -> Gaussian:
         t = {k: v.detach() for k, v in self._tensors().items()}
-        return type(self)(**t, layout=self.layout, meta=self.meta)
+        return type(self)._from_tensors(t, layout=self.layout, meta=self.meta)
+
+    @classmethod
+    def _from_tensors(cls, tensors: dict[str, torch.Tensor], layout: Layout | None = None,
+                      meta: dict | None = None) -> Gaussian:
+        """Inverse of :meth:`_tensors` (used by ``to``, ``detach`` and :func:`load`)."""
+        return cls(**tensors, layout=layout, meta=meta)
 
     @abstractmethod
     def precision(self) -> torch.Tensor:
@@ -472,23 +504,36 @@ class Gaussian(Distribution, ABC):
 
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write tensors, layout and metadata to one file, atomically. Refuses to overwrite by default."""
+        """Write tensors, layout and metadata to one file, atomically, and verify it by reading it back.
+
+        Refuses to overwrite by default. ``meta`` is converted to plain JSON types (numpy scalars -> Python numbers,
+        paths -> str, tuples -> lists) or refused here, naming the key. The file is written to a temporary
+        ``.<name>.pd-<pid>-*.tmp`` beside it, read back with :func:`load`, then renamed over ``path``; the
+        temporary is removed on every exit path, and stale ones left by a killed save in the same folder are
+        removed at the next save. The file's permissions follow the umask.
+        """
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        meta = _plain_meta(self.meta)
         path.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale_tmp(path)
         payload = {
             "format": "pyro-distill-gaussian",
             "version": FORMAT_VERSION,
             "kind": self.kind,
             "tensors": {k: v.detach().cpu() for k, v in self._tensors().items()},
             "layout": self.layout.to_dict() if self.layout is not None else None,
-            "meta": self.meta,
+            "meta": meta,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.pd-{os.getpid()}-", suffix=".tmp")
         try:
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved model follows the umask like any file
             torch.save(payload, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            load(tmp)  # verify: what was written is what load reads (raises with the reason otherwise)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -510,12 +555,23 @@ class DenseGaussian(Gaussian):
     arg_constraints = {"loc": constraints.real_vector, "scale_tril": constraints.lower_triangular}
 
     def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor, layout: Layout | None = None,
-                 meta: dict | None = None):
-        super().__init__(loc, layout, meta)
+                 meta: dict | None = None, validate_args: bool = False):
+        super().__init__(loc, layout, meta, validate_args)
         p = loc.shape[-1]
         if scale_tril.shape != (p, p):
             raise ValueError(f"scale_tril must be [{p}, {p}], got {tuple(scale_tril.shape)}")
         self.scale_tril = scale_tril
+        if _checkable(loc, scale_tril):
+            _check_finite(self, "loc", loc, "pass a finite mean (a diverged fit? refit with a smaller lr)")
+            _check_finite(self, "scale_tril", scale_tril, "pass a finite Cholesky factor")
+            zero = scale_tril.diagonal() == 0  # only |L_ii| enters log det: a negative diagonal entry is fine
+            if bool(zero.any()):
+                i = int(zero.nonzero()[0])
+                raise ValueError(
+                    f"DenseGaussian: scale_tril has {int(zero.sum())} zero diagonal entries (first at index {i}), so "
+                    "the covariance is singular; build it with DenseGaussian.from_covariance(loc, cov), which adds "
+                    "the package's jitter, or add a small positive value to the diagonal"
+                )
 
     @classmethod
     def from_covariance(cls, loc: torch.Tensor, cov: torch.Tensor, **kw) -> DenseGaussian:
@@ -655,8 +711,8 @@ class LowRankGaussian(Gaussian):
     chunk_rows = 1 << 17
 
     def __init__(self, loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: torch.Tensor,
-                 layout: Layout | None = None, meta: dict | None = None):
-        super().__init__(loc, layout, meta)
+                 layout: Layout | None = None, meta: dict | None = None, validate_args: bool = False):
+        super().__init__(loc, layout, meta, validate_args)
         p = loc.shape[-1]
         if cov_factor.dim() != 2 or cov_factor.shape[0] != p:
             raise ValueError(f"cov_factor must be [{p}, k], got {tuple(cov_factor.shape)}")
@@ -664,6 +720,10 @@ class LowRankGaussian(Gaussian):
             raise ValueError(f"cov_diag must be [{p}], got {tuple(cov_diag.shape)}")
         self.cov_factor = cov_factor
         self.cov_diag = cov_diag
+        if _checkable(loc, cov_factor, cov_diag):
+            _check_finite(self, "loc", loc, "pass a finite mean (a diverged fit? refit with a smaller lr)")
+            _check_finite(self, "cov_factor", cov_factor, "pass a finite factor")
+            _check_positive(self, "cov_diag", cov_diag, "it holds variances: clamp it, e.g. cov_diag.clamp_min(1e-12)")
 
     @property
     def rank(self) -> int:
@@ -775,11 +835,15 @@ class DiagGaussian(Gaussian):
     arg_constraints = {"loc": constraints.real_vector, "scale": constraints.independent(constraints.positive, 1)}
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, layout: Layout | None = None,
-                 meta: dict | None = None):
-        super().__init__(loc, layout, meta)
+                 meta: dict | None = None, validate_args: bool = False):
+        super().__init__(loc, layout, meta, validate_args)
         if scale.shape != loc.shape:
             raise ValueError(f"scale must have shape {tuple(loc.shape)}, got {tuple(scale.shape)}")
         self.scale = scale
+        if _checkable(loc, scale):
+            _check_finite(self, "loc", loc, "pass a finite mean (a diverged fit? refit with a smaller lr)")
+            _check_positive(self, "scale", scale, "it holds standard deviations: pass scale.abs(), or variance.sqrt(), "
+                            "and clamp zeros (e.g. .clamp_min(1e-12))")
 
     @property
     def variance(self):
@@ -833,6 +897,79 @@ class DiagGaussian(Gaussian):
         import pyro.distributions as dist
 
         return dist.Normal(self.loc, self.scale, validate_args=False).to_event(1)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: a save's temporary file: ``.<name>.pd-<pid>-<random>.tmp`` (pid: the writer, so a live writer's file is kept)
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.pd-(?P<pid>\d+)-[^/]*\.tmp$")
+#: the temporaries of saves before the pid was recorded: ``.<name>.<8 random chars>.tmp``
+_LEGACY_TMP_RE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale_tmp(path: Path) -> None:
+    """Remove temporaries of killed saves in ``path``'s folder: those whose writer process is gone, and the
+    pre-pid kind for this file name (no live writer makes those any more)."""
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for e in entries:
+        if not e.name.endswith(".tmp") or not e.is_file(follow_symlinks=False):
+            continue
+        m = _TMP_RE.match(e.name)
+        stale = (not _pid_alive(int(m["pid"]))) if m else bool(
+            (lm := _LEGACY_TMP_RE.match(e.name)) and lm["name"] == path.name)
+        if stale:
+            try:
+                os.unlink(e.path)
+            except OSError:
+                pass
+
+
+def _plain_meta(meta: Any, key: str = "meta") -> Any:
+    """``meta`` as plain JSON types (what ``torch.load(weights_only=True)`` reads back), or a ValueError naming
+    the key: numpy scalars and 0-d tensors -> Python numbers, paths -> str, tuples/sets -> lists."""
+    if meta is None or isinstance(meta, (bool, int, float, str)):
+        return meta
+    if isinstance(meta, dict):
+        out = {}
+        for k, v in meta.items():
+            if not isinstance(k, str):
+                raise ValueError(f"cannot save {key}: key {k!r} is a {type(k).__name__}; metadata keys must be str")
+            out[k] = _plain_meta(v, f"{key}[{k!r}]")
+        return out
+    if isinstance(meta, (list, tuple)):
+        return [_plain_meta(v, f"{key}[{i}]") for i, v in enumerate(meta)]
+    if isinstance(meta, os.PathLike):
+        return os.fspath(meta)
+    if isinstance(meta, torch.Tensor) and meta.numel() == 1 and meta.dim() == 0:
+        return meta.item()
+    if type(meta).__module__ == "numpy":
+        if getattr(meta, "ndim", None) == 0 and hasattr(meta, "item"):
+            return _plain_meta(meta.item(), key)
+        if hasattr(meta, "tolist"):
+            return _plain_meta(meta.tolist(), key)
+    raise ValueError(
+        f"cannot save {key}: a {type(meta).__name__} is not plain data; store it as str, int, float, bool, None, "
+        "or lists/dicts of them (e.g. str(x) or x.tolist())"
+    )
 
 
 _KINDS: dict[str, type[Gaussian]] = {c.kind: c for c in (DenseGaussian, LowRankGaussian, DiagGaussian)}
@@ -915,7 +1052,16 @@ def load(path: str | os.PathLike, layout: Layout | None = None, map_location: st
         raise ValueError(
             f"{path} holds a posterior of another architecture:\n  saved:    {saved_layout}\n  expected: {layout}"
         )
+    tensors = payload.get("tensors")
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{path}: the file holds no tensors of a {kind} Gaussian (corrupt file); save it again")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{path}: tensor {name!r} of the saved {kind} Gaussian holds NaN/inf (a diverged fit was saved); "
+                "refit the posterior (e.g. with a smaller lr) and save it again"
+            )
     try:
-        return _KINDS[kind](**payload["tensors"], layout=saved_layout or layout, meta=payload.get("meta") or {})
+        return _KINDS[kind]._from_tensors(tensors, layout=saved_layout or layout, meta=payload.get("meta") or {})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: inconsistent tensors for a {kind} Gaussian: {exc}") from exc

@@ -135,3 +135,85 @@ def test_as_gaussian_accepts_and_refuses() -> None:
         as_gaussian(Normal(torch.zeros(P), 1.0))
     with pytest.raises(ValueError, match="3 are needed"):
         as_gaussian(q, p=3)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def test_parameters_validated_with_the_fix_named() -> None:
+    z = torch.zeros(3, dtype=torch.float64)
+    one = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"scale must be > 0 .*index 1: -0.5.*abs"):
+        DiagGaussian(z, torch.tensor([1.0, -0.5, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        DiagGaussian(z, torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="loc holds 1 NaN"):
+        DiagGaussian(torch.tensor([0.0, float("nan"), 0.0], dtype=torch.float64), one)
+    with pytest.raises(ValueError, match="cov_diag must be > 0.*clamp"):
+        LowRankGaussian(z, torch.ones(3, 1, dtype=torch.float64), torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="cov_factor holds"):
+        LowRankGaussian(z, torch.full((3, 1), float("inf"), dtype=torch.float64), one)
+    with pytest.raises(ValueError, match="zero diagonal entries .*from_covariance"):
+        DenseGaussian(z, torch.diag(torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)))
+    with pytest.raises(ValueError, match="scale_tril holds"):
+        DenseGaussian(z, torch.full((3, 3), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match="loc holds"):
+        DenseGaussian(torch.full((3,), float("inf"), dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    # only |L_ii| matters: a negative diagonal is a valid factor, and Pyro sees the same covariance
+    L = torch.diag(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    q = DenseGaussian(z, L)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(q.to_pyro().log_prob(x), q.log_prob(x), atol=1e-12, rtol=0)
+    torch.testing.assert_close(q.log_prob(x), MultivariateNormal(z, L @ L.T).log_prob(x), atol=1e-12, rtol=0)
+    # a differentiable Gaussian inside a fit is not checked (the fit's divergence guard is)
+    DiagGaussian(z, torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64, requires_grad=True))
+
+
+# ------------------------------------------------------------------------------------------------ files
+def test_save_plain_meta_verified_and_umask(tmp_path) -> None:
+    np = pytest.importorskip("numpy")
+    import os
+
+    q = make("lowrank")
+    q.meta = {"steps": np.int64(3), "lr": np.float32(0.5), "dir": tmp_path / "x", "sizes": (64, 10),
+              "nested": {"arr": np.arange(3), "t": torch.tensor(2.0)}}
+    old = os.umask(0o027)
+    try:
+        f = q.save(tmp_path / "posterior.pt")
+    finally:
+        os.umask(old)
+    assert (f.stat().st_mode & 0o777) == 0o640
+    from pyro_distill.gaussian import load
+
+    back = load(f)
+    assert back.meta == {"steps": 3, "lr": 0.5, "dir": str(tmp_path / "x"), "sizes": [64, 10],
+                         "nested": {"arr": [0, 1, 2], "t": 2.0}}
+    assert type(back.meta["steps"]) is int
+    q.meta = {"bad": object()}
+    with pytest.raises(ValueError, match=r"meta\['bad'\].*not plain data"):
+        q.save(tmp_path / "other.pt")
+    assert not (tmp_path / "other.pt").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_stale_temporaries_cleaned_and_nan_file_refused(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from pyro_distill.gaussian import load
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".posterior.pt.pd-{pid}-abc123.tmp"
+    legacy = tmp_path / ".posterior.pt.k2j4_x9q.tmp"
+    live = tmp_path / f".prior.pt.pd-{os.getpid()}-zzz.tmp"  # a save in progress in this very process: kept
+    for p in (stale, legacy, live):
+        p.write_bytes(b"x" * 10)
+    q = make("diag")
+    q.save(tmp_path / "posterior.pt")
+    assert not stale.exists() and not legacy.exists() and live.exists()
+    # a file holding NaN (written past the checks) is refused at load with the cause named
+    payload = torch.load(tmp_path / "posterior.pt", weights_only=True)
+    payload["tensors"]["loc"][0] = float("nan")
+    torch.save(payload, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"'loc'.*NaN/inf.*diverged"):
+        load(tmp_path / "nan.pt")
