@@ -27,6 +27,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.nn import PyroModule, PyroParam
 
+from . import checks
 from .arrays import as_data
 from .gaussian import DenseGaussian, DiagGaussian, Gaussian, LowRankGaussian, cholesky_jitter
 from .nets.base import BayesianNet
@@ -204,9 +205,13 @@ def fit_map(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian 
     """Maximize ``log p(y | X, w) + log p(w)`` by Adam (full batch unless ``batch_size``).
 
     Returns the MAP weights ``[p]`` and the history (``map_loss`` = negative log joint per datum).
-    ``progress``: a tqdm bar (``None``: only when stderr is a terminal and ``$CI`` is unset).
+    ``progress``: a tqdm bar (``None``: only when stderr is a terminal and ``$CI`` is unset). A non-finite
+    loss, a linear-algebra failure in a step, or a loss grown past ``start + 1e3 max(|start|, 1)``
+    (:class:`pyro_distill.checks.LossGuard`) stops it with :class:`DivergenceError`.
     """
     X, y = as_data(X, y)
+    steps, lr, batch_size = checks.count("steps", steps), checks.positive("lr", lr), checks.batch_size(batch_size)
+    checks.data(net, X, y)
     progress = _auto_progress(progress)
     _seed(seed)
     history = history or FitHistory()
@@ -226,14 +231,26 @@ def fit_map(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian 
     N = X.shape[0]
     t0 = time.perf_counter()
     it = _progress(range(steps), progress, "MAP")
+    guard = checks.LossGuard()
     for step in it:
         idx = None if batch_size is None or batch_size >= N else torch.randint(0, N, (batch_size,), device=X.device)
         opt.zero_grad(set_to_none=True)
         ns = None if log_noise is None else log_noise.exp()
-        loss = -_log_joint(net, w, prior, X, y, idx, ns) / N
+        try:
+            loss = -_log_joint(net, w, prior, X, y, idx, ns) / N
+        except checks.LINALG_ERRORS as exc:
+            raise DivergenceError(f"MAP diverged at step {step}: {type(exc).__name__} ({str(exc).splitlines()[0]}); "
+                                  f"last good weights from step {guard.snapshot_step}; lower lr (now {lr})", step,
+                                  guard.snapshot, history) from exc
         if not bool(torch.isfinite(loss)):
             raise DivergenceError(f"MAP diverged at step {step}: loss is {loss.item()}; lower lr (now {lr})",
                                   step, w.detach().clone(), history)
+        if guard.exploded(float(loss.detach())):
+            raise DivergenceError(f"MAP diverged at step {step}: the loss grew from {guard.start:.4g} to "
+                                  f"{float(loss.detach()):.4g} (more than {checks.GROWTH_FACTOR:g}x its start); last "
+                                  f"good weights from step {guard.snapshot_step}; lower lr (now {lr})", step,
+                                  guard.snapshot, history)
+        guard.keep(step, w)
         loss.backward()
         opt.step()
         history.map_loss.append(float(loss.detach()))
@@ -346,6 +363,7 @@ class _Quiet:
 def _check_inputs(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, guide: str, prior: Gaussian | None) -> None:
     if guide not in GUIDES:
         raise ValueError(f"unknown guide {guide!r}; choose one of {GUIDES} ('mvn' = dense full covariance)")
+    checks.data(net, X, y)
     net.check_data(X, y)
     if prior is not None and prior.dim != net.num_params:
         raise ValueError(
@@ -398,10 +416,15 @@ def fit_posterior(
     X, y = as_data(X, y)
     progress = _auto_progress(progress)
     _check_inputs(net, X, y, guide, prior)
+    steps, map_steps = checks.count("steps", steps), checks.count("map_steps", map_steps)
+    lr, map_lr = checks.positive("lr", lr), checks.positive("map_lr", map_lr)
+    factor_lr = None if factor_lr is None else checks.positive("factor_lr", factor_lr)
+    num_particles, batch_size = checks.count("num_particles", num_particles, 1), checks.batch_size(batch_size)
+    snapshot_every = checks.count("snapshot_every", snapshot_every, 1)
     device = torch.device(device) if device is not None else X.device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' requested but CUDA is not available; use device='cpu'")
-    dtype = dtype or (X.dtype if X.is_floating_point() else torch.float32)
+    dtype = checks.float_dtype(dtype or (X.dtype if X.is_floating_point() else torch.float32))
     X = X.to(device=device, dtype=dtype) if X.is_floating_point() else X.to(device)
     y = y.to(device=device, dtype=dtype) if y.is_floating_point() else y.to(device)
     prior = (prior if prior is not None else net.default_prior(dtype, device)).to(device, dtype)
@@ -469,21 +492,29 @@ def fit_posterior(
     snap_step = 0
     t0 = time.perf_counter()
     it = _progress(range(steps), progress, f"SVI[{guide}]")
+    guard = checks.LossGuard()
     for step in it:
         opt.zero_grad(set_to_none=True)
-        q = g.gaussian()
-        ll, kl = elbo_terms(net, q, prior, X, y, num_particles, sub)
-        loss = -(ll - kl)
-        lossv = loss.detach().item()
-        bad = not math.isfinite(lossv)
-        if not bad:
-            loss.backward()
-            g.mask_grad()
-            # a sum is NaN/inf iff some entry is (or the sum overflows): one pass, no p x p temporary
-            bad = not all(_finite(p.grad) for p in g.parameters() if p.grad is not None)
+        why = None  # set when the current parameters themselves are bad: the snapshot is handed back
+        try:
+            q = g.gaussian()
+            ll, kl = elbo_terms(net, q, prior, X, y, num_particles, sub)
+            loss = -(ll - kl)
+            lossv = loss.detach().item()
+            bad = not math.isfinite(lossv)
+            if not bad and guard.exploded(lossv):
+                bad, why = True, (f"the loss (-ELBO) grew from {guard.start:.4g} to {lossv:.4g}, more than "
+                                  f"{checks.GROWTH_FACTOR:g}x its start")
+            if not bad:
+                loss.backward()
+                g.mask_grad()
+                # a sum is NaN/inf iff some entry is (or the sum overflows): one pass, no p x p temporary
+                bad = not all(_finite(p.grad) for p in g.parameters() if p.grad is not None)
+        except checks.LINALG_ERRORS as exc:
+            lossv, bad, why = float("nan"), True, f"{type(exc).__name__} ({str(exc).splitlines()[0]})"
         if bad:
             history.svi_time_s += time.perf_counter() - t0
-            if _guide_finite(g):
+            if why is None and _guide_finite(g):
                 last, good_step = _clone_gaussian(g.gaussian()), step
             else:
                 with torch.no_grad():
@@ -492,7 +523,7 @@ def fit_posterior(
                 last, good_step = _clone_gaussian(g.gaussian()), snap_step
             last.meta = {"source": "svi (stopped by the NaN guard)", "step": good_step}
             raise DivergenceError(
-                f"SVI diverged at step {step}: the ELBO or its gradient is not finite (loss {lossv}). "
+                f"SVI diverged at step {step}: {why or f'the ELBO or its gradient is not finite (loss {lossv})'}. "
                 f"The returned state is the last good one (from step {good_step}); lower lr (now {lr}) or "
                 f"factor_lr (now {flr}), or use more particles / float64.", step, last, history)
         opt.step()
@@ -566,17 +597,9 @@ def _to_lowrank(q: Gaussian, rank: int, seed: int) -> LowRankGaussian:
 
 
 def predictive(net: BayesianNet, q: Gaussian, X: torch.Tensor, num_samples: int = 200, seed: int = 0,
-               chunk: int = 50) -> torch.Tensor:
-    """Posterior predictive: class probabilities ``[N, C]`` averaged over draws (classification) or the
-    draws' outputs ``[S, N, ...]`` (regression)."""
-    gen = torch.Generator(device=q.device).manual_seed(seed)
-    with torch.no_grad():
-        w = q.to(X.device, X.dtype).sample(num_samples, generator=gen) if q.device == X.device else \
-            q.sample(num_samples, generator=gen).to(X)
-        if net.likelihood == "categorical":
-            acc = 0
-            for a in range(0, num_samples, chunk):
-                acc = acc + torch.softmax(net.forward(w[a : a + chunk], X), -1).sum(0)
-            return acc / num_samples
-        return torch.cat([net.forward(w[a : a + chunk], X) for a in range(0, num_samples, chunk)])
+               chunk: int = 50, method: str = "mc") -> torch.Tensor:
+    """Posterior predictive (see :func:`pyro_distill.predictions.predictive`): class probabilities ``[N, C]``
+    averaged over draws (classification) or the draws' outputs (regression)."""
+    from .predictions import predictive as _predictive
 
+    return _predictive(net, q, X, method=method, num_samples=num_samples, seed=seed, chunk=chunk)

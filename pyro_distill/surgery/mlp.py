@@ -88,6 +88,10 @@ class RemoveNeurons(Operation):
     def __init__(self, layer: int, neurons: Sequence[int] | torch.Tensor):
         if isinstance(neurons, torch.Tensor):
             neurons = neurons.reshape(-1).tolist()
+        bad = [j for j in neurons if isinstance(j, bool) or not float(j).is_integer()]
+        if bad:
+            raise SurgeryError(f"remove_neurons(layer={layer}): neuron indices must be integers, got {bad}; "
+                               "pass whole neuron numbers like [0, 3]")
         neurons = [int(j) for j in neurons]
         if not neurons:
             raise SurgeryError(f"remove_neurons(layer={layer}): no neurons given; pass at least one neuron index")
