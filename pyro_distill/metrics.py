@@ -26,6 +26,7 @@ import torch
 from .arrays import as_data, as_tensor
 from .gaussian import Gaussian
 from .nets.base import BayesianNet
+from .predictions import is_point, predictive
 
 __all__ = [
     "accuracy",
@@ -118,58 +119,45 @@ def num_params(net: BayesianNet) -> int:
     return int(net.num_params)
 
 
-def _is_point(g: Gaussian) -> bool:
-    return bool(g.variance.max() < 1e-20)
-
-
 def predict(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, num_samples: int = 200,
-            seed: int = 0, chunk: int = 50) -> torch.Tensor:
+            seed: int = 0, chunk: int = 50, method: str = "mc") -> torch.Tensor:
     """Predictive quantities: class probabilities ``[N, C]`` (classification) or output draws ``[S, N]``
-    (regression). ``q`` is a Gaussian (draws; a point mass uses its mean) or one weight vector ``[p]``."""
-    X = as_tensor(X, "X")
-    if isinstance(q, Gaussian):
-        if q.dim != net.num_params:
-            raise ValueError(f"the Gaussian has {q.dim} coordinates but the network has p={net.num_params}")
-        if _is_point(q):
-            w = q.mean.detach().to(X).unsqueeze(0)
-        else:
-            gen = torch.Generator(device=q.device).manual_seed(seed)
-            w = q.sample(num_samples, generator=gen).to(X)
-    else:
-        w = torch.as_tensor(q).detach().to(X)
-        if w.shape[-1] != net.num_params:
-            raise ValueError(f"weights have {w.shape[-1]} entries but the network has p={net.num_params}")
-        w = w.reshape(-1, net.num_params)
-    with torch.no_grad():
-        if net.likelihood == "categorical":
-            acc = 0
-            for a in range(0, w.shape[0], chunk):
-                acc = acc + torch.softmax(net.forward(w[a : a + chunk], X), -1).sum(0)
-            return acc / w.shape[0]
-        out = torch.cat([net.forward(w[a : a + chunk], X) for a in range(0, w.shape[0], chunk)])
-        return out.squeeze(-1)
+    (regression). ``q`` is a Gaussian (draws; a point mass uses its mean) or one weight vector ``[p]``;
+    ``method`` ``"mc"`` (sampled) or ``"linearized"`` (see :func:`pyro_distill.predictions.predictive`)."""
+    return predictive(net, q, X, method=method, num_samples=num_samples, seed=seed, chunk=chunk)
 
 
 def evaluate(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, y: torch.Tensor,
              num_samples: int = 200, seed: int = 0, teacher_probs: torch.Tensor | None = None,
-             noise_scale: float | None = None) -> dict[str, Any]:
+             noise_scale: float | None = None, linearized: bool = True) -> dict[str, Any]:
     """All metrics of ``net`` under ``q`` (a Gaussian, or one weight vector) on ``(X, y)``.
 
     Classification: ``accuracy, nll, ece, brier, params`` (+ ``agreement`` with ``teacher_probs``).
     Regression: ``rmse, nll, params`` with noise ``noise_scale`` (default: the network's).
+    The plain names are the sampled predictive's; with ``linearized`` (and a ``q`` that is not a point) the
+    linearized predictive's values follow with the suffix ``_lin`` (``nll_lin``, ``accuracy_lin``, ...).
     """
     X, y = as_data(X, y)
     if teacher_probs is not None:
         teacher_probs = as_tensor(teacher_probs, "teacher_probs")
     net.check_data(X, y)
-    out = predict(net, q, X, num_samples=num_samples, seed=seed)
-    if net.likelihood == "categorical":
-        res = {"accuracy": accuracy(out, y), "nll": nll(out, y), "ece": ece(out, y), "brier": brier(out, y),
-               "params": num_params(net)}
-        if teacher_probs is not None:
-            res["agreement"] = agreement(out, teacher_probs)
-        return res
     s = noise_scale if noise_scale is not None else net.noise_scale
-    if s is None:
+    if net.likelihood != "categorical" and s is None:
         raise ValueError("this network's noise scale is fitted: pass noise_scale to evaluate")
-    return {"rmse": rmse(out, y), "nll": regression_nll(out, y, float(s)), "params": num_params(net)}
+    methods = ["mc"]
+    if linearized and isinstance(q, Gaussian) and not is_point(q):
+        methods.append("linearized")
+    res: dict[str, Any] = {}
+    for method in methods:
+        out = predict(net, q, X, num_samples=num_samples, seed=seed, method=method)
+        sfx = "" if method == "mc" else "_lin"
+        if net.likelihood == "categorical":
+            part = {"accuracy": accuracy(out, y), "nll": nll(out, y), "ece": ece(out, y), "brier": brier(out, y)}
+            if teacher_probs is not None:
+                part["agreement"] = agreement(out, teacher_probs)
+        else:
+            part = {"rmse": rmse(out, y), "nll": regression_nll(out, y, float(s))}
+        res.update({k + sfx: v for k, v in part.items()})
+        if method == "mc":
+            res["params"] = num_params(net)
+    return res
