@@ -12,4 +12,5 @@ from .transformer import plan_transformer, transformer_scores  # noqa: E402, I00
 
 __all__ += ["RemoveHead", "RemoveAttentionSublayer", "RemoveFFN", "RemoveBlock", "plan_transformer",
             "transformer_scores"]
+from .cnn import RemoveChannels, RemoveDenseNeurons, plan_cnn, remove_channels  # noqa: E402,F401
 from .rnn import ATTENTION_VARIANTS, RemoveAttention, remove_attention  # noqa: E402,F401
