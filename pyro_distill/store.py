@@ -1,10 +1,22 @@
 """The on-disk model folder: ``models/<name>/`` holds ``posterior.pt`` (the Gaussian with its layout),
-``card.json`` (network config, data, how it was fitted) and, when diagnostics ran, ``idata.nc``."""
+``card.json`` (network config, data, how it was fitted, and the SHA-256 fingerprint of ``posterior.pt``),
+optionally ``prior.pt`` (the prior it was fitted under) and, when diagnostics ran, ``idata.nc``.
+
+Every file is written through a temporary ``.<name>.pd-<pid>-*.tmp`` beside it and a rename, so a reader
+never sees a half-written file; temporaries are removed on every exit path, and those of a killed writer
+(its pid gone) are removed at the next save into the folder. Files get the permissions the umask gives
+(``0o666 & ~umask``), not ``mkstemp``'s 0600. A full disk or a read-only folder is one
+:class:`StorageError` line naming the folder and the fix.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,53 +25,293 @@ from . import gaussian as gmod
 from .gaussian import Gaussian
 from .nets.base import BayesianNet, net_from_config
 
-__all__ = ["save_model", "load_model", "atomic_write_text", "MODEL_FILE", "CARD_FILE", "IDATA_FILE"]
+__all__ = ["save_model", "load_model", "atomic_write_text", "fingerprint", "check_writable", "clean_stale_temps",
+           "plain_json", "file_mode", "StorageError", "MODEL_FILE", "CARD_FILE", "IDATA_FILE", "PRIOR_FILE",
+           "FINGERPRINT_KEY"]
 
 MODEL_FILE = "posterior.pt"
 CARD_FILE = "card.json"
 IDATA_FILE = "idata.nc"
+PRIOR_FILE = "prior.pt"
+#: card.json key holding :func:`fingerprint` of posterior.pt (``prior_sha256`` likewise for prior.pt)
+FINGERPRINT_KEY = "posterior_sha256"
+#: free space demanded beyond the estimated size of what is written (filesystem blocks, card, idata)
+SPACE_MARGIN = 16 * 2**20
+
+_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+#: a writer's temporary: ``.<name>.pd-<pid>-<random>.tmp`` (the pid tells a live writer from a killed one)
+_TMP_RE = re.compile(r"^\..+\.pd-(?P<pid>\d+)-[^/]*\.tmp$")
+
+
+class StorageError(OSError):
+    """A file could not be written: full disk, read-only or unwritable folder. One line, with the fix."""
+
+
+# ============================================================================ files
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """Permissions a new file gets under the current umask: ``0o666 & ~umask``."""
+    return 0o666 & ~_umask()
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.pd-{os.getpid()}-"
+
+
+def storage_error(exc: BaseException, path: str | os.PathLike) -> StorageError | None:
+    """A :class:`StorageError` for a failed write of ``path`` when ``exc`` means a full disk or a read-only /
+    unwritable folder (also torch's ``RuntimeError`` from a short write); ``None`` for anything else."""
+    if isinstance(exc, StorageError):
+        return exc
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("unexpected pos", "PytorchStreamWriter",
+                                                                      "enforce fail", "No space")):
+        code = errno.ENOSPC if _free_bytes(folder) < SPACE_MARGIN else None
+    if code in _NO_SPACE:
+        return StorageError(errno.ENOSPC, f"no space left on the device holding {folder} (writing {path.name}, "
+                                          f"{_free_bytes(folder) / 2**20:.0f} MiB free); free some space or choose "
+                                          "another output folder (--models / --runs / --out)")
+    if code in _READ_ONLY:
+        return StorageError(code, f"cannot write into {folder}: the folder is read-only or not writable; fix its "
+                                  "permissions or choose another output folder (--models / --runs / --out)")
+    return None
+
+
+def _free_bytes(folder: Path) -> int:
+    p = folder
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return 0
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file); the
+    file's mode follows the umask. A full disk or read-only folder raises :class:`StorageError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+    except OSError as exc:
+        err = storage_error(exc, path)
+        if err is not None:
+            raise err from exc
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     return path
 
 
-def save_model(folder: str | os.PathLike, net: BayesianNet, q: Gaussian, card: dict[str, Any] | None = None,
-               overwrite: bool = False) -> Path:
-    """Save a fitted Gaussian and its model card into ``folder`` (refuses to overwrite unless asked)."""
+def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries (``.<name>.pd-<pid>-*.tmp``) in ``folder`` whose writer process is gone."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TMP_RE.match(e.name)
+        if not m or not e.is_file(follow_symlinks=False) or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            os.unlink(e.path)
+            removed.append(Path(e.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """``"sha256:<hex>"`` of a file's bytes: what a derived file (idata.nc, a card) records of its source."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"sha256:{h.hexdigest()}"
+
+
+def check_writable(folder: str | os.PathLike, need_bytes: int = 0, what: str = "output folder") -> Path:
+    """Check, before any expensive work, that ``folder`` (created if missing, with its parents) accepts a new
+    file and has ``need_bytes`` (+ a margin) free; a :class:`StorageError` line otherwise."""
     folder = Path(folder)
-    if (folder / MODEL_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{folder} already holds a model; pass overwrite=True or choose another name")
-    if q.dim != net.num_params:
-        raise ValueError(f"Gaussian of dimension {q.dim} does not belong to {net!r}")
-    folder.mkdir(parents=True, exist_ok=True)
-    q.layout = net.layout
-    q.save(folder / MODEL_FILE, overwrite=overwrite)
-    full = {"net": net.config(), "p": net.num_params, "kind": q.kind} | dict(card or {})
-    atomic_write_text(folder / CARD_FILE, json.dumps(full, indent=2, default=str))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-check.pd-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        err = storage_error(exc, folder)
+        if err is None:
+            raise StorageError(getattr(exc, "errno", None) or errno.EIO,
+                               f"cannot write into the {what} {folder} ({exc}); choose another folder") from exc
+        raise StorageError(err.errno, f"{what}: {err.strerror}") from exc
+    free = _free_bytes(folder)
+    if need_bytes and free < need_bytes + SPACE_MARGIN:
+        raise StorageError(errno.ENOSPC, f"{what} {folder}: only {free / 2**20:.0f} MiB free, about "
+                                         f"{(need_bytes + SPACE_MARGIN) / 2**20:.0f} MiB needed; free some space "
+                                         "or choose another folder")
     return folder
 
 
-def load_model(folder: str | os.PathLike) -> tuple[BayesianNet, Gaussian, dict[str, Any]]:
-    """``(net, gaussian, card)`` from a model folder; checks that the posterior fits the network."""
+def gaussian_bytes(q: Gaussian | None) -> int:
+    """The size of ``q``'s tensors in bytes (about the size of its saved file)."""
+    if q is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in q._tensors().values())
+
+
+def plain_json(obj: Any, key: str = "card") -> Any:
+    """``obj`` as plain JSON types, or a ValueError naming the key: numpy scalars / 0-d tensors -> numbers,
+    arrays and tensors -> lists, paths and torch dtypes -> str, tuples and sets -> lists. Non-finite floats
+    stay (Python's json reads NaN back)."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise ValueError(f"cannot save {key}: key {k!r} is a {type(k).__name__}; card keys must be str")
+            out[k] = plain_json(v, f"{key}[{k!r}]")
+        return out
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [plain_json(v, f"{key}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    mod = type(obj).__module__
+    if mod == "torch" and type(obj).__name__ == "dtype":
+        return str(obj).replace("torch.", "")
+    if hasattr(obj, "tolist") and (mod == "numpy" or mod.startswith("torch")):
+        return plain_json(obj.tolist(), key)
+    if hasattr(obj, "item") and mod == "numpy":
+        return plain_json(obj.item(), key)
+    raise ValueError(f"cannot save {key}: a {type(obj).__name__} is not a JSON value; store it as a str, number, "
+                     "list or dict")
+
+
+# ============================================================================ model folders
+def save_model(folder: str | os.PathLike, net: BayesianNet, q: Gaussian, card: dict[str, Any] | None = None,
+               overwrite: bool = False, prior: Gaussian | None = None) -> Path:
+    """Save a fitted Gaussian (and, if given, the ``prior`` it was fitted under, as prior.pt) with its model
+    card into ``folder``; refuses to overwrite unless asked.
+
+    The card is converted to plain JSON first (refused, naming the key, before anything is written), free
+    space is checked against the size of the Gaussians, the card records the fingerprints of the files
+    it describes, and the whole folder is read back (:func:`load_model`) before returning. A failed save
+    into a new folder removes the folder (no empty or half model folders are left)."""
+    folder = Path(folder)
+    if (folder / MODEL_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{folder} already holds a model; pass overwrite=True (CLI: --overwrite) or choose "
+                              "another name")
+    if q.dim != net.num_params:
+        raise ValueError(f"Gaussian of dimension {q.dim} does not belong to {net!r}")
+    if prior is not None and prior.dim != net.num_params:
+        raise ValueError(f"prior of dimension {prior.dim} does not belong to {net!r}")
+    extra = plain_json(dict(card or {}))
+    created = not folder.exists()
+    check_writable(folder, gaussian_bytes(q) + gaussian_bytes(prior), what="model folder")
+    try:
+        clean_stale_temps(folder)
+        q.layout = net.layout
+        q.save(folder / MODEL_FILE, overwrite=overwrite)
+        full = {"net": net.config(), "p": net.num_params, "kind": q.kind} | extra
+        full[FINGERPRINT_KEY] = fingerprint(folder / MODEL_FILE)
+        if prior is not None:
+            prior.layout = net.layout
+            prior.save(folder / PRIOR_FILE, overwrite=overwrite)
+            full["prior_sha256"] = fingerprint(folder / PRIOR_FILE)
+        atomic_write_text(folder / CARD_FILE, json.dumps(full, indent=2))
+        _, q2, card2 = load_model(folder)  # read back what a reader will see
+        same_card = json.dumps(card2, sort_keys=True) == json.dumps(full, sort_keys=True)
+        if q2.kind != q.kind or q2.dim != q.dim or not same_card:
+            raise RuntimeError(f"{folder}: the saved model does not read back as written; save it again")
+    except BaseException as exc:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        err = storage_error(exc, folder / MODEL_FILE) if isinstance(exc, (OSError, RuntimeError)) else None
+        if err is not None and err is not exc:
+            raise err from exc
+        raise
+    return folder
+
+
+def load_model(folder: str | os.PathLike, verify: bool = True) -> tuple[BayesianNet, Gaussian, dict[str, Any]]:
+    """``(net, gaussian, card)`` from a model folder; checks that the posterior fits the network and, with
+    ``verify``, that posterior.pt is the file the card describes (its fingerprint)."""
     folder = Path(folder)
     if not (folder / CARD_FILE).exists() or not (folder / MODEL_FILE).exists():
         raise FileNotFoundError(f"{folder} is not a model folder (needs {CARD_FILE} and {MODEL_FILE})")
     try:
         card = json.loads((folder / CARD_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{folder / CARD_FILE} is corrupt: {exc}") from exc
-    net = net_from_config(card["net"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{folder / CARD_FILE} is corrupt: {exc}; re-save the model") from exc
+    if not isinstance(card, dict) or not isinstance(card.get("net"), dict):
+        got = type(card.get("net")).__name__ if isinstance(card, dict) else f"a {type(card).__name__}"
+        raise ValueError(f"{folder / CARD_FILE} is corrupt: \"net\" must be the network's config (a JSON object "
+                         f"like {{\"type\": \"MLP\", \"sizes\": [...]}}), got {got}; re-save the model")
+    want = card.get(FINGERPRINT_KEY)
+    if verify and want is not None:
+        have = fingerprint(folder / MODEL_FILE)
+        if have != want:
+            raise ValueError(f"{folder / MODEL_FILE} is not the file {CARD_FILE} describes (fingerprint {have[:19]}, "
+                             f"card says {str(want)[:19]}): it was replaced or damaged after the save; re-save the "
+                             "model with store.save_model(..., overwrite=True)")
+    try:
+        net = net_from_config(card["net"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{folder / CARD_FILE}: cannot build the network from \"net\" ({type(exc).__name__}: "
+                         f"{exc}); re-save the model") from exc
     q = gmod.load(folder / MODEL_FILE, layout=net.layout)
+    _check_finite(q, folder / MODEL_FILE)
     return net, q, card
+
+
+def _check_finite(q: Gaussian, path: Path) -> None:
+    bad = [k for k, t in q._tensors().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise ValueError(f"{path} holds NaN or inf in {bad}; the file is corrupt: re-fit or restore the model")
+
+
+def posterior_fingerprint(folder: str | os.PathLike) -> str:
+    """:func:`fingerprint` of ``folder/posterior.pt`` (what idata.nc records of its source)."""
+    return fingerprint(Path(folder) / MODEL_FILE)
+
