@@ -232,6 +232,7 @@ def test_dense_gaussian_through_apply_and_plan():
     scores = cnn_scores(teacher, "conv", 1, "snr", q)
     assert plan_cnn(teacher, student_arch, "snr", q)[0].channels == (int(torch.argmin(scores)),)
     assert [type(op) for op in plan_cnn(teacher, teacher, "random")] == [S.SameFamily]
+    assert S.plan(teacher, student_arch, "evidence", posterior=q) == plan_cnn(teacher, student_arch, "evidence", q)
     with pytest.raises(S.SurgeryError, match="only removes"):
         plan_cnn(teacher, teacher.replace(channels=[4, 4]), "random")
     with pytest.raises(S.SurgeryError, match="differ in kernel_size"):

@@ -10,7 +10,8 @@
 The coordinates that remain, in their original order, are exactly the smaller CNN's layout (filters are rows;
 input channels are the second axis of a conv weight; the flattened features are channel-major), so
 ``Operation.apply`` only conditions. :func:`plan_cnn` turns a teacher CNN into a narrower student CNN,
-choosing what goes with the same selectors as the MLP planner, applied to channel / neuron coordinate groups.
+choosing what goes with the same selectors as the MLP planner, applied to channel / neuron coordinate groups;
+:func:`~pyro_distill.surgery.plan` hands a CNN teacher to it.
 """
 
 from __future__ import annotations

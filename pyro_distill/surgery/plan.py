@@ -155,6 +155,11 @@ def plan(teacher_net: BayesianNet, student_net: BayesianNet, selector: str = "sn
     by step so each choice sees the posterior the previous steps leave. ``seed`` drives ``random``. ``prior`` is
     the prior the posterior was fitted under (``evidence`` only; default: the teacher's default prior).
     """
+    from ..nets.cnn import CNN
+    from .cnn import plan_cnn
+
+    if isinstance(teacher_net, CNN):  # a CNN narrows by channel and dense-neuron removal: its own planner
+        return plan_cnn(teacher_net, student_net, selector=selector, posterior=posterior, seed=seed, prior=prior)
     teacher, student = _check_pair(teacher_net, student_net)
     _selector(selector, posterior)
     if posterior is not None:
