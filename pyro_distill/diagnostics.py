@@ -289,12 +289,20 @@ def save_idata(folder: str | os.PathLike, idata: az.InferenceData, overwrite: bo
     path = folder / filename
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    from .store import file_mode, storage_error
+
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.pd-{os.getpid()}-", suffix=".tmp")
     os.close(fd)
     try:
         idata.to_netcdf(tmp, engine="h5netcdf")
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the file follows the umask like any other
         os.replace(tmp, path)
+    except OSError as exc:
+        err = storage_error(exc, path)
+        if err is None:
+            raise
+        raise err from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -308,10 +316,27 @@ def load_idata(path: str | os.PathLike) -> az.InferenceData:
         path = path / "idata.nc"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run `pyro-distill diagnose {path.parent}` first")
-    idata = az.from_netcdf(path)
-    for g in idata.groups():
-        getattr(idata, g).load()
+    try:
+        idata = az.from_netcdf(path)
+        for g in idata.groups():
+            getattr(idata, g).load()
+    except (OSError, ValueError, KeyError) as exc:  # h5py/netCDF raise OSError for a damaged file
+        raise ValueError(f"{path} is corrupt or not a netCDF InferenceData ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); delete it or rerun `pyro-distill diagnose "
+                         f"{path.parent} --overwrite` to rebuild it from posterior.pt") from exc
     return idata
+
+
+def data_fingerprint(X: torch.Tensor, y: torch.Tensor) -> str:
+    """``"sha256:<hex>"`` of the data's dtypes, shapes and bytes (what an idata.nc records of its data)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in (X, y):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"sha256:{h.hexdigest()}"
 
 
 def load_data_spec(spec: Mapping[str, Any] | str):
@@ -322,7 +347,7 @@ def load_data_spec(spec: Mapping[str, Any] | str):
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = spec.get("name")
     makers = {"digits": dmod.digits, "synthetic_regression": dmod.synthetic_regression,
-              "synthetic_classification": dmod.synthetic_classification}
+              "synthetic_classification": dmod.synthetic_classification, "fashion_mnist": _fashion_mnist_spec(spec)}
     if name not in makers:
         raise ValueError(f"unknown data set {name!r} in the data spec; known: {sorted(makers)} "
                          "(set card.json's \"data\" or pass --data)")
@@ -331,6 +356,18 @@ def load_data_spec(spec: Mapping[str, Any] | str):
     if spec.get("fraction") not in (None, 1, 1.0):
         ds = dmod.subsample(ds, float(spec["fraction"]), seed=int(spec.get("subsample_seed", 0)))
     return ds
+
+
+def _fashion_mnist_spec(spec: Mapping[str, Any]):
+    """Fashion-MNIST as a spec names it (``dir``, ``pca`` = 50, ``max_train`` = 0: the experiment defaults)."""
+
+    def make(seed: int = 0):
+        from .data.idx import fashion_mnist
+
+        return fashion_mnist(spec.get("dir") or None, pca=int(spec.get("pca", 50)),
+                             max_train=int(spec.get("max_train", 0)), seed=seed)
+
+    return make
 
 
 def _resolve_prior(folder: Path, net: BayesianNet, card: Mapping[str, Any]) -> tuple[Gaussian, str]:
@@ -350,11 +387,15 @@ def diagnose_model_folder(folder: str | os.PathLike, X: torch.Tensor | None = No
     """Build (and by default save as ``folder/idata.nc``) the InferenceData of a model folder written by
     :func:`pyro_distill.store.save_model`. ``X, y`` default to the training split of the card's data spec.
     A saved file made with the same draws, seed and data is reused; a different one is not silently
-    replaced (``overwrite=True`` replaces it)."""
-    from .store import IDATA_FILE, load_model
+    replaced (``overwrite=True`` replaces it). The file records the fingerprints of posterior.pt and of the
+    data (attributes ``posterior_sha256``, ``data_sha256``); one made from another posterior or other data
+    (or before fingerprints were recorded) is stale: it is rebuilt (and replaced when ``save``), with a
+    RuntimeWarning, never reused."""
+    from .store import FINGERPRINT_KEY, IDATA_FILE, MODEL_FILE, fingerprint, load_model
 
     folder = Path(folder)
-    net, q, card = load_model(folder)
+    net, q, card = load_model(folder)  # checks posterior.pt against the card's fingerprint
+    post_fp = card.get(FINGERPRINT_KEY) or fingerprint(folder / MODEL_FILE)
     if X is None or y is None:
         if not isinstance(card.get("data"), dict):
             raise ValueError(f"{folder}/card.json has no \"data\" spec (a dict like {{\"name\": \"digits\", "
@@ -362,18 +403,27 @@ def diagnose_model_folder(folder: str | os.PathLike, X: torch.Tensor | None = No
         ds = load_data_spec(card["data"])
         X, y = ds.X, ds.y
     path = folder / IDATA_FILE
+    data_fp = data_fingerprint(X, y)
     if path.exists() and not overwrite:
         old = load_idata(path)
         a = old.attrs
-        if (a.get("draws") == draws and a.get("seed") == seed and a.get("num_observations") == X.shape[0]):
+        if a.get("posterior_sha256") != post_fp or a.get("data_sha256") != data_fp:
+            what = "posterior.pt" if a.get("posterior_sha256") != post_fp else "data"
+            warnings.warn(f"{path} was made from another {what} than the current one (fingerprint "
+                          f"{str(a.get('posterior_sha256' if what == 'posterior.pt' else 'data_sha256'))[:19]}); "
+                          "it is stale and is rebuilt", RuntimeWarning, stacklevel=2)
+            overwrite = True
+        elif (a.get("draws") == draws and a.get("seed") == seed and a.get("num_observations") == X.shape[0]):
             return old
-        if save:
+        elif save:
             raise FileExistsError(f"{path} was made with draws={a.get('draws')}, seed={a.get('seed')}, "
                                   f"N={a.get('num_observations')}; pass overwrite=True (--overwrite) to replace it")
     pr, pr_src = (prior, prior.meta.get("source", "given")) if prior is not None else _resolve_prior(folder, net, card)
     idata = to_inference_data(net, q, X, y, draws=draws, seed=seed, prior=pr)
     idata.attrs["model_folder"] = str(folder)
     idata.attrs["prior_path"] = str(pr_src)
+    idata.attrs["posterior_sha256"] = post_fp
+    idata.attrs["data_sha256"] = data_fp
     if save:
         save_idata(folder, idata, overwrite=overwrite)
     return idata

@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = ["register", "run"]
 
 
@@ -84,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         tname, ops = found
         relations.append((name, tname, ops))
-        if e["has_prior"] and not args.no_prior_row:
+        if e["has_prior"] and not args.no_prior_row and not _same_gaussian(e["q"], e["prior"]):
+            # (a `distill` folder's posterior IS its prior: one row, not two identical ones)
             pname = f"{name} prior"
             idatas[pname], target = D.student_prior_idata(e["net"], e["prior"], entries[tname]["net"],
                                                           entries[tname]["prior"], ops, X, y, draws=args.draws,
@@ -116,6 +115,17 @@ def run(args: argparse.Namespace) -> int:
         for path in make_figures(idatas, relations, entries, models, out):
             print(f"wrote {path}")
     return 0
+
+
+def _same_gaussian(a: Any, b: Any) -> bool:
+    """Both Gaussians have the same structure and the same tensors (e.g. a distill folder's posterior and prior)."""
+    import torch
+
+    if type(a) is not type(b):
+        return False
+    ta, tb = a._tensors(), b._tensors()
+    return ta.keys() == tb.keys() and all(
+        ta[k].shape == tb[k].shape and torch.equal(ta[k].double(), tb[k].double()) for k in ta)
 
 
 def run_folder(args: argparse.Namespace, root: Path) -> int:
@@ -166,6 +176,8 @@ def figures_of_kept(kept: dict[str, Any], out: Path) -> list[Path]:
 def make_figures(idatas: dict, relations: list, entries: dict, models: dict, out: Path) -> list[Path]:
     """k-hat and PPC figures for all models; forest and correlation heatmaps for the first teacher/student
     pair (teacher coordinates mapped onto the student's names)."""
+    import torch
+
     from .. import diagnostics as D
     from ..plots import diagnostics as P
 

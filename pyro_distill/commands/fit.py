@@ -1,4 +1,15 @@
-"""``pyro-distill demo`` (what ``make run`` runs) and ``pyro-distill fit`` (a teacher posterior on digits)."""
+"""``pyro-distill demo`` (what ``make run`` runs) and ``pyro-distill fit``.
+
+* ``pyro-distill fit --data NAME --out models/<name>`` fits a teacher posterior (MAP -> Laplace -> SVI) on a
+  shipped or installed data set (the names ``diagnostics.load_data_spec`` knows: digits,
+  synthetic_classification, synthetic_regression, fashion_mnist when its files are installed);
+* ``pyro-distill fit --data NAME --prior models/<student-prior> --out models/<name>`` fits the student whose
+  architecture and prior a ``pyro-distill distill`` folder holds, started at the prior mean (as
+  ``pyro_distill.distill`` does), optionally tempered (``--tau``).
+
+Either way the result is a model folder (``store.save_model``: posterior.pt + card.json with the data spec,
+plus idata.nc; a student also gets prior.pt and the plan, so that ``pyro-distill diagnose`` adds the prior row).
+"""
 
 from __future__ import annotations
 
@@ -38,25 +49,48 @@ samples = 100
 curve_every = 0
 
 [save]
-methods = []
+methods = ["teacher"]
+idata_draws = 1000
 """
+
+
+DATA_NAMES = ("digits", "synthetic_classification", "synthetic_regression", "fashion_mnist")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = subparsers.add_parser("demo", help="digits distillation demo: teacher prior vs baselines at 10%% data")
     d.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
     d.add_argument("--runs", default="runs", help="root of run directories (default: runs)")
+    d.add_argument("--models", default="models",
+                   help="root of saved models: the teacher goes to <models>/demo-<timestamp>/teacher-seed0 "
+                        "(default: models)")
     d.set_defaults(func=_demo)
 
-    f = subparsers.add_parser("fit", help="fit a teacher posterior on digits and save it as a model folder")
-    f.add_argument("--sizes", default="64,32,32,10", help="MLP widths, comma-separated (default 64,32,32,10)")
+    f = subparsers.add_parser(
+        "fit", help="fit a teacher, or (--prior) a student under a distilled prior, and save it as a model folder",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("--data", default="digits", metavar="NAME",
+                   help=f"data set: {', '.join(DATA_NAMES)} (default digits)")
+    f.add_argument("--split-seed", type=int, default=0, help="train/test split (and generator) seed (default 0)")
+    f.add_argument("--fraction", type=float, default=1.0,
+                   help="fit on this stratified fraction of the training split (default 1; subsample seed = --seed)")
+    f.add_argument("--max-train", type=int, default=0, help="fashion_mnist: keep this many training images (0: all)")
+    f.add_argument("--prior", default=None, metavar="FOLDER",
+                   help="a folder written by `pyro-distill distill`: fit its student under its prior")
+    f.add_argument("--tau", type=float, default=1.0, help="with --prior: temper the prior's covariance by tau >= 1")
+    f.add_argument("--sizes", default=None,
+                   help="teacher MLP widths, comma-separated (default: <features>,32,32,<classes or 1>); "
+                        "with --prior the prior's network is used")
     f.add_argument("--out", required=True, help="model folder to create, e.g. models/digits-teacher")
     f.add_argument("--guide", default="mvn", choices=["mvn", "lowrank", "diag"])
     f.add_argument("--steps", type=int, default=300, help="SVI steps (default 300)")
     f.add_argument("--map-steps", type=int, default=1000, help="MAP steps before Laplace (default 1000)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--idata-draws", type=int, default=1000,
-                   help="draws in the ArviZ idata.nc written beside the model (default 1000; 0: none)")
+                   help="draws in the ArviZ idata.nc written beside the model (default 1000 = 4 chains x 250; "
+                        "0: none)")
+    f.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: only when stderr is a terminal and $CI is unset)")
     f.set_defaults(func=_fit)
 
 
@@ -68,46 +102,95 @@ def _demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "demo.toml"
         cfg.write_text(DEMO_TOML.format(seeds=args.seeds, workers=min(args.seeds, 2)))
-        run_dir = run(cfg, runs_root=args.runs, models_root=str(Path(tmp) / "models"), echo=True)
+        run_dir = run(cfg, runs_root=args.runs, models_root=args.models, echo=True)
     print()
     print((run_dir / "summary.md").read_text())
     print(f"run directory: {run_dir}")
+    teachers = sorted(Path(args.models).glob(f"demo-{run_dir.name}/teacher-seed*"))
+    for t in teachers:
+        print(f"teacher model folder (posterior.pt, card.json, idata.nc): {t}")
     return 0
 
 
-def _fit(args: argparse.Namespace) -> int:
-    import torch
+def _parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError as exc:
+        raise ValueError(f"--sizes must be comma-separated integers like 64,32,32,10, got {text!r}") from exc
+    if len(sizes) < 2:
+        raise ValueError(f"--sizes needs at least the input and output widths, got {text!r}")
+    return sizes
 
+
+def _fit(args: argparse.Namespace) -> int:
     from .. import metrics
-    from ..data import digits
+    from ..data import subsample
+    from ..diagnostics import load_data_spec
     from ..inference import fit_posterior
     from ..nets.mlp import MLP
     from ..store import save_model
 
-    try:
-        sizes = [int(s) for s in args.sizes.split(",")]
-    except ValueError as exc:
-        raise ValueError(f"--sizes must be comma-separated integers like 64,32,32,10, got {args.sizes!r}") from exc
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose another --out")
-    ds = digits(seed=0)
-    if sizes[0] != ds.num_features or sizes[-1] != ds.num_classes:
-        raise ValueError(f"digits needs sizes starting with {ds.num_features} and ending with {ds.num_classes}, "
-                         f"got {sizes}")
-    torch.manual_seed(args.seed)
-    net = MLP(sizes)
-    q, hist = fit_posterior(net, ds.X, ds.y, guide=args.guide, steps=args.steps, map_steps=args.map_steps,
-                            seed=args.seed, progress=True)
+    if not 0 < args.fraction <= 1:
+        raise ValueError(f"--fraction must lie in (0, 1], got {args.fraction}")
+    spec: dict = {"name": args.data, "split_seed": args.split_seed}
+    if args.max_train:
+        spec["max_train"] = args.max_train
+    ds = load_data_spec(spec)
+    if args.fraction < 1:
+        ds = subsample(ds, args.fraction, seed=args.seed)
+        spec |= {"fraction": args.fraction, "subsample_seed": args.seed}
+    reg = ds.num_classes is None
+    n_out = 1 if reg else ds.num_classes
+    card: dict = {"data": spec, "data_description": ds.description, "guide": args.guide, "steps": args.steps,
+                  "map_steps": args.map_steps, "seed": args.seed}
+    prior = None
+    if args.prior is not None:
+        net, prior, pcard = _student_prior(Path(args.prior), args.tau)
+        if args.sizes is not None and _parse_sizes(args.sizes) != list(getattr(net, "sizes", [])):
+            raise ValueError(f"--sizes {args.sizes} differs from the prior's network {net!r}; drop --sizes")
+        card |= {"role": "student (fitted under a distilled prior)", "prior_folder": str(args.prior),
+                 "tau": args.tau}
+        for key in ("teacher", "plan"):
+            if key in pcard:
+                card[key] = pcard[key]
+        init = "prior"
+    else:
+        sizes = _parse_sizes(args.sizes) if args.sizes else [ds.num_features, 32, 32, n_out]
+        net = MLP(sizes, likelihood="gaussian" if reg else "categorical", noise_scale=0.5 if reg else 1.0)
+        card["role"] = "teacher"
+        init = "map"
+    sizes = list(getattr(net, "sizes", []))
+    if sizes and (sizes[0] != ds.num_features or sizes[-1] != n_out):
+        raise ValueError(f"{args.data} needs a network from {ds.num_features} inputs to {n_out} outputs, got "
+                         f"{sizes}" + (" (the prior's network)" if prior is not None else ""))
+    q, hist = fit_posterior(net, ds.X, ds.y, guide=args.guide, prior=prior, steps=args.steps,
+                            map_steps=args.map_steps, init=init, seed=args.seed, progress=args.progress)
     res = metrics.evaluate(net, q, ds.Xte, ds.yte, seed=args.seed)
-    save_model(out, net, q, {"data": {"name": "digits", "split_seed": 0}, "data_description": ds.description,
-                             "role": "teacher", "guide": args.guide, "steps": args.steps,
-                             "map_steps": args.map_steps, "seed": args.seed, "test": res,
-                             "elbo_start": hist.elbo_start, "elbo_end": hist.elbo_end})
-    print(f"saved {out}: " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
+    save_model(out, net, q, card | {"test": res, "elbo_start": hist.elbo_start, "elbo_end": hist.elbo_end})
+    if prior is not None:
+        prior.save(out / "prior.pt")
+    print(f"saved {out} ({card['role']}, {net!r}): " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
     if args.idata_draws > 0:
         from ..diagnostics import diagnose_model_folder
 
-        diagnose_model_folder(out, ds.X, ds.y, draws=args.idata_draws)
+        diagnose_model_folder(out, ds.X, ds.y, draws=args.idata_draws, prior=prior)
         print(f"wrote {out / 'idata.nc'} ({args.idata_draws} draws on the training split; az.from_netcdf opens it)")
     return 0
+
+
+def _student_prior(folder: Path, tau: float):
+    """``(student net, prior, card)`` from a ``pyro-distill distill`` folder (prior.pt, else posterior.pt)."""
+    from .. import gaussian as gmod
+    from ..store import load_model
+
+    net, g, card = load_model(folder)
+    prior = gmod.load(folder / "prior.pt", layout=net.layout) if (folder / "prior.pt").exists() else g
+    if not tau >= 1:
+        raise ValueError(f"--tau must be >= 1 (1 = the distilled prior as it is, larger = weaker), got {tau}")
+    if tau != 1:
+        prior = prior.tempered(float(tau))
+    prior.layout = net.layout
+    return net, prior, card

@@ -1,7 +1,9 @@
 """``pyro-distill plan`` and ``pyro-distill distill``: MLP surgery from the command line.
 
 * ``pyro-distill plan --teacher 64,32,32,10 --student 64,16,10 [--selector S --posterior models/<name>] [--json]``
-  prints the operations that turn the teacher architecture into the student architecture;
+  prints the operations that turn the teacher architecture into the student architecture. Both commands
+  default to the ``snr`` selector; it ranks neurons by the posterior, so ``plan`` without ``--posterior``
+  uses ``random`` instead and says so (the operations are the same, the neurons chosen differ);
 * ``pyro-distill distill models/<teacher> --student 64,16,10 [--selector evidence] --out models/<name>`` conditions
   the saved teacher posterior along that plan and saves the student's prior as a model folder (``posterior.pt``
   and ``prior.pt`` hold the same Gaussian over the student's weights; the card holds the plan). Never overwrites.
@@ -11,9 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-__all__ = ["register", "run_plan", "run_distill"]
+__all__ = ["register", "run_plan", "run_distill", "DEFAULT_SELECTOR", "SELECTOR_NAMES"]
+
+#: the selector ``plan`` and ``distill`` use unless told (``surgery.plan.SELECTORS`` keys; a test keeps them equal,
+#: listed here so that ``--help`` does not import torch)
+SELECTOR_NAMES = ("evidence", "magnitude", "random", "snr")
+DEFAULT_SELECTOR = "snr"
+#: the selector ``plan`` falls back to without a posterior (snr and evidence need one)
+NO_POSTERIOR_SELECTOR = "random"
 
 
 def _sizes(text: str) -> list[int]:
@@ -28,8 +38,6 @@ def _sizes(text: str) -> list[int]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..surgery.plan import SELECTORS
-
     p = subparsers.add_parser("plan", help="print the surgery plan that turns a teacher MLP into a student MLP",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", type=_sizes, default=None,
@@ -38,8 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--activation", default="relu", help="activation of both nets without --posterior (relu)")
     p.add_argument("--no-bias", action="store_true", help="bias-free nets (without --posterior)")
     p.add_argument("--posterior", default=None, help="teacher model folder (models/<name>) for the selector")
-    p.add_argument("--selector", choices=sorted(SELECTORS), default=None,
-                   help="how neurons are chosen (default: snr with --posterior, random without)")
+    p.add_argument("--selector", choices=SELECTOR_NAMES, default=None,
+                   help=f"how neurons are chosen (default: {DEFAULT_SELECTOR}, as distill; without --posterior "
+                        f"{NO_POSTERIOR_SELECTOR}, and plan says so)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random selector")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run_plan)
@@ -48,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("teacher", help="teacher model folder (models/<name>)")
     d.add_argument("--student", type=_sizes, required=True, help="student sizes, e.g. 64,16,10")
-    d.add_argument("--selector", choices=sorted(SELECTORS), default="snr", help="how neurons are chosen (snr)")
+    d.add_argument("--selector", choices=SELECTOR_NAMES, default=DEFAULT_SELECTOR,
+                   help=f"how neurons are chosen (default {DEFAULT_SELECTOR})")
     d.add_argument("--seed", type=int, default=0, help="seed of the random selector")
     d.add_argument("--out", required=True, help="new model folder for the student prior (must not exist)")
     d.add_argument("--idata-draws", type=int, default=1000,
@@ -78,7 +88,12 @@ def run_plan(args: argparse.Namespace) -> int:
         teacher = MLP(args.teacher, activation=args.activation, bias=not args.no_bias)
     if not isinstance(teacher, MLP):
         raise ValueError(f"plan works on MLPs; {args.posterior} holds {teacher!r}")
-    selector = args.selector or ("snr" if posterior is not None else "random")
+    selector = args.selector or (DEFAULT_SELECTOR if posterior is not None else NO_POSTERIOR_SELECTOR)
+    if args.selector is None:
+        why = ("the default, as in distill" if posterior is not None else
+               f"{DEFAULT_SELECTOR}, distill's default, ranks neurons by the teacher posterior; pass --posterior "
+               "models/<teacher> to see the neurons distill removes")
+        print(f"selector: {selector} ({why})", file=sys.stderr if args.json else sys.stdout)
     pl = plan(teacher, _student_like(teacher, args.student), selector=selector, posterior=posterior, seed=args.seed)
     if args.json:
         print(json.dumps(pl.to_dict(), indent=2))
