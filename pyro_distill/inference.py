@@ -31,6 +31,7 @@ from . import checks
 from .arrays import as_data
 from .gaussian import DenseGaussian, DiagGaussian, Gaussian, LowRankGaussian, cholesky_jitter
 from .nets.base import BayesianNet
+from .whitened import WhitenedGuide, resolve_whiten
 
 __all__ = [
     "FitHistory",
@@ -71,6 +72,12 @@ class FitHistory:
     svi_time_s: float = 0.0
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        e = (f", ELBO {self.elbo_start:.1f} -> {self.elbo_end:.1f}" if self.elbo_start is not None
+             and self.elbo_end is not None else "")
+        return (f"FitHistory(map_steps={len(self.map_loss)}, svi_steps={len(self.elbo)}{e}, "
+                f"time {self.map_time_s + self.laplace_time_s + self.svi_time_s:.1f}s, curves={sorted(self.curves)})")
 
     def log(self, name: str, step: int, value: float) -> None:
         self.curves.setdefault(name, []).append((step, float(value)))
@@ -160,15 +167,15 @@ class _DenseSampleKL(torch.autograd.Function):
         return gloc, gL, None, None, None
 
 
-def elbo_terms(net: BayesianNet, q: Gaussian, prior: Gaussian, X: torch.Tensor, y: torch.Tensor,
+def elbo_terms(net: BayesianNet, q: Gaussian | None, prior: Gaussian, X: torch.Tensor, y: torch.Tensor,
                num_particles: int, subsample_size: int | None = None, noise_scale=None,
-               w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               w: torch.Tensor | None = None, kl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(expected log-likelihood estimate scaled to the full data, closed-form KL(q || prior)).
 
     The log-likelihood comes from the network's Pyro model run on draws of ``q``: the model's
-    ``"y"`` site under the ``"data"`` plate (which scales a minibatch by N/B).
+    ``"y"`` site under the ``"data"`` plate (which scales a minibatch by N/B). Draws ``w`` and their
+    ``kl`` may come from the caller (the whitened guide); ``q`` is then not needed.
     """
-    kl = None
     if w is None:
         if isinstance(q, DenseGaussian) and isinstance(prior, DiagGaussian) and q.loc.requires_grad:
             z = torch.randn(num_particles, q.dim, dtype=q.dtype, device=q.device)
@@ -398,6 +405,7 @@ def fit_posterior(
     eval_every: int = 0,
     elbo_eval_particles: int = 64,
     snapshot_every: int = 50,
+    whiten: bool | str = "auto",
 ) -> tuple[Gaussian, FitHistory]:
     """Fit ``q(w) = N(m, S)`` to ``p(w | X, y)`` for ``net`` under ``prior`` (default: the net's fan-in prior).
 
@@ -412,6 +420,11 @@ def fit_posterior(
     or gradient stops the fit with :class:`DivergenceError` carrying the step and the last good state (the
     parameters before the failing step, or, if an earlier step already left non-finite parameters, the
     snapshot taken every ``snapshot_every`` steps). ``callback(step, q)`` receives a copy of q.
+
+    ``whiten`` (``"auto"``: on when the prior is not diagonal): SVI in the prior's whitened coordinates
+    (:mod:`pyro_distill.whitened`), so the KL to a dense or low-rank prior costs O(p^2) per step, not O(p^3);
+    the result, callbacks and histories are in the original coordinates, and ``lr`` / ``factor_lr`` keep
+    their meaning. ``history.info["whiten"]`` records whether it was used.
     """
     X, y = as_data(X, y)
     progress = _auto_progress(progress)
@@ -471,7 +484,9 @@ def fit_posterior(
     start.layout = net.layout
 
     # ---- phase 3: SVI
-    g = GaussianGuide(start, guide)
+    whitened = resolve_whiten(whiten, guide, prior)
+    history.info["whiten"] = whitened
+    g = WhitenedGuide(start, prior, guide) if whitened else GaussianGuide(start, guide)
     g.to(device)
     flr = factor_lr if factor_lr is not None else (lr / 100 if guide == "mvn" else lr)
     opt = torch.optim.Adam([{"params": [g.loc], "lr": lr}, {"params": g.scale_params(), "lr": flr}],
@@ -497,8 +512,11 @@ def fit_posterior(
         opt.zero_grad(set_to_none=True)
         why = None  # set when the current parameters themselves are bad: the snapshot is handed back
         try:
-            q = g.gaussian()
-            ll, kl = elbo_terms(net, q, prior, X, y, num_particles, sub)
+            if whitened:  # draws and KL(q || prior) in the prior's whitened coordinates: O(p^2)
+                w, kl = g.sample_kl(num_particles)
+                ll, kl = elbo_terms(net, None, prior, X, y, num_particles, sub, w=w, kl=kl)
+            else:
+                ll, kl = elbo_terms(net, g.gaussian(), prior, X, y, num_particles, sub)
             loss = -(ll - kl)
             lossv = loss.detach().item()
             bad = not math.isfinite(lossv)
