@@ -21,7 +21,7 @@ _SUBMODULES = ("data", "gaussian", "metrics", "nets", "surgery", "diagnostics", 
 #: public name -> the module that defines it
 _NAMES = {
     "DenseGaussian": ".gaussian", "DiagGaussian": ".gaussian", "Gaussian": ".gaussian",
-    "LowRankGaussian": ".gaussian",
+    "LowRankGaussian": ".gaussian", "KronGaussian": ".gaussian",
     "fit_map": ".inference", "fit_posterior": ".inference", "laplace": ".inference", "predictive": ".predictions",
     "Layout": ".layout",
     "apply": ".surgery", "plan": ".surgery",
@@ -30,6 +30,7 @@ _NAMES = {
 __all__ = [
     "data", "gaussian", "metrics", "nets", "surgery", "Layout", "Gaussian", "DenseGaussian", "LowRankGaussian",
     "DiagGaussian", "fit_map", "fit_posterior", "laplace", "predictive", "distill", "plan", "apply", "__version__",
+    "KronGaussian",
 ]
 
 

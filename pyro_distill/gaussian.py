@@ -49,7 +49,10 @@ __all__ = [
     "DenseGaussian",
     "LowRankGaussian",
     "DiagGaussian",
+    "KronGaussian",
     "NotPositiveDefiniteError",
+    "StructureError",
+    "kron_index",
     "as_gaussian",
     "load",
     "cholesky_jitter",
@@ -899,6 +902,540 @@ class DiagGaussian(Gaussian):
         return dist.Normal(self.loc, self.scale, validate_args=False).to_event(1)
 
 
+# ============================================================================ Kronecker
+class StructureError(ValueError):
+    """The structure cannot do this operation exactly; the message names the structure to convert to."""
+
+
+def kron_index(layout: Layout, weight: str, bias: str | None = None) -> torch.Tensor:
+    """Flat indices ``[n_out, n_in (+1)]`` of a layer's weight matrix, with its bias as an extra last column
+    (KFAC's augmented ``[U | b]``): the ``index`` of one :class:`KronGaussian` block."""
+    n_out, n_in = layout.shape(weight)
+    idx = layout.indices(weight).reshape(n_out, n_in)
+    if bias is not None:
+        if layout.shape(bias) != (n_out,):
+            raise ValueError(f"bias {bias!r} has shape {layout.shape(bias)}, the weight {weight!r} has {n_out} rows")
+        idx = torch.cat([idx, layout.indices(bias).reshape(n_out, 1)], 1)
+    return idx
+
+
+def _refuse(what: str) -> StructureError:
+    return StructureError(
+        f"KronGaussian: {what}; a Kronecker block is closed only under whole rows, whole columns or the whole "
+        "block. Convert first: g.to_dense() (exact, O(p^2) memory) or g.to_lowrank(k) (approximate)"
+    )
+
+
+def _factor_sub(L: torch.Tensor, keep: torch.Tensor, what: str) -> torch.Tensor:
+    """Cholesky factor of ``(L L^T)[keep][:, keep]`` (a leading block of ``L`` when ``keep`` is a prefix)."""
+    k = keep.numel()
+    if k == L.shape[0]:
+        return L
+    if bool((keep == torch.arange(k, device=keep.device)).all()):
+        return L[:k, :k]
+    Lk = L[keep]
+    return cholesky_jitter(Lk @ Lk.T, what)
+
+
+def _condition_rows(L: torch.Tensor, M: torch.Tensor, V: torch.Tensor, fixed: torch.Tensor,
+                    what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrix-normal conditioning on whole rows: with row covariance ``A = L L^T`` and rows ``J`` fixed to ``V_J``,
+    the rows ``R`` are ``MN(M_R + A_RJ A_JJ^{-1} (V_J - M_J), A_RR - A_RJ A_JJ^{-1} A_JR, B)`` (B unchanged).
+    Returns (new mean ``[|R|, c]``, Cholesky factor of the new row covariance)."""
+    J, R = fixed.nonzero().reshape(-1), (~fixed).nonzero().reshape(-1)
+    LJ, LR = L[J], L[R]
+    C = cholesky_jitter(LJ @ LJ.T, f"{what}: covariance of the fixed rows")
+    X = torch.linalg.solve_triangular(C.mT, LR @ LJ.T, upper=True, left=False)  # A_RJ C^{-T}
+    mean = M[R] + X @ _tri_solve(C, V[J] - M[J])
+    return mean, cholesky_jitter(LR @ LR.T - X @ X.T, f"{what}: conditional row covariance")
+
+
+class KronGaussian(Gaussian):
+    """Block-diagonal Gaussian: Kronecker-factored (matrix-normal) blocks plus a diagonal remainder.
+
+    Block ``b`` is a matrix ``U`` (``r x c``) whose entry ``(i, j)`` is flat coordinate ``index[b][i, j]`` (so a
+    layer's weight rows plus its bias column, KFAC's ``[U_t | b_t]``, is one block; see :func:`kron_index`).
+    Convention: row covariance ``A = L_A L_A^T`` (``r x r``), column covariance ``B = L_B L_B^T`` (``c x c``),
+    ``Cov(U_ij, U_kl) = A_ik B_jl``, i.e. ``vec(U) ~ N(vec(M), B ⊗ A)`` with column-stacking ``vec`` (the
+    row-major flattening has covariance ``A ⊗ B``). Blocks are independent of each other; coordinates no block
+    covers are independent with standard deviations ``rem_scale`` (in increasing flat order).
+    Nothing here builds a ``p x p`` matrix unless asked (``covariance``, ``precision``, ``to_dense``, and the KL
+    against a dense or low-rank prior, which uses the dense factor form: small p only).
+    """
+
+    kind = "kron"
+
+    def __init__(self, loc: torch.Tensor, index: Sequence[torch.Tensor], row_tril: Sequence[torch.Tensor],
+                 col_tril: Sequence[torch.Tensor], rem_scale: torch.Tensor, layout: Layout | None = None,
+                 meta: dict | None = None, validate_args: bool = False):
+        super().__init__(loc, layout, meta, validate_args)
+        p = loc.shape[-1]
+        index, row_tril, col_tril = list(index), list(row_tril), list(col_tril)
+        if not len(index) == len(row_tril) == len(col_tril):
+            raise ValueError(f"{len(index)} index matrices, {len(row_tril)} row and {len(col_tril)} column factors: "
+                             "give one of each per block")
+        covered = torch.zeros(p, dtype=torch.bool, device=loc.device)
+        self.index: list[torch.Tensor] = []
+        for b, (idx, LA, LB) in enumerate(zip(index, row_tril, col_tril)):
+            idx = torch.as_tensor(idx, dtype=torch.long, device=loc.device)
+            if idx.dim() != 2 or idx.numel() == 0:
+                raise ValueError(f"block {b}: index must be a non-empty [rows, cols] matrix, got {tuple(idx.shape)}")
+            r, c = idx.shape
+            if LA.shape != (r, r) or LB.shape != (c, c):
+                raise ValueError(f"block {b} is {r}x{c}: row_tril must be [{r}, {r}] and col_tril [{c}, {c}], got "
+                                 f"{tuple(LA.shape)} and {tuple(LB.shape)}")
+            if int(idx.min()) < 0 or int(idx.max()) >= p:
+                raise IndexError(f"block {b}: flat indices out of range for a Gaussian of dimension {p}")
+            if bool(covered[idx].any()) or torch.unique(idx).numel() != idx.numel():
+                raise ValueError(f"block {b} shares coordinates with itself or an earlier block; blocks must be "
+                                 "disjoint")
+            covered[idx] = True
+            self.index.append(idx)
+        self.row_tril, self.col_tril = row_tril, col_tril
+        self.rem_index = (~covered).nonzero().reshape(-1)
+        if rem_scale.shape != (self.rem_index.numel(),):
+            raise ValueError(f"{self.rem_index.numel()} coordinates are in no block, so rem_scale must be "
+                             f"[{self.rem_index.numel()}], got {tuple(rem_scale.shape)}")
+        self.rem_scale = rem_scale
+        self._perm: torch.Tensor | None = None
+        if _checkable(loc, rem_scale, *row_tril, *col_tril):
+            _check_finite(self, "loc", loc, "pass a finite mean (a diverged fit? refit with a smaller lr)")
+            _check_positive(self, "rem_scale", rem_scale, "it holds standard deviations: clamp it, e.g. "
+                            ".clamp_min(1e-12)")
+            for b, (LA, LB) in enumerate(zip(row_tril, col_tril)):
+                for name, L in ((f"row_tril[{b}]", LA), (f"col_tril[{b}]", LB)):
+                    _check_finite(self, name, L, "pass finite Cholesky factors")
+                    if bool((L.diagonal() == 0).any()):
+                        raise ValueError(f"KronGaussian: {name} has a zero diagonal entry, so that factor is singular; "
+                                         "build the block from covariances or precisions (from_blocks(..., "
+                                         "factors='covariance') or from_precision_factors), which add jitter")
+
+    # ----------------------------------------------------------------- constructors
+    @classmethod
+    def from_blocks(cls, loc: torch.Tensor, blocks: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                    remainder_scale: float | torch.Tensor | None = None, layout: Layout | None = None,
+                    meta: dict | None = None, factors: str = "cholesky") -> KronGaussian:
+        """Build from ``[(index [r, c], A, B), ...]``: ``A``/``B`` are lower Cholesky factors of the row/column
+        covariances (``factors="cholesky"``) or the covariances themselves (``factors="covariance"``).
+
+        ``remainder_scale``: the standard deviation of the coordinates no block covers: a number, a vector over
+        those coordinates (increasing flat order), or a vector over all ``p`` coordinates (its uncovered entries
+        are used); None when the blocks cover everything.
+        """
+        if factors not in ("cholesky", "covariance"):
+            raise ValueError(f"factors must be 'cholesky' or 'covariance', got {factors!r}")
+        idxs, LAs, LBs = [], [], []
+        for b, (idx, A, B) in enumerate(blocks):
+            A, B = torch.as_tensor(A, dtype=loc.dtype), torch.as_tensor(B, dtype=loc.dtype)
+            if factors == "covariance":
+                A = cholesky_jitter(0.5 * (A + A.mT), f"row covariance of block {b}")
+                B = cholesky_jitter(0.5 * (B + B.mT), f"column covariance of block {b}")
+            elif bool((A.triu(1) != 0).any()) or bool((B.triu(1) != 0).any()):
+                raise ValueError(f"block {b}: factors='cholesky' but a factor is not lower triangular; pass "
+                                 "factors='covariance' to give covariances")
+            idxs.append(torch.as_tensor(idx, dtype=torch.long))
+            LAs.append(A.to(loc.device))
+            LBs.append(B.to(loc.device))
+        return cls(loc, idxs, LAs, LBs, cls._remainder(loc, idxs, remainder_scale), layout=layout, meta=meta)
+
+    @classmethod
+    def from_precision_factors(cls, loc: torch.Tensor,
+                               blocks: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                               remainder_precision: float | torch.Tensor | None = None,
+                               layout: Layout | None = None, meta: dict | None = None) -> KronGaussian:
+        """Build from per-block precision factors ``[(index [r, c], P_row, P_col), ...]``: the block's precision is
+        exactly ``P_row ⊗ P_col`` in this class's convention (``Prec(U_ij, U_kl) = P_row[i, k] P_col[j, l]``), so
+        the covariances are ``A = P_row^{-1}``, ``B = P_col^{-1}`` (by Cholesky, never an explicit inverse).
+
+        Damping convention for a KFAC Laplace posterior: the caller folds the data size and the prior in, e.g.
+        ``P_row = sqrt(N) G + sqrt(λ) I`` (output-gradient factor, rows = output neurons) and
+        ``P_col = sqrt(N) A_in + sqrt(λ) I`` (input factor, the bias as the last augmented column), whose
+        product ``N G ⊗ A_in + sqrt(Nλ)(G ⊗ I + I ⊗ A_in) + λ I`` approximates ``GGN + λ I``; nothing is added
+        here. ``remainder_precision``: the precision of the uncovered coordinates (number, vector over them, or
+        over all p).
+        """
+        conv = []
+        for b, (idx, Pr, Pc) in enumerate(blocks):
+            covs = []
+            for what, P in ((f"row precision of block {b}", Pr), (f"column precision of block {b}", Pc)):
+                P = torch.as_tensor(P, dtype=loc.dtype).to(loc.device)
+                covs.append(torch.cholesky_inverse(cholesky_jitter(0.5 * (P + P.mT), what)))
+            conv.append((idx, covs[0], covs[1]))
+        rem = None
+        if remainder_precision is not None:
+            rp = torch.as_tensor(remainder_precision, dtype=loc.dtype, device=loc.device)
+            if bool((rp <= 0).any()):
+                raise ValueError("remainder_precision must be > 0 (a precision, e.g. the prior's 1/variance)")
+            rem = rp.rsqrt()
+        return cls.from_blocks(loc, conv, rem, layout=layout, meta=meta, factors="covariance")
+
+    @staticmethod
+    def _remainder(loc: torch.Tensor, idxs: Sequence[torch.Tensor], scale: float | torch.Tensor | None
+                   ) -> torch.Tensor:
+        p = loc.shape[-1]
+        covered = torch.zeros(p, dtype=torch.bool)
+        for idx in idxs:
+            covered[idx.cpu()] = True
+        rem = (~covered).nonzero().reshape(-1)
+        if scale is None:
+            if rem.numel():
+                raise ValueError(f"{rem.numel()} coordinates are in no block; give remainder_scale (their "
+                                 "standard deviation)")
+            return torch.zeros(0, dtype=loc.dtype, device=loc.device)
+        s = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device)
+        if s.dim() == 0:
+            return s.expand(rem.numel()).clone()
+        if s.shape == (p,):
+            return s[rem.to(s.device)].clone()
+        if s.shape == (rem.numel(),):
+            return s
+        raise ValueError(f"remainder scale must be a number, a vector of the {rem.numel()} uncovered coordinates "
+                         f"or of all {p}; got shape {tuple(s.shape)}")
+
+    # ----------------------------------------------------------------- layout of the blocks
+    @property
+    def num_blocks(self) -> int:
+        return len(self.index)
+
+    def _repr_extra(self) -> str:
+        shapes = ", ".join(f"{i.shape[0]}x{i.shape[1]}" for i in self.index[:4])
+        more = ", ..." if len(self.index) > 4 else ""
+        return f", blocks=[{shapes}{more}], remainder={self.rem_index.numel()}"
+
+    def _assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Flat ``[..., p]`` from per-block ``[..., r*c]`` parts and the remainder ``[..., n_rem]`` (a gather, so
+        it is differentiable)."""
+        if self._perm is None:
+            perm = torch.cat([i.reshape(-1) for i in self.index] + [self.rem_index])
+            self._perm = torch.argsort(perm)
+        return torch.cat(parts, -1).index_select(-1, self._perm)
+
+    def _blocks_of(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``x[..., index_b]`` for each block: ``[..., r, c]``."""
+        return [x[..., idx] for idx in self.index]
+
+    # ----------------------------------------------------------------- moments
+    @property
+    def variance(self) -> torch.Tensor:
+        parts = [torch.outer((LA**2).sum(-1), (LB**2).sum(-1)).reshape(-1)
+                 for LA, LB in zip(self.row_tril, self.col_tril)]
+        return self._assemble(parts + [self.rem_scale**2])
+
+    def covariance(self) -> torch.Tensor:
+        S = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
+        for idx, LA, LB in zip(self.index, self.row_tril, self.col_tril):
+            f = idx.reshape(-1)
+            S[f.unsqueeze(-1), f] = torch.kron(LA @ LA.T, LB @ LB.T)
+        S[self.rem_index, self.rem_index] = self.rem_scale**2
+        return S
+
+    def precision(self) -> torch.Tensor:
+        P = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
+        for idx, LA, LB in zip(self.index, self.row_tril, self.col_tril):
+            f = idx.reshape(-1)
+            P[f.unsqueeze(-1), f] = torch.kron(torch.cholesky_inverse(LA), torch.cholesky_inverse(LB))
+        P[self.rem_index, self.rem_index] = self.rem_scale**-2
+        return P
+
+    def _factor_form(self):
+        # dense-ish: one column per block coordinate (p x covered); used by the generic KL against dense or
+        # low-rank priors only
+        ncov = self.dim - self.rem_index.numel()
+        A = torch.zeros(self.dim, ncov, dtype=self.dtype, device=self.device) if ncov else None
+        off = 0
+        for idx, LA, LB in zip(self.index, self.row_tril, self.col_tril):
+            n = idx.numel()
+            A[idx.reshape(-1), off:off + n] = torch.kron(LA, LB)  # (L_A ⊗ L_B)(L_A ⊗ L_B)^T = A ⊗ B, row-major
+            off += n
+        e = None
+        if self.rem_index.numel():
+            e = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+            e[self.rem_index] = self.rem_scale**2
+        return A, e
+
+    def logdet(self) -> torch.Tensor:
+        out = 2 * self.rem_scale.log().sum()
+        for LA, LB in zip(self.row_tril, self.col_tril):
+            r, c = LA.shape[0], LB.shape[0]
+            out = out + 2 * (c * LA.diagonal().abs().log().sum() + r * LB.diagonal().abs().log().sum())
+        return out
+
+    @staticmethod
+    def _whiten(LA: torch.Tensor, LB: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """``L_A^{-1} X L_B^{-T}`` for ``X`` of shape ``[r, c, n]`` (each of the n matrices)."""
+        r, c, n = X.shape
+        Y = _tri_solve(LA, X.reshape(r, c * n)).reshape(r, c, n)
+        return _tri_solve(LB, Y.permute(1, 0, 2).reshape(c, r * n)).reshape(c, r, n)
+
+    def _quad(self, b):
+        out = ((b[self.rem_index] / self.rem_scale.unsqueeze(-1)) ** 2).sum(0)
+        for idx, LA, LB in zip(self.index, self.row_tril, self.col_tril):
+            out = out + (self._whiten(LA, LB, b[idx]) ** 2).sum((0, 1))
+        return out
+
+    def _trace_inv(self, A, e):
+        out = torch.zeros((), dtype=self.dtype, device=self.device)
+        var = self.rem_scale**2
+        for idx, LA, LB in zip(self.index, self.row_tril, self.col_tril):
+            if A is not None:
+                out = out + (self._whiten(LA, LB, A[idx]) ** 2).sum()
+            if e is not None:  # diag((A ⊗ B)^{-1}) = outer(diag(A^{-1}), diag(B^{-1}))
+                dA = torch.cholesky_inverse(LA).diagonal()
+                dB = torch.cholesky_inverse(LB).diagonal()
+                out = out + (e[idx] * torch.outer(dA, dB)).sum()
+        if A is not None:
+            out = out + ((A[self.rem_index] ** 2).sum(-1) / var).sum()
+        if e is not None:
+            out = out + (e[self.rem_index] / var).sum()
+        return out
+
+    def _draw(self, n, generator):
+        parts = []
+        for idx, LA, LB in zip(self.index, self.row_tril, self.col_tril):
+            r, c = idx.shape
+            Z = self._eps(n, r, c, generator=generator)
+            parts.append((self.loc[idx] + LA @ Z @ LB.T).reshape(n, r * c))  # L_A Z L_B^T ~ MN(0, A, B)
+        k = self.rem_index.numel()
+        parts.append(self.loc[self.rem_index] + self._eps(n, k, generator=generator) * self.rem_scale)
+        return self._assemble(parts)
+
+    def _kl_special(self, other):
+        if not isinstance(other, KronGaussian) or not self.same_structure(other):
+            return None
+        # per block: tr((B2 ⊗ A2)^{-1}(B1 ⊗ A1)) = tr(A2^{-1} A1) tr(B2^{-1} B1),
+        # Mahalanobis ||L_A2^{-1} (M2 - M1) L_B2^{-T}||^2, log det(B ⊗ A) = c log det A + r log det B
+        diff = other.loc - self.loc
+        v1, v2 = self.rem_scale**2, other.rem_scale**2
+        dr = diff[self.rem_index]
+        out = ((v1 / v2).sum() + (dr**2 / v2).sum() + v2.log().sum() - v1.log().sum())
+        for idx, LA1, LB1, LA2, LB2 in zip(self.index, self.row_tril, self.col_tril, other.row_tril,
+                                          other.col_tril):
+            r, c = idx.shape
+            trA = (_tri_solve(LA2, LA1) ** 2).sum()
+            trB = (_tri_solve(LB2, LB1) ** 2).sum()
+            maha = (self._whiten(LA2, LB2, diff[idx].unsqueeze(-1)) ** 2).sum()
+            ld = 2 * (c * (LA2.diagonal().abs().log().sum() - LA1.diagonal().abs().log().sum())
+                      + r * (LB2.diagonal().abs().log().sum() - LB1.diagonal().abs().log().sum()))
+            out = out + trA * trB + maha + ld
+        return 0.5 * (out - self.dim)
+
+    def same_structure(self, other: KronGaussian) -> bool:
+        """Same blocks over the same coordinates (so the KL is closed blockwise)."""
+        return (other.dim == self.dim and len(other.index) == len(self.index)
+                and all(a.shape == b.shape and bool((a == b).all()) for a, b in zip(self.index, other.index)))
+
+    # ----------------------------------------------------------------- conversions
+    def to_dense(self) -> DenseGaussian:
+        """The same Gaussian as a :class:`DenseGaussian` (Cholesky of the p x p covariance: O(p^3))."""
+        return DenseGaussian.from_covariance(self.loc, self.covariance(), layout=self.layout, meta=self.meta)
+
+    def to_lowrank(self, k: int) -> LowRankGaussian:
+        """A :class:`LowRankGaussian`: the top-``k`` eigenpairs of each block (eigenpairs of ``A ⊗ B`` are the
+        products ``λ_i μ_j``, ``u_i ⊗ v_j``; rank ``sum_b min(k, r_b c_b)``) plus a diagonal that keeps the exact
+        variance (the remainder's variances unchanged)."""
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"rank k must be a positive integer, got {k!r}")
+        cols = []
+        for idx, LA, LB in zip(self.index, self.row_tril, self.col_tril):
+            r, c = idx.shape
+            lam, U = torch.linalg.eigh(LA @ LA.T)
+            mu, V = torch.linalg.eigh(LB @ LB.T)
+            prod = torch.outer(lam.clamp_min(0), mu.clamp_min(0)).reshape(-1)
+            m = min(k, r * c)
+            top = torch.topk(prod, m).indices
+            i, j = top // c, top % c
+            Wb = (U[:, i].unsqueeze(1) * V[:, j].unsqueeze(0)).reshape(r * c, m) * prod[top].sqrt()
+            W = torch.zeros(self.dim, m, dtype=self.dtype, device=self.device)
+            W[idx.reshape(-1)] = Wb
+            cols.append(W)
+        var = self.variance
+        if cols:
+            W = torch.cat(cols, 1)
+            d = torch.maximum(var - (W**2).sum(-1), var * torch.finfo(self.dtype).eps)
+        else:
+            W, d = torch.zeros(self.dim, 0, dtype=self.dtype, device=self.device), var
+        return LowRankGaussian(self.loc, W, d, layout=self.layout, meta=self.meta)
+
+    def to_pyro(self):
+        """A Pyro distribution (``pyro_distill.gaussian.KronMatrixNormal``) that samples and scores through this
+        structure, without a p x p matrix."""
+        return _kron_pyro_class()(self)
+
+    # ----------------------------------------------------------------- structure operations
+    def _rebuilt(self, loc: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 rem_scale: torch.Tensor) -> KronGaussian:
+        return KronGaussian(loc, [b[0] for b in blocks], [b[1] for b in blocks], [b[2] for b in blocks], rem_scale,
+                            meta=self.meta)
+
+    def marginalize(self, keep):
+        """``N(m_K, S_KK)``: closed when each block keeps whole rows x whole columns (or nothing)."""
+        K = _as_index(keep, self.dim).to(self.device)
+        pos = torch.full((self.dim,), -1, dtype=torch.long, device=self.device)
+        pos[K] = torch.arange(K.numel(), device=self.device)
+        blocks = []
+        for b, (idx, LA, LB) in enumerate(zip(self.index, self.row_tril, self.col_tril)):
+            pk = pos[idx]
+            mask = pk >= 0
+            if not bool(mask.any()):
+                continue
+            rows, cols = mask.any(1), mask.any(0)
+            if not bool((mask == (rows.unsqueeze(1) & cols.unsqueeze(0))).all()):
+                raise _refuse(f"marginalize would keep {int(mask.sum())} entries of block {b} "
+                              f"({idx.shape[0]}x{idx.shape[1]}) that are not whole rows x whole columns of it")
+            R, C = rows.nonzero().reshape(-1), cols.nonzero().reshape(-1)
+            blocks.append((pk[R][:, C], _factor_sub(LA, R, f"rows kept of block {b}"),
+                           _factor_sub(LB, C, f"columns kept of block {b}")))
+        pr = pos[self.rem_index]
+        kept = pr >= 0
+        order = torch.argsort(pr[kept])
+        return self._rebuilt(self.loc[K], blocks, self.rem_scale[kept][order])
+
+    def _condition(self, I, K, v):
+        fixed = torch.zeros(self.dim, dtype=torch.bool, device=self.device)
+        fixed[I] = True
+        val = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        val[I] = v
+        pos = torch.full((self.dim,), -1, dtype=torch.long, device=self.device)
+        pos[K] = torch.arange(K.numel(), device=self.device)
+        loc = self.loc[K].clone()
+        blocks = []
+        for b, (idx, LA, LB) in enumerate(zip(self.index, self.row_tril, self.col_tril)):
+            F = fixed[idx]
+            if not bool(F.any()):
+                blocks.append((pos[idx], LA, LB))
+                continue
+            if bool(F.all()):  # the whole block: blocks are independent, so the rest is unchanged
+                continue
+            rows, cols = F.all(1), F.all(0)
+            if not bool((F == (rows.unsqueeze(1) | cols.unsqueeze(0))).all()):
+                raise _refuse(f"cannot condition exactly on {int(F.sum())} entries of block {b} "
+                              f"({idx.shape[0]}x{idx.shape[1]}) that are not whole rows or whole columns of it")
+            M, V = self.loc[idx], val[idx]
+            what = f"conditioning block {b}"
+            if bool(rows.any()):
+                M, LA = _condition_rows(LA, M, V, rows, what)
+                V, idx = V[~rows], idx[~rows]
+            if bool(cols.any()):
+                Mt, LB = _condition_rows(LB, M.T, V.T, cols, what)
+                M, idx = Mt.T, idx[:, ~cols]
+            new = pos[idx]
+            loc[new] = M
+            blocks.append((new, LA, LB))
+        keep_rem = ~fixed[self.rem_index]
+        return self._rebuilt(loc, blocks, self.rem_scale[keep_rem])
+
+    def _check_block(self, block: int) -> torch.Tensor:
+        if not isinstance(block, int) or not 0 <= block < len(self.index):
+            raise IndexError(f"block {block!r} out of range; this KronGaussian has blocks 0..{len(self.index) - 1}")
+        return self.index[block]
+
+    def condition_rows(self, block: int, rows: Sequence[int] | torch.Tensor, values: float | torch.Tensor = 0.0,
+                       layout: Layout | None = None) -> KronGaussian:
+        """Fix whole rows ``rows`` of block ``block`` to ``values`` (a number or ``[len(rows), c]``)."""
+        idx = self._check_block(block)[torch.as_tensor(rows, dtype=torch.long).reshape(-1)]
+        v = torch.as_tensor(values, dtype=self.dtype, device=self.device)
+        return self.condition(idx.reshape(-1), v.expand(idx.shape).reshape(-1), layout=layout)
+
+    def condition_cols(self, block: int, cols: Sequence[int] | torch.Tensor, values: float | torch.Tensor = 0.0,
+                       layout: Layout | None = None) -> KronGaussian:
+        """Fix whole columns ``cols`` of block ``block`` to ``values`` (a number or ``[r, len(cols)]``)."""
+        idx = self._check_block(block)[:, torch.as_tensor(cols, dtype=torch.long).reshape(-1)]
+        v = torch.as_tensor(values, dtype=self.dtype, device=self.device)
+        return self.condition(idx.reshape(-1), v.expand(idx.shape).reshape(-1), layout=layout)
+
+    def condition_block(self, block: int, values: float | torch.Tensor = 0.0,
+                        layout: Layout | None = None) -> KronGaussian:
+        """Fix the whole block ``block`` to ``values`` (a number or ``[r, c]``): the block is dropped."""
+        idx = self._check_block(block)
+        v = torch.as_tensor(values, dtype=self.dtype, device=self.device)
+        return self.condition(idx.reshape(-1), v.expand(idx.shape).reshape(-1), layout=layout)
+
+    def _scaled(self, c):
+        return KronGaussian(self.loc, self.index, [L * c for L in self.row_tril], self.col_tril, self.rem_scale * c,
+                            self.layout, self.meta)
+
+    def _replace(self, **t):
+        return KronGaussian._from_tensors(self._tensors() | t, layout=self.layout, meta=self.meta)
+
+    def _tensors(self):
+        out = {"loc": self.loc, "rem_scale": self.rem_scale}
+        for b, (idx, LA, LB) in enumerate(zip(self.index, self.row_tril, self.col_tril)):
+            out |= {f"block{b}.index": idx, f"block{b}.row_tril": LA, f"block{b}.col_tril": LB}
+        return out
+
+    @classmethod
+    def _from_tensors(cls, tensors, layout=None, meta=None):
+        t = dict(tensors)
+        n = 0
+        while f"block{n}.index" in t:
+            n += 1
+        try:
+            idx = [t.pop(f"block{b}.index") for b in range(n)]
+            LA = [t.pop(f"block{b}.row_tril") for b in range(n)]
+            LB = [t.pop(f"block{b}.col_tril") for b in range(n)]
+            loc, rem = t.pop("loc"), t.pop("rem_scale")
+        except KeyError as exc:
+            raise ValueError(f"missing tensor {exc} of a Kronecker Gaussian") from None
+        if t:
+            raise ValueError(f"unexpected tensors {sorted(t)} for a Kronecker Gaussian")
+        return cls(loc, idx, LA, LB, rem, layout=layout, meta=meta)
+
+
+_KRON_PYRO: type | None = None
+
+
+def _kron_pyro_class() -> type:
+    """The Pyro distribution class for :class:`KronGaussian` (built on first use: this module imports no Pyro)."""
+    global _KRON_PYRO
+    if _KRON_PYRO is None:
+        from pyro.distributions import TorchDistribution
+
+        class KronMatrixNormal(TorchDistribution):
+            """A :class:`KronGaussian` as a Pyro distribution (event shape ``[p]``): draws and log densities
+            go through the Kronecker factors, never a p x p matrix."""
+
+            arg_constraints: dict = {}
+            support = constraints.real_vector
+            has_rsample = True
+
+            def __init__(self, gaussian: KronGaussian, validate_args: bool | None = False):
+                self.gaussian = gaussian
+                super().__init__(torch.Size(), torch.Size([gaussian.dim]), validate_args=validate_args)
+
+            @property
+            def mean(self) -> torch.Tensor:
+                return self.gaussian.loc
+
+            @property
+            def variance(self) -> torch.Tensor:
+                return self.gaussian.variance
+
+            def rsample(self, sample_shape=_EMPTY_SHAPE) -> torch.Tensor:  # noqa: ANN001
+                return self.gaussian.rsample(sample_shape)
+
+            def sample(self, sample_shape=_EMPTY_SHAPE) -> torch.Tensor:  # noqa: ANN001
+                return self.gaussian.sample(sample_shape)
+
+            def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+                return self.gaussian.log_prob(value)
+
+            def entropy(self) -> torch.Tensor:
+                return self.gaussian.entropy()
+
+            def __repr__(self) -> str:
+                return f"KronMatrixNormal({self.gaussian!r})"
+
+        KronMatrixNormal.__module__ = __name__
+        _KRON_PYRO = KronMatrixNormal
+    return _KRON_PYRO
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KronMatrixNormal":  # importable (and picklable) once Pyro is wanted
+        return _kron_pyro_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -972,7 +1509,8 @@ def _plain_meta(meta: Any, key: str = "meta") -> Any:
     )
 
 
-_KINDS: dict[str, type[Gaussian]] = {c.kind: c for c in (DenseGaussian, LowRankGaussian, DiagGaussian)}
+_KINDS: dict[str, type[Gaussian]] = {c.kind: c for c in (DenseGaussian, LowRankGaussian, DiagGaussian,
+                                                             KronGaussian)}
 
 
 def _with_layout(g: Gaussian, layout: Layout | None) -> Gaussian:

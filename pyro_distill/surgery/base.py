@@ -6,6 +6,11 @@ network is. The Gaussian part is then always the same: condition on the fixed co
 rest minus the marginalized ones. The coordinates that remain, in their original order, are exactly
 the student's layout (every network family arranges its layout so that this holds).
 
+The fixed and marginalized sets are handed over as flat indices; a structure that conditions exactly only on
+whole rows / columns / blocks (:class:`~pyro_distill.gaussian.KronGaussian`) recognizes them in the flat set
+(neuron removal fixes whole rows of ``[U_t | b_t]`` and whole columns of ``U_{t+1}``; layer removal a whole
+block), and what it cannot do exactly it refuses with a :class:`SurgeryError` naming the structure to convert to.
+
 Every family (MLP, attention RNN, transformer) adds its operations in its own module of this package.
 ``layout`` and ``gaussian`` know nothing of this; this package knows no data.
 """
@@ -18,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..gaussian import Gaussian
+from ..gaussian import Gaussian, StructureError
 from ..nets.base import BayesianNet
 
 __all__ = ["Operation", "SurgeryError", "apply", "embed", "register_operation", "operation_from_dict", "Plan"]
@@ -90,6 +95,19 @@ class Operation(ABC):
         check_layout(net, gaussian)
         I, v, M = self.removed(net)
         student = self.architecture(net)
+        try:
+            out = self._apply_gaussian(net, gaussian, I, v, M)
+        except StructureError as exc:
+            raise SurgeryError(f"{self} on a {type(gaussian).__name__}: {exc}") from exc
+        if out.dim != student.num_params:
+            raise AssertionError(f"{self}: {out.dim} coordinates remain but the student has p={student.num_params}")
+        out.layout = student.layout
+        out.meta = dict(gaussian.meta) | {"surgery": list(gaussian.meta.get("surgery", [])) + [self.to_dict()]}
+        return student, out
+
+    @staticmethod
+    def _apply_gaussian(net: BayesianNet, gaussian: Gaussian, I: torch.Tensor, v: torch.Tensor,
+                        M: torch.Tensor) -> Gaussian:
         g = gaussian
         if M.numel():
             # marginalizing first shrinks the problem; conditioning commutes with it
@@ -100,12 +118,7 @@ class Operation(ABC):
             pos = torch.full((net.num_params,), -1, dtype=torch.long)
             pos[kept] = torch.arange(kept.numel())
             I = pos[I]
-        out = g.condition(I, v.to(g.dtype), layout=None) if I.numel() else g.marginalize(torch.arange(g.dim))
-        if out.dim != student.num_params:
-            raise AssertionError(f"{self}: {out.dim} coordinates remain but the student has p={student.num_params}")
-        out.layout = student.layout
-        out.meta = dict(gaussian.meta) | {"surgery": list(gaussian.meta.get("surgery", [])) + [self.to_dict()]}
-        return student, out
+        return g.condition(I, v.to(g.dtype), layout=None) if I.numel() else g.marginalize(torch.arange(g.dim))
 
     def embed(self, net: BayesianNet, w_student: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
         """Teacher-space weights ``[..., p_teacher]`` for student weights ``[..., p_student]``: fixed
