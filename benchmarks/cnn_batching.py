@@ -6,7 +6,7 @@ dense [32, 10] (p = 2,064), S = 50 draws, float32. Timed: the forward alone, and
 summed log-likelihood (one SVI step's network cost). Interleaved rounds (both methods each round), the
 median per method and the median of the per-round ratios, because the CPU is shared. Both must agree.
 
-    python benchmarks/cnn_batching.py            # 15 rounds
+    python benchmarks/cnn_batching.py            # 5 rounds (about 80 s on one free thread)
     python benchmarks/cnn_batching.py --quick    # 3 rounds
 """
 
@@ -55,7 +55,7 @@ def main() -> None:
     assert err < 1e-4, f"grouped and vmap forward disagree by {err}"
     ga, gb = backward(grouped)(W), backward(vmapped)(W)
     assert torch.allclose(ga, gb, atol=1e-3, rtol=1e-3), "gradients disagree"
-    rounds = 3 if args.quick else 15
+    rounds = 3 if args.quick else 5
     results: dict[str, dict[str, list[float]]] = {}
     tasks = {"forward": (grouped, vmapped), "forward+backward": (backward(grouped), backward(vmapped))}
     for task, fns in tasks.items():

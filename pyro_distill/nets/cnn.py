@@ -3,8 +3,9 @@ dense layers.
 
 Many posterior draws run in one call by grouped convolution: the draw dimension is folded into the channel
 dimension (``S`` draws of ``c`` channels = ``S * c`` channels in ``S`` groups), so one ``conv2d`` call per
-layer serves every draw. On digits (8x8, channels [6, 16], S = 50 draws) this was faster than
-``torch.func.vmap`` over the draws (``benchmarks/cnn_batching.py``).
+layer serves every draw. On digits (1,437 images of 8x8, channels [6, 16], S = 50 draws, one CPU thread) it
+took 1.2-1.3x less time than ``torch.func.vmap`` over the draws, for the forward and for forward + backward,
+and 1.6x less than im2col (``unfold``) + batched matmul (``benchmarks/cnn_batching.py``).
 """
 
 from __future__ import annotations
