@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pyro_distill import surgery as S
-from pyro_distill.gaussian import DenseGaussian, DiagGaussian, LowRankGaussian
+from pyro_distill.gaussian import DenseGaussian, DiagGaussian, KronGaussian, LowRankGaussian
 from pyro_distill.inference import fit_posterior
 from pyro_distill.nets import CNN, net_from_config
 from pyro_distill.surgery.cnn import (
@@ -214,6 +214,33 @@ def test_channels_composed_with_dense_neurons(kind, bias):
     once = q.condition(I, torch.zeros(I.numel(), dtype=F64))
     assert torch.allclose(prior.mean, once.mean, atol=1e-10) and torch.allclose(prior.variance, once.variance,
                                                                                 atol=1e-10)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_kronecker_posterior_stays_kronecker(bias):
+    """Blocks = each layer's [filters | bias] (conv) or [U | b] (dense): removing channels conditions whole rows of
+    conv_t and whole columns of conv_{t+1} / dense1, so the result is Kronecker and equals the dense path."""
+    teacher = CNN(**NETS["digits"], bias=bias)
+    g = torch.Generator().manual_seed(7)
+
+    def tril(n):
+        return torch.randn(n, n, generator=g, dtype=F64).tril(-1) * 0.3 + torch.diag(torch.rand(n, generator=g,
+                                                                                              dtype=F64) + 0.5)
+
+    blocks = [(idx, tril(idx.shape[0]), tril(idx.shape[1])) for idx in teacher.kron_index()]
+    assert sorted(torch.cat([i.reshape(-1) for i, _, _ in blocks]).tolist()) == list(range(teacher.num_params))
+    q = KronGaussian.from_blocks(torch.randn(teacher.num_params, generator=g, dtype=F64), blocks,
+                                 layout=teacher.layout)
+    ops = [S.remove_channels(teacher, 1, [1])]
+    mid = ops[0].architecture(teacher)
+    ops.append(S.remove_channels(mid, 2, [0, 2]))
+    ops.append(RemoveDenseNeurons(1, [4]))
+    student, prior = assert_exact(ops, teacher, q)
+    _, dense_path = S.apply(ops, teacher, q.to_dense())
+    assert isinstance(prior, KronGaussian) and prior.num_blocks == 4 and prior.rem_index.numel() == 0
+    assert [i.shape for i in student.kron_index()] == [i.shape for i in prior.index]
+    assert torch.allclose(prior.mean, dense_path.mean, atol=1e-9)
+    assert torch.allclose(prior.covariance(), dense_path.covariance(), atol=1e-9)
 
 
 def test_dense_gaussian_through_apply_and_plan():

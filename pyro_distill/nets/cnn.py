@@ -172,6 +172,20 @@ class CNN(BayesianNet):
     def prior_scales(self) -> torch.Tensor:
         return torch.cat([torch.full((n,), s, dtype=torch.float64) for n, s in self._scales])
 
+    def kron_index(self) -> list[torch.Tensor]:
+        """Each layer's flat indices as a matrix, one row per filter / neuron, its inputs (then its bias) as
+        columns: conv ``[c_t, c_{t-1} k_t^2 (+1)]``, dense ``[d_t, d_{t-1} (+1)]``. These are the blocks of a
+        Kronecker (KFAC-style) posterior; channel and neuron removal condition whole rows and columns of them."""
+        out = []
+        for kind, n in (("conv", self.num_conv), ("dense", self.num_dense)):
+            for t in range(1, n + 1):
+                rows = self.layout.shape(f"{kind}{t}.weight")[0]
+                idx = self.layout.indices(f"{kind}{t}.weight").reshape(rows, -1)
+                if self.bias:
+                    idx = torch.cat([idx, self.layout.indices(f"{kind}{t}.bias").reshape(rows, 1)], 1)
+                out.append(idx)
+        return out
+
     # ------------------------------------------------------------------ the function
     def images(self, x: torch.Tensor) -> torch.Tensor:
         """Inputs as ``[N, C_in, H, W]`` (from ``[N, H, W]``, ``[N, C_in, H, W]`` or flat ``[N, C_in*H*W]``)."""
