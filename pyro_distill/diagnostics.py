@@ -123,6 +123,17 @@ def block_dims(net: BayesianNet) -> tuple[dict[str, list[str]], dict[str, np.nda
 
 
 # ============================================================================ draws -> InferenceData
+def chain_split(total: int, chains: int = 4) -> tuple[int, int]:
+    """``(chains, draws per chain)`` for ``total`` independent draws of q: ``chains`` equal groups when they
+    divide ``total`` (1,000 -> 4 x 250), else 2, else 1. The draws are independent, so the split carries no
+    Markov-chain meaning: it only gives ``az.summary`` / ``az.rhat`` the chain dimension they need (their r_hat
+    is then 1 up to Monte Carlo noise, by construction)."""
+    for c in (chains, 2, 1):
+        if c >= 1 and total % c == 0 and (total // c >= 4 or c == 1):
+            return c, total // c
+    return 1, total
+
+
 def _draws(gaussian: Gaussian, draws: int, chains: int, seed: int) -> torch.Tensor:
     gen = torch.Generator(device=gaussian.device).manual_seed(int(seed))
     return gaussian.sample(draws * chains, generator=gen).reshape(chains, draws, gaussian.dim)
@@ -229,7 +240,7 @@ def idata_from_draws(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torc
 
 
 def to_inference_data(net: BayesianNet, gaussian: Gaussian, X: torch.Tensor, y: torch.Tensor, draws: int = 1000,
-                      chains: int = 1, seed: int = 0, source: str | Mapping[str, Any] | None = None,
+                      chains: int | None = None, seed: int = 0, source: str | Mapping[str, Any] | None = None,
                       prior: Gaussian | None = None, noise_scale: float | None = None,
                       include_x: bool = True) -> az.InferenceData:
     """``az.InferenceData`` of ``draws x chains`` draws of ``gaussian`` for ``net`` on data ``(X, y)``.
@@ -240,8 +251,11 @@ def to_inference_data(net: BayesianNet, gaussian: Gaussian, X: torch.Tensor, y: 
     ``sample_stats`` (``lp``, ``log_prior``, ``log_q``). Attributes: ``net_config`` (JSON), ``source``
     (``gaussian.meta`` as JSON unless ``source`` is given), ``gaussian_kind``, ``draws``, ``seed``.
     ``prior`` is the prior in ``lp`` (default: the net's fan-in prior); pass a student's own prior.
-    Draws are independent, so the "chains" only split them for ArviZ.
+    Draws are independent, so the "chains" only split them for ArviZ: with ``chains=None`` ``draws`` is the total,
+    split by :func:`chain_split` (1,000 -> 4 chains x 250), so that ``az.summary`` gives a finite r_hat.
     """
+    if chains is None:
+        chains, draws = chain_split(draws)
     if draws < 1 or chains < 1:
         raise ValueError(f"draws and chains must be positive, got draws={draws}, chains={chains}")
     if gaussian.dim != net.num_params:
@@ -413,7 +427,8 @@ def diagnose_model_folder(folder: str | os.PathLike, X: torch.Tensor | None = No
                           f"{str(a.get('posterior_sha256' if what == 'posterior.pt' else 'data_sha256'))[:19]}); "
                           "it is stale and is rebuilt", RuntimeWarning, stacklevel=2)
             overwrite = True
-        elif (a.get("draws") == draws and a.get("seed") == seed and a.get("num_observations") == X.shape[0]):
+        elif (int(a.get("draws", 0)) * int(a.get("chains", 1)) == draws and a.get("seed") == seed
+              and a.get("num_observations") == X.shape[0]):
             return old
         elif save:
             raise FileExistsError(f"{path} was made with draws={a.get('draws')}, seed={a.get('seed')}, "

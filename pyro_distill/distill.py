@@ -40,6 +40,11 @@ class DistillResult:
     def __iter__(self):
         return iter((self.net, self.posterior, self.history))
 
+    def __repr__(self) -> str:
+        ops = len(self.plan) if hasattr(self.plan, "__len__") else "?"
+        return (f"DistillResult(net={self.net!r}, posterior={self.posterior.kind} p={self.posterior.dim}, "
+                f"prior={self.prior.kind}, plan={ops} ops, history={self.history!r}, info={self.info})")
+
 
 def student_prior(teacher_net: BayesianNet, teacher_posterior: Gaussian, student_net: BayesianNet,
                   selector: str = "snr", tau: float = 1.0, seed: int = 0, ops: Sequence[Any] | None = None

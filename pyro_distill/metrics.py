@@ -124,6 +124,7 @@ def predict(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, num_s
     """Predictive quantities: class probabilities ``[N, C]`` (classification) or output draws ``[S, N]``
     (regression). ``q`` is a Gaussian (draws; a point mass uses its mean) or one weight vector ``[p]``;
     ``method`` ``"mc"`` (sampled) or ``"linearized"`` (see :func:`pyro_distill.predictions.predictive`)."""
+    X = as_tensor(X, "X")
     return predictive(net, q, X, method=method, num_samples=num_samples, seed=seed, chunk=chunk)
 
 

@@ -25,6 +25,10 @@ class Dataset:
     def __iter__(self):  # allows ``X, y, Xte, yte = pd.data.digits()``
         return iter((self.X, self.y, self.Xte, self.yte))
 
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, X {tuple(self.X.shape)} {self.X.dtype}, Xte {tuple(self.Xte.shape)}, "
+                f"classes={self.num_classes})")
+
     @property
     def num_features(self) -> int:
         return self.X.shape[-1]

@@ -9,7 +9,9 @@ key and the allowed ones), resolves ``--quick`` overrides, runs every seed in it
     runs/NAME/<timestamp>/
         config.json          the resolved configuration (defaults + file + quick overrides)
         config.source.toml   the file as given
-        status.json          running | complete | failed | interrupted, per-seed status, timings
+        status.json          running | complete | failed | interrupted (read back as ``died`` when the
+                             process is gone or its heartbeat stale), pid, host, heartbeat, per-seed
+                             status, timings
         metrics.csv/.json    one row per (setting, method, seed): what ``ctx.record`` received
         curves.csv           learning curves: setting, method, seed, step, metric, value
         summary.md/.json     mean ± sd over seeds per setting x method
@@ -18,19 +20,30 @@ key and the allowed ones), resolves ``--quick`` overrides, runs every seed in it
 
 A run directory is always new (unique timestamp, created with ``exist_ok=False``), so a failed or
 interrupted run can never touch an earlier one. The runner holds no mathematics.
+
+Reliability: the output folders are checked writable before any fit; a thread refreshes ``heartbeat``
+in status.json every :data:`HEARTBEAT_S` seconds; SIGTERM/SIGHUP mark the run ``interrupted`` and
+terminate the worker processes; each worker exits on its own when the parent dies (a thread watching
+``os.getppid()``); :func:`run_state` reports a ``running`` run whose process is gone (same host) or whose
+heartbeat is older than :data:`STALE_S` as ``died``; a full disk or read-only folder is one
+:class:`pyro_distill.store.StorageError` line.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import errno
 import importlib
 import io
 import json
 import math
 import os
 import pkgutil
+import signal
+import socket
 import sys
+import threading
 import time
 import tomllib
 import traceback
@@ -42,7 +55,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from ..store import atomic_write_text
+from ..store import StorageError, atomic_write_text, check_writable, storage_error
 
 __all__ = [
     "register_kind",
@@ -55,8 +68,16 @@ __all__ = [
     "latest_run",
     "read_rows",
     "summarize",
+    "run_state",
     "RESERVED_KEYS",
+    "HEARTBEAT_S",
+    "STALE_S",
 ]
+
+#: seconds between two heartbeats written into a running run's status.json
+HEARTBEAT_S = 15.0
+#: a ``running`` status whose heartbeat is older than this many seconds is read as ``died``
+STALE_S = 180.0
 
 #: top-level keys every experiment file may have, whatever its kind
 RESERVED_KEYS = {"name": str, "kind": str, "seeds": (int, list), "workers": int, "quick": dict, "description": str}
@@ -149,7 +170,33 @@ def _check_value(path: str, default: Any, value: Any) -> Any:
     if not ok:
         raise ConfigError(f"config key {path!r} must be a {_type_name(default)} (default {default!r}), "
                           f"got {value!r}")
+    _check_range(path, value)
     return value
+
+
+#: floating dtypes an experiment may run in (half precision breaks the fits: see pyro_distill.checks)
+_DTYPES = ("float32", "float64")
+
+
+def _check_range(path: str, value: Any) -> None:
+    """Values that no fit accepts, refused before any seed starts: negative step counts, learning rates
+    that are not positive, dtypes other than float32/float64."""
+    key = path.rsplit(".", 1)[-1]
+    num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if num and (key == "steps" or key.endswith("_steps")) and value < 0:
+        raise ConfigError(f"config key {path!r} must be >= 0 (a number of optimizer steps), got {value!r}")
+    if num and (key == "lr" or key.endswith("_lr")) and not value > 0:
+        raise ConfigError(f"config key {path!r} must be a learning rate > 0, got {value!r}")
+    if key == "dtype" and isinstance(value, str) and value not in _DTYPES:
+        raise ConfigError(f"config key {path!r} must be one of {list(_DTYPES)}, got {value!r} (half precision "
+                          "underflows the log-likelihoods and breaks the covariance factors)")
+
+
+def _check_free_key(path: str, key: str) -> None:
+    """Keys of free-form tables name folders and files (e.g. a student's model folder): plain names only."""
+    if not key or key.startswith(".") or any(c in key for c in "/\\") or key != key.strip():
+        raise ConfigError(f"config key {path!r}: {key!r} is used in folder names; use a plain name (letters, digits, "
+                          "'_', '-'; no '/', '\\' or leading '.')")
 
 
 def _merge(defaults: dict[str, Any], given: dict[str, Any], where: str) -> dict[str, Any]:
@@ -165,6 +212,9 @@ def _merge(defaults: dict[str, Any], given: dict[str, Any], where: str) -> dict[
         if isinstance(d, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} must be a table, got {value!r}")
+            if not d:
+                for k in value:
+                    _check_free_key(f"{path}.{k}", str(k))
             out[key] = _merge(d, value, path) if d else copy.deepcopy(value)
         else:
             out[key] = _check_value(path, d, value)
@@ -247,6 +297,7 @@ class SeedContext:
     curves: list[MetricRow] = field(default_factory=list)
     saved: list[str] = field(default_factory=list)
     echo: bool = True
+    overwrite: bool = False
 
     @property
     def seed_dir(self) -> Path:
@@ -275,11 +326,12 @@ class SeedContext:
         ``pyro-distill diagnose`` uses by default, so that it reuses the file."""
         from ..store import save_model
 
-        if not name or any(c in name for c in "/\\"):
+        if not name or any(c in name for c in "/\\") or name.startswith("."):
             raise ValueError(f"model name {name!r} must be a plain folder name")
         folder = self.models_dir / f"{name}-seed{self.seed}"
-        info = {"experiment": self.cfg.get("name"), "seed": self.seed, "run_dir": str(self.run_dir)} | dict(card or {})
-        out = save_model(folder, net, gaussian, info)
+        info = {"experiment": self.cfg.get("name"), "seed": self.seed, "run_dir": str(self.run_dir),
+                "quick": bool(self.cfg.get("quick", False))} | dict(card or {})
+        out = save_model(folder, net, gaussian, info, overwrite=self.overwrite)
         self.saved.append(str(out))
         if data is not None and idata_draws > 0:
             from ..diagnostics import diagnose_model_folder
@@ -317,31 +369,54 @@ def _plain(v: Any) -> Any:
 
 
 def _run_one(kind_name: str, module: str, cfg: dict[str, Any], seed: int, run_dir: str, models_dir: str,
-             echo: bool) -> dict[str, Any]:
+             echo: bool, overwrite: bool = False) -> dict[str, Any]:
     """Run one seed (in a worker process or in-process); returns its rows, curves and status."""
     if module and kind_name not in _KINDS:
         importlib.import_module(module)
     kind = _get_kind(kind_name)
-    ctx = SeedContext(seed, cfg, Path(run_dir), Path(models_dir), echo=echo)
+    ctx = SeedContext(seed, cfg, Path(run_dir), Path(models_dir), echo=echo, overwrite=overwrite)
     t0 = time.perf_counter()
     try:
         kind.run_seed(copy.deepcopy(cfg), seed, ctx)
     except Exception as exc:  # a failed seed is reported, not fatal to the others
-        tb = traceback.format_exc()
-        ctx.flush()
-        atomic_write_text(ctx.seed_dir / "error.txt", tb)
+        err = storage_error(exc, ctx.models_dir) if isinstance(exc, (OSError, RuntimeError)) else None
+        exc = err or exc
+        _write_quietly(ctx, traceback.format_exc())
         return {"seed": seed, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "rows": ctx.rows,
-                "curves": ctx.curves, "models": ctx.saved, "time_s": time.perf_counter() - t0}
+                "curves": ctx.curves, "models": ctx.saved, "time_s": time.perf_counter() - t0,
+                "storage": isinstance(exc, StorageError)}
     ctx.flush()
     return {"seed": seed, "status": "complete", "error": None, "rows": ctx.rows, "curves": ctx.curves,
             "models": ctx.saved, "time_s": time.perf_counter() - t0}
 
 
-def _worker_init() -> None:
+def _write_quietly(ctx: SeedContext, tb: str) -> None:
+    """Flush a failed seed's rows and its error.txt; when even that fails (full disk), one line on stderr."""
+    try:
+        ctx.flush()
+        atomic_write_text(ctx.seed_dir / "error.txt", tb)
+    except OSError as exc:
+        print(f"pyro-distill: seed {ctx.seed}: could not write {ctx.seed_dir / 'error.txt'} ({exc}); the error "
+              f"was: {tb.strip().splitlines()[-1]}", file=sys.stderr, flush=True)
+
+
+def _worker_init(parent_pid: int | None = None, poll_s: float = 1.0) -> None:
+    """Worker setup: one torch thread, and a daemon thread that ends the worker as soon as its parent is gone
+    (``os.getppid()`` no longer the parent: reparented after a SIGKILL), so no orphan keeps computing."""
     import torch
 
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if parent_pid is None:
+        return
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(3)
+            time.sleep(poll_s)
+
+    threading.Thread(target=watch, name="pyro-distill-parent-watch", daemon=True).start()
 
 
 # ============================================================================ the run
@@ -363,93 +438,207 @@ def _write_status(run_dir: Path, status: dict[str, Any]) -> None:
     atomic_write_text(run_dir / "status.json", json.dumps(status, indent=1, default=str))
 
 
+class _Status:
+    """status.json of a live run: every write under one lock, plus a heartbeat thread."""
+
+    def __init__(self, run_dir: Path, status: dict[str, Any], every: float = HEARTBEAT_S):
+        self.run_dir, self.data, self.every = run_dir, status, every
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="pyro-distill-heartbeat", daemon=True)
+
+    def write(self) -> None:
+        with self.lock:
+            self.data["heartbeat"] = datetime.now(UTC).isoformat()
+            _write_status(self.run_dir, self.data)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                self.write()
+            except OSError:  # a full disk: the main thread reports it; the reader sees a stale heartbeat
+                pass
+
+    def start(self) -> None:
+        self.write()
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by the SIGTERM / SIGHUP handler of a run."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"received {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _install_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP raise :class:`_Terminated` in the main thread (restored after the run)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    old = {}
+
+    def handler(signum, frame):
+        raise _Terminated(signum)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            old[sig] = signal.signal(sig, handler)
+    return old
+
+
+def _restore_signals(old: dict[int, Any]) -> None:
+    for sig, h in old.items():
+        signal.signal(sig, h)
+
+
+def _terminate_pool(ex: ProcessPoolExecutor) -> None:
+    """Stop every worker now (running seeds included) and let the executor wind down."""
+    procs = list(getattr(ex, "_processes", {}).values())  # the pool's live processes (a CPython detail)
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        try:
+            p.terminate()
+        except (OSError, ValueError, AttributeError):
+            pass
+    for p in procs:
+        try:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+        except (OSError, ValueError, AttributeError, AssertionError):
+            pass
+
+
 def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os.PathLike = "runs",
-        models_root: str | os.PathLike = "models", workers: int | None = None, echo: bool = True) -> Path:
+        models_root: str | os.PathLike = "models", workers: int | None = None, echo: bool = True,
+        overwrite: bool = False) -> Path:
     """Run an experiment file; returns the new run directory ``runs_root/NAME/<timestamp>/``.
 
     Seeds run in ``workers`` spawned processes (one torch thread each; ``workers=1`` runs in this
     process). A failed seed does not stop the others; :class:`RunError` is raised at the end, after
-    the summary of the seeds that finished has been written.
+    the summary of the seeds that finished has been written (:class:`pyro_distill.store.StorageError`
+    instead when a seed failed for a full disk or a read-only folder). ``runs_root`` and ``models_root``
+    are checked writable before anything runs. ``overwrite`` lets a seed replace model folders that
+    already exist under ``models_root/NAME-<timestamp>/`` (otherwise that is an error before any fit).
     """
     cfg = load_config(config_path, quick=quick)
     if workers is not None:
         cfg["workers"] = max(1, min(int(workers), len(cfg["seeds"])))
     kind = _get_kind(cfg["kind"])
+    check_writable(runs_root, what="runs folder")
+    check_writable(models_root, what="models folder")
     run_dir, stamp = _new_run_dir(Path(runs_root), cfg["name"])
     models_dir = Path(models_root) / f"{cfg['name']}-{stamp}"
+    if models_dir.exists() and any(models_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{models_dir} already holds model folders; pass overwrite=True (CLI: --overwrite) or "
+                              "use another --models folder")
     cfg_out = cfg | {"run_dir": str(run_dir), "models_dir": str(models_dir), "timestamp": stamp}
     atomic_write_text(run_dir / "config.json", json.dumps(cfg_out, indent=1))
     atomic_write_text(run_dir / "config.source.toml", Path(config_path).read_text())
-    status: dict[str, Any] = {"status": "running", "started": datetime.now(UTC).isoformat(), "quick": quick,
-                              "seeds": {str(s): "pending" for s in cfg["seeds"]}, "errors": {},
-                              "python": sys.version.split()[0]}
-    _write_status(run_dir, status)
+    status = _Status(run_dir, {"status": "running", "started": datetime.now(UTC).isoformat(), "quick": quick,
+                               "pid": os.getpid(), "host": socket.gethostname(), "heartbeat_s": HEARTBEAT_S,
+                               "seeds": {str(s): "pending" for s in cfg["seeds"]}, "errors": {},
+                               "python": sys.version.split()[0]})
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    args = [(kind.name, kind.module, cfg_out, s, str(run_dir), str(models_dir), echo) for s in cfg["seeds"]]
+    args = [(kind.name, kind.module, cfg_out, s, str(run_dir), str(models_dir), echo, overwrite)
+            for s in cfg["seeds"]]
+    old_handlers = _install_signals()
+    status.start()
     try:
         if cfg["workers"] == 1:
             for a in args:
-                status["seeds"][str(a[3])] = "running"
-                _write_status(run_dir, status)
+                with status.lock:
+                    status.data["seeds"][str(a[3])] = "running"
+                status.write()
                 res = _run_one(*a)
                 results.append(res)
-                _note(status, res, run_dir)
+                _note(status, res)
         else:
-            with ProcessPoolExecutor(max_workers=cfg["workers"], mp_context=get_context("spawn"),
-                                     initializer=_worker_init) as ex:
+            ex = ProcessPoolExecutor(max_workers=cfg["workers"], mp_context=get_context("spawn"),
+                                     initializer=_worker_init, initargs=(os.getpid(),))
+            try:
                 futs = {ex.submit(_run_one, *a): a[3] for a in args}
-                try:
-                    for fut in as_completed(futs):
-                        try:
-                            res = fut.result()
-                        except Exception as exc:  # the worker process itself died
-                            res = {"seed": futs[fut], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                                   "rows": [], "curves": [], "models": [], "time_s": 0.0}
-                        results.append(res)
-                        _note(status, res, run_dir)
-                except BaseException:
-                    ex.shutdown(wait=False, cancel_futures=True)
-                    raise
-    except BaseException as exc:  # KeyboardInterrupt included: mark, write what finished, re-raise
-        status["status"] = "interrupted"
-        status["interrupted_by"] = type(exc).__name__
-        _finish(run_dir, cfg_out, results, status, time.perf_counter() - t0)
+                for fut in as_completed(futs):
+                    try:
+                        res = fut.result()
+                    except Exception as exc:  # the worker process itself died
+                        res = {"seed": futs[fut], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                               "rows": [], "curves": [], "models": [], "time_s": 0.0}
+                    results.append(res)
+                    _note(status, res)
+            except BaseException:
+                _terminate_pool(ex)
+                raise
+            ex.shutdown(wait=True)
+    except BaseException as exc:  # KeyboardInterrupt, SIGTERM/SIGHUP included: mark, write what finished, re-raise
+        status.close()
+        status.data["status"] = "interrupted"
+        status.data["interrupted_by"] = str(exc) if isinstance(exc, _Terminated) else type(exc).__name__
+        _restore_signals(old_handlers)
+        try:
+            _finish(status, cfg_out, results, time.perf_counter() - t0)
+        except OSError as werr:
+            print(f"pyro-distill run: could not write the summary of {run_dir}: {werr}", file=sys.stderr)
+        if isinstance(exc, _Terminated):
+            raise KeyboardInterrupt(f"run {run_dir} interrupted by {exc}") from None
         raise
+    status.close()
+    _restore_signals(old_handlers)
     failed = [r for r in results if r["status"] != "complete"]
-    status["status"] = "failed" if failed else "complete"
-    _finish(run_dir, cfg_out, results, status, time.perf_counter() - t0)
+    status.data["status"] = "failed" if failed else "complete"
+    _finish(status, cfg_out, results, time.perf_counter() - t0)
+    full = [r for r in failed if r.get("storage")]
+    if full:
+        raise StorageError(errno.ENOSPC, f"{len(failed)} of {len(results)} seeds failed; seed {full[0]['seed']}: "
+                           f"{full[0]['error'].split(': ', 1)[-1]} (run directory {run_dir})")
     if failed:
         msgs = "; ".join(f"seed {r['seed']}: {r['error']}" for r in failed)
         raise RunError(f"{len(failed)} of {len(results)} seeds failed ({msgs}); see {run_dir}/seeds/*/error.txt")
     return run_dir
 
 
-def _note(status: dict[str, Any], res: dict[str, Any], run_dir: Path) -> None:
-    status["seeds"][str(res["seed"])] = res["status"]
-    if res["error"]:
-        status["errors"][str(res["seed"])] = res["error"]
-    _write_status(run_dir, status)
+def _note(status: _Status, res: dict[str, Any]) -> None:
+    with status.lock:
+        status.data["seeds"][str(res["seed"])] = res["status"]
+        if res["error"]:
+            status.data["errors"][str(res["seed"])] = res["error"]
+    status.write()
 
 
-def _finish(run_dir: Path, cfg: dict[str, Any], results: list[dict[str, Any]], status: dict[str, Any],
-            elapsed: float) -> None:
+def _finish(status: _Status, cfg: dict[str, Any], results: list[dict[str, Any]], elapsed: float) -> None:
+    run_dir = status.run_dir
     results = sorted(results, key=lambda r: cfg["seeds"].index(r["seed"]))
     rows = [r for res in results for r in res["rows"]]
     curves = [c for res in results for c in res["curves"]]
     cols = _columns(rows)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(rows, indent=1))
-    atomic_write_text(run_dir / "metrics.csv", _to_csv(rows, cols))
-    atomic_write_text(run_dir / "curves.csv", _to_csv(curves, _CURVE_COLS))
-    summ = summarize(rows)
-    atomic_write_text(run_dir / "summary.json", json.dumps(summ, indent=1))
-    atomic_write_text(run_dir / "summary.md", summary_markdown(summ, title=f"{cfg['name']} ({run_dir.name})",
-                                                              seeds=len(results)))
-    status["finished"] = datetime.now(UTC).isoformat()
-    status["elapsed_s"] = round(elapsed, 1)
-    status["seed_time_s"] = {str(r["seed"]): round(r["time_s"], 1) for r in results}
-    status["models"] = [m for r in results for m in r["models"]]
-    _write_status(run_dir, status)
+    models_dir = Path(cfg["models_dir"])
+    try:  # no empty model folders: a run (or seed) that saved nothing leaves no models/NAME-<timestamp>/
+        if models_dir.is_dir() and not any(models_dir.iterdir()):
+            models_dir.rmdir()
+    except OSError:
+        pass
+    with status.lock:
+        status.data["finished"] = datetime.now(UTC).isoformat()
+        status.data["elapsed_s"] = round(elapsed, 1)
+        status.data["seed_time_s"] = {str(r["seed"]): round(r["time_s"], 1) for r in results}
+        status.data["models"] = [m for r in results for m in r["models"]]
+    try:
+        atomic_write_text(run_dir / "metrics.json", json.dumps(rows, indent=1))
+        atomic_write_text(run_dir / "metrics.csv", _to_csv(rows, cols))
+        atomic_write_text(run_dir / "curves.csv", _to_csv(curves, _CURVE_COLS))
+        summ = summarize(rows)
+        atomic_write_text(run_dir / "summary.json", json.dumps(summ, indent=1))
+        atomic_write_text(run_dir / "summary.md", summary_markdown(summ, title=f"{cfg['name']} ({run_dir.name})",
+                                                                  seeds=len(results)))
+    finally:
+        status.write()  # the final state, even when a table could not be written
 
 
 # ============================================================================ tables
@@ -543,19 +732,63 @@ def summary_markdown(summary: list[dict[str, Any]], title: str = "", seeds: int 
     return "\n".join(lines) + "\n"
 
 
-def latest_run(name: str, runs_root: str | os.PathLike = "runs", complete_only: bool = True) -> Path | None:
-    """The newest run directory of experiment ``name`` (status complete, unless ``complete_only=False``)."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _age_s(iso: Any) -> float | None:
+    try:
+        t = datetime.fromisoformat(str(iso))
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - t).total_seconds()
+
+
+def run_state(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run's status.json with ``"state"`` added: the status as written, except that a ``running`` run whose
+    process is gone (same host: its pid no longer exists) or whose heartbeat (else its start) is older than
+    :data:`STALE_S` reads ``died`` (``"died_because"`` says why). No or unreadable status.json: ``unknown``."""
+    path = Path(run_dir) / "status.json"
+    try:
+        s = json.loads(path.read_text())
+        if not isinstance(s, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as exc:
+        return {"state": "unknown", "reason": f"{path}: {exc}"}
+    state = str(s.get("status", "unknown"))
+    if state == "running":
+        pid, host = s.get("pid"), s.get("host")
+        age = _age_s(s.get("heartbeat") or s.get("started"))
+        limit = max(STALE_S, 4 * float(s.get("heartbeat_s") or HEARTBEAT_S))
+        if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
+            state, s["died_because"] = "died", f"its process {pid} on {host} is gone"
+        elif age is not None and age > limit:
+            state, s["died_because"] = "died", f"no heartbeat for {age:.0f} s (limit {limit:.0f} s)"
+    s["state"] = state
+    return s
+
+
+def latest_run(name: str, runs_root: str | os.PathLike = "runs", complete_only: bool = True,
+               include_quick: bool = False) -> Path | None:
+    """The newest run directory of experiment ``name``: state ``complete`` (unless ``complete_only=False``) and
+    not a ``--quick`` smoke run (unless ``include_quick``)."""
     base = Path(runs_root) / name
     if not base.is_dir():
         return None
     for d in sorted((p for p in base.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
-        st = d / "status.json"
-        if not st.exists():
+        s = run_state(d)
+        if s["state"] == "unknown":
             continue
-        try:
-            s = json.loads(st.read_text())
-        except json.JSONDecodeError:
+        if s.get("quick") and not include_quick:
             continue
-        if not complete_only or s.get("status") == "complete":
+        if not complete_only or s["state"] == "complete":
             return d
     return None
