@@ -5,7 +5,9 @@ Many posterior draws run in one call by grouped convolution: the draw dimension 
 dimension (``S`` draws of ``c`` channels = ``S * c`` channels in ``S`` groups), so one ``conv2d`` call per
 layer serves every draw. On digits (1,437 images of 8x8, channels [6, 16], S = 50 draws, one CPU thread) it
 took 1.2-1.3x less time than ``torch.func.vmap`` over the draws, for the forward and for forward + backward,
-and 1.6x less than im2col (``unfold``) + batched matmul (``benchmarks/cnn_batching.py``).
+(``benchmarks/cnn_batching.py``); a one-off check of the conv blocks alone found im2col (``unfold``) + batched
+matmul 1.6x slower still. Memory: the conv activations of all draws at once, ``N x S c_t x h x w`` per layer
+(chunk the inputs for large ``N S``).
 """
 
 from __future__ import annotations
