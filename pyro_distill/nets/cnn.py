@@ -4,9 +4,9 @@ dense layers.
 Many posterior draws run in one call by grouped convolution: the draw dimension is folded into the channel
 dimension (``S`` draws of ``c`` channels = ``S * c`` channels in ``S`` groups), so one ``conv2d`` call per
 layer serves every draw. On digits (1,437 images of 8x8, channels [6, 16], S = 50 draws, one CPU thread) it
-took 1.2-1.3x less time than ``torch.func.vmap`` over the draws, for the forward and for forward + backward,
+took 1.2-1.3x less time than ``torch.func.vmap`` over the draws, for the forward and for forward + backward
 (``benchmarks/cnn_batching.py``); a one-off check of the conv blocks alone found im2col (``unfold``) + batched
-matmul 1.6x slower still. Memory: the conv activations of all draws at once, ``N x S c_t x h x w`` per layer
+matmul 1.6x slower than grouped. Memory: the conv activations of all draws at once, ``N x S c_t x h x w`` per layer
 (chunk the inputs for large ``N S``).
 """
 
