@@ -157,8 +157,9 @@ def test_unsorted_index_keeps_value_pairing():
 
 
 def test_jitter_warns_with_amount_on_singular_block():
-    # coordinates 0 and 1 are identical: S_II is singular, the policy adds the smallest jitter that works
-    L = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.5, 1.0]], dtype=F64)
+    # coordinates 0 and 1 are identical to float precision: S_II is numerically singular, the policy adds the
+    # smallest jitter that works (an exactly zero diagonal of L is refused at construction)
+    L = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1e-20, 0.0], [0.5, 0.5, 1.0]], dtype=F64)
     g = DenseGaussian(torch.zeros(3, dtype=F64), L)
     with pytest.warns(RuntimeWarning, match=r"added jitter .* x mean diagonal"):
         out = g.condition([0, 1], torch.tensor([1.0, 1.0], dtype=F64))
@@ -169,7 +170,7 @@ def test_jitter_raises_when_not_positive_definite():
     with pytest.raises(NotPositiveDefiniteError, match="not positive definite even with jitter"):
         G.cholesky_jitter(-torch.eye(3, dtype=F64))
     L = torch.tensor([[1.0, 0.0], [float("nan"), 1.0]], dtype=F64)
-    with pytest.raises(NotPositiveDefiniteError, match="NaN"):
+    with pytest.raises(ValueError, match="NaN"):  # refused at construction now, naming the NaN
         DenseGaussian(torch.zeros(2, dtype=F64), L).condition([1], 0.0)
 
 
