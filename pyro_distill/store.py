@@ -259,6 +259,8 @@ def save_model(folder: str | os.PathLike, net: BayesianNet, q: Gaussian, card: d
             prior.layout = net.layout
             prior.save(folder / PRIOR_FILE, overwrite=overwrite)
             full["prior_sha256"] = fingerprint(folder / PRIOR_FILE)
+        elif overwrite and (folder / PRIOR_FILE).exists():  # the replaced model's prior: not this model's
+            (folder / PRIOR_FILE).unlink()
         atomic_write_text(folder / CARD_FILE, json.dumps(full, indent=2))
         _, q2, card2 = load_model(folder)  # read back what a reader will see
         same_card = json.dumps(card2, sort_keys=True) == json.dumps(full, sort_keys=True)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "run_note"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         prior, src = _resolve_prior(f, net, card)
         entries[name] = {"folder": f, "net": net, "q": q, "card": card, "prior": prior,
                          "has_prior": src != "default prior"}
+        run_note(card, f)
     # a data spec is a dict ({"name": "digits", "split_seed": 0}); a free-text "data" is only a description
     specs = {json.dumps(e["card"]["data"], sort_keys=True) for e in entries.values()
              if isinstance(e["card"].get("data"), dict)}
@@ -137,6 +138,12 @@ def run_folder(args: argparse.Namespace, root: Path) -> int:
         raise ValueError(f"{root} is a run's folder of models: diagnose it alone (no --against), or pass "
                          "single model folders")
     print(f"diagnosing every model folder in {root} ({args.draws} draws each)")
+    cards = sorted(root.glob("*/card.json"))
+    if cards:
+        try:
+            run_note(json.loads(cards[0].read_text()), root)
+        except (OSError, ValueError):
+            pass
     first_seed = min(D.split_seed(d.name)[1] for d in root.iterdir() if (d / "card.json").exists())
     res = D.diagnose_run(root, draws=args.draws, seed=args.seed, overwrite=args.overwrite, save=not args.no_save,
                          prior_rows=not args.no_prior_row, progress=True,
@@ -153,6 +160,32 @@ def run_folder(args: argparse.Namespace, root: Path) -> int:
         for path in figures_of_kept(kept, out):
             print(f"wrote {path}")
     return 0
+
+
+def run_note(card: dict[str, Any], folder: Path) -> str | None:
+    """For a model saved by an experiment run: one stderr line when that run is not a complete full run
+    (``died``, ``running``, ``interrupted``, ``failed``, or ``--quick``), so its numbers are not taken for the
+    published ones. Returns the line."""
+    import sys
+
+    from ..experiments.core import run_state
+
+    rd = card.get("run_dir") if isinstance(card, dict) else None
+    if not rd:
+        return None
+    st = run_state(rd)
+    state = st["state"]
+    if state == "unknown" and not Path(rd).exists():
+        return None
+    msg = None
+    if state != "complete":
+        why = st.get("died_because") or st.get("reason") or ""
+        msg = f"note: {folder} comes from run {rd}, whose state is {state}{' (' + why + ')' if why else ''}"
+    elif st.get("quick"):
+        msg = f"note: {folder} comes from the --quick smoke run {rd}"
+    if msg:
+        print(msg, file=sys.stderr)
+    return msg
 
 
 def figures_of_kept(kept: dict[str, Any], out: Path) -> list[Path]:

@@ -13,35 +13,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", default="runs", help="root of run directories (default: runs)")
     p.add_argument("--models", default="models", help="root of saved models (default: models)")
     p.add_argument("--workers", type=int, default=None, help="parallel seed processes (default: from the file)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let seeds replace model folders that already exist under <models>/NAME-<timestamp>/")
     p.set_defaults(func=_run)
 
-    f = subparsers.add_parser("figures", help="regenerate every figure from the latest complete run of each experiment")
+    f = subparsers.add_parser("figures", help="regenerate every figure from the latest complete full run of each "
+                                              "experiment (quick, unfinished and died runs are skipped)")
     f.add_argument("--runs", default="runs", help="root of run directories (default: runs)")
-    f.add_argument("--out", default="figures", help="output folder (default: figures)")
+    f.add_argument("--out", default=None, help="output folder (default: figures; with --run: <run>/figures)")
+    f.add_argument("--run", default=None, metavar="RUN_DIR",
+                   help="draw one run (any state, e.g. a --quick smoke run) instead; default output <run>/figures")
+    f.add_argument("--include-quick", action="store_true",
+                   help="let a complete --quick run publish into --out when it is the newest (not recommended)")
     f.set_defaults(func=_figures)
 
 
 def _run(args: argparse.Namespace) -> int:
     from ..experiments import RunError, run
+    from ..store import StorageError
 
     try:
         run_dir = run(args.config, quick=args.quick, runs_root=args.runs, models_root=args.models,
-                      workers=args.workers)
-    except RunError as exc:
+                      workers=args.workers, overwrite=args.overwrite)
+    except (RunError, StorageError) as exc:
         print(f"pyro-distill run: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:
+        print(f"pyro-distill run: {exc or 'interrupted'} (status.json says interrupted; finished seeds are kept)",
+              file=sys.stderr)
+        return 130
     print((run_dir / "summary.md").read_text())
     print(f"run directory: {run_dir}")
     return 0
 
 
 def _figures(args: argparse.Namespace) -> int:
-    from ..plots.experiments import make_all
+    from ..plots.experiments import make_all, make_run
 
-    made = make_all(args.runs, args.out)
+    if args.run:
+        made = make_run(args.run, args.out)
+        for p in made:
+            print(p)
+        return 0 if made else 1
+    notes: list[str] = []
+    made = make_all(args.runs, args.out or "figures", include_quick=args.include_quick, notes=notes)
+    for n in notes:
+        print(n, file=sys.stderr)
     if not made:
-        print(f"no complete runs under {args.runs}: run an experiment first (pyro-distill run experiments/digits.toml)",
-              file=sys.stderr)
+        print(f"no complete full runs under {args.runs}: run an experiment first "
+              "(pyro-distill run experiments/digits.toml)", file=sys.stderr)
         return 1
     for p in made:
         print(p)

@@ -82,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="teacher MLP widths, comma-separated (default: <features>,32,32,<classes or 1>); "
                         "with --prior the prior's network is used")
     f.add_argument("--out", required=True, help="model folder to create, e.g. models/digits-teacher")
+    f.add_argument("--overwrite", action="store_true", help="replace the model in an existing --out folder")
     f.add_argument("--guide", default="mvn", choices=["mvn", "lowrank", "diag"])
     f.add_argument("--steps", type=int, default=300, help="SVI steps (default 300)")
     f.add_argument("--map-steps", type=int, default=1000, help="MAP steps before Laplace (default 1000)")
@@ -128,11 +129,13 @@ def _fit(args: argparse.Namespace) -> int:
     from ..diagnostics import load_data_spec
     from ..inference import fit_posterior
     from ..nets.mlp import MLP
-    from ..store import save_model
+    from ..store import check_writable, save_model
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:  # refused before any fitting
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out, or pass --overwrite to replace "
+                              "the model in it")
+    check_writable(out.parent, what="--out folder")
     if not 0 < args.fraction <= 1:
         raise ValueError(f"--fraction must lie in (0, 1], got {args.fraction}")
     spec: dict = {"name": args.data, "split_seed": args.split_seed}
@@ -166,12 +169,14 @@ def _fit(args: argparse.Namespace) -> int:
     if sizes and (sizes[0] != ds.num_features or sizes[-1] != n_out):
         raise ValueError(f"{args.data} needs a network from {ds.num_features} inputs to {n_out} outputs, got "
                          f"{sizes}" + (" (the prior's network)" if prior is not None else ""))
+    p, size = net.num_params, ds.X.element_size() if ds.X.is_floating_point() else 4
+    need = size * (p * p if args.guide == "mvn" else p * 22 if args.guide == "lowrank" else 2 * p)
+    check_writable(out.parent, need * (2 if prior is not None else 1), what="--out folder")  # before the fit
     q, hist = fit_posterior(net, ds.X, ds.y, guide=args.guide, prior=prior, steps=args.steps,
                             map_steps=args.map_steps, init=init, seed=args.seed, progress=args.progress)
     res = metrics.evaluate(net, q, ds.Xte, ds.yte, seed=args.seed)
-    save_model(out, net, q, card | {"test": res, "elbo_start": hist.elbo_start, "elbo_end": hist.elbo_end})
-    if prior is not None:
-        prior.save(out / "prior.pt")
+    save_model(out, net, q, card | {"test": res, "elbo_start": hist.elbo_start, "elbo_end": hist.elbo_end},
+               overwrite=args.overwrite, prior=prior)
     print(f"saved {out} ({card['role']}, {net!r}): " + ", ".join(f"{k} {v:.4g}" for k, v in res.items()))
     if args.idata_draws > 0:
         from ..diagnostics import diagnose_model_folder
