@@ -21,6 +21,14 @@ and the ratios are medians of per-round ratios, because the CPU is shared. Peak 
 high-water mark (Linux VmHWM, reset after imports and data loading) of a fresh subprocess per (size, guide,
 method) that builds the method and takes 3 steps; "+" is that peak minus the resident set before building it.
 
+Students under a dense prior (issue 18): the digits students [64,16,10] (p=1,210) and [64,32,10] (p=2,410),
+dense guide, ``ours`` only, three ways in one interleaved run: under the fan-in (diagonal) prior; under a dense
+prior with the whitened step (``whiten="auto"``, O(p^2)); under the same dense prior on the old path
+(``whiten=False``: the KL's O(p^3) triangular solve every step). The dense prior is synthetic but shaped like a
+teacher-derived one (fan-in standard deviations times the Cholesky factor of a correlation matrix with a rank-32
+part): the step's cost depends only on the prior's structure, not its values. Target: dense whitened within
+1.5x of the diagonal-prior step. ``--only s1.2k s2.4k`` runs just these.
+
 Stability: ``ours`` (the default recipe: MAP, Laplace, SVI) for ``--stability-steps`` steps in float32 at
 p=3,466, and plain (a) in float32 from Pyro's default start, stopped at the first non-finite loss.
 
@@ -125,13 +133,13 @@ def start_gaussian(net, prior: Gaussian, guide: str) -> Gaussian:
 WARM = 2
 
 
-def make_ours(net, X, y, prior, start, guide, batch_size) -> Callable[[int], float]:
+def make_ours(net, X, y, prior, start, guide, batch_size, whiten: bool | str = "auto") -> Callable[[int], float]:
     def run(n: int) -> float:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _, h = fit_posterior(net, X, y, guide=guide, prior=prior, init=start, steps=WARM + n, lr=LR,
                                  num_particles=PARTICLES, batch_size=batch_size, rank=RANK, seed=0,
-                                 elbo_eval_particles=1)
+                                 elbo_eval_particles=1, whiten=whiten)
         return (h.time_s[-1] - h.time_s[WARM - 1]) / n
 
     return run
@@ -261,6 +269,57 @@ def time_config(cfg: Config, rounds: int) -> dict:
     return res
 
 
+# ------------------------------------------------------------------------------------------------ dense prior
+STUDENTS = {"s1.2k": [64, 16, 10], "s2.4k": [64, 32, 10]}
+PRIOR_CASES = ("diag prior", "dense whitened", "dense old")
+
+
+def dense_student_prior(net, dtype=torch.float32, rank: int = 32) -> DenseGaussian:
+    """A dense prior shaped like a teacher-derived one: ``diag(sd) chol(0.5 U U^T / r + 0.5 I)`` with fan-in ``sd``."""
+    g = torch.Generator().manual_seed(2)
+    p = net.num_params
+    fan = net.default_prior(torch.float64)
+    U = torch.randn(p, rank, generator=g, dtype=torch.float64)
+    C = 0.5 * (U @ U.T) / rank
+    C.diagonal().add_(0.5)
+    L = fan.scale.unsqueeze(-1) * torch.linalg.cholesky(C)
+    return DenseGaussian(fan.loc.clone(), L, layout=net.layout).to(dtype=dtype)
+
+
+def time_students(names: list[str], rounds: int, quick: bool) -> dict:
+    """ms per SVI step of the dense guide under the diagonal prior, the dense prior whitened, the dense prior old."""
+    ds = data.digits(dtype=torch.float32)
+    out: dict = {}
+    for name in names:
+        net = MLP(STUDENTS[name])
+        diag, dense = net.default_prior(torch.float32), dense_student_prior(net)
+        start = start_gaussian(net, diag, "mvn")
+        steps = 3 if quick else (20 if net.num_params < 2000 else 10)
+        runs = {"diag prior": make_ours(net, ds.X, ds.y, diag, start, "mvn", None),
+                "dense whitened": make_ours(net, ds.X, ds.y, dense, start, "mvn", None, whiten="auto"),
+                "dense old": make_ours(net, ds.X, ds.y, dense, start, "mvn", None, whiten=False)}
+        times: dict[str, list[float]] = {m: [] for m in PRIOR_CASES}
+        for r in range(rounds):
+            for m in PRIOR_CASES[r % 3:] + PRIOR_CASES[: r % 3]:
+                times[m].append(runs[m](steps))
+        med = {m: statistics.median(v) for m, v in times.items()}
+        r_w = statistics.median(a / b for a, b in zip(times["dense whitened"], times["diag prior"]))
+        r_o = statistics.median(a / b for a, b in zip(times["dense old"], times["diag prior"]))
+        print(f"  {name:6s} {str(STUDENTS[name]):13s} p={net.num_params:5d} ms/step: diag prior "
+              f"{1e3 * med['diag prior']:7.1f}  dense whitened {1e3 * med['dense whitened']:7.1f} ({r_w:4.2f}x)  "
+              f"dense old {1e3 * med['dense old']:7.1f} ({r_o:5.2f}x)   [{steps} steps x {rounds} rounds]", flush=True)
+        out[name] = {"p": net.num_params, "times_s": times, "median_s": med, "whitened_over_diag": r_w,
+                     "old_over_diag": r_o}
+    return out
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"load average {os.getloadavg()}"
+
+
 # ------------------------------------------------------------------------------------------------ memory
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -385,7 +444,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smoke run: 1 round, few steps, short stability runs")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per configuration (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the CPU is shared)")
-    ap.add_argument("--only", nargs="*", help="configurations to time: p1.4k p3.4k p20k p100k")
+    ap.add_argument("--only", nargs="*", help="configurations to time: p1.4k p3.4k p20k p100k s1.2k s2.4k")
     ap.add_argument("--dense20k", action="store_true", help="also time the dense guide at p=19k (~8 GB)")
     ap.add_argument("--stability-steps", type=int, default=None, help="SVI steps of ours in the NaN check (5000)")
     ap.add_argument("--pyro-steps", type=int, default=None, help="max steps of plain (a) in the NaN check (600)")
@@ -407,10 +466,17 @@ def main() -> None:
     print(f"svi_step benchmark: torch {torch.__version__}, pyro {pyro.__version__}, {args.threads} thread(s), "
           f"{PARTICLES} particles, rank {RANK}, float32, {rounds} interleaved round(s); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
-    report: dict = {"threads": args.threads, "rounds": rounds, "timing": {}, "memory": {}, "stability": {}}
+    report: dict = {"threads": args.threads, "rounds": rounds, "timing": {}, "memory": {}, "stability": {},
+                    "students": {}}
+    print(f"uptime: {_uptime()}")
     print("time per step (median over rounds; ratios: median of per-round ratios)")
     for c in cfgs:
         report["timing"][c.name] = time_config(c, rounds)
+    students = [n for n in STUDENTS if not args.only or n in args.only]
+    if students:
+        print("students under a dense prior (dense guide, ours; ratios to the diagonal-prior step, per-round medians)")
+        report["students"] = time_students(students, rounds, args.quick)
+        print(f"uptime: {_uptime()}")
     if not args.no_memory:
         print("peak memory (resident-set high-water mark of a fresh process per cell, reset after imports and data; "
               "'+' = above the resident set before the method was built)")
@@ -432,6 +498,10 @@ def main() -> None:
         checks.append((f"low-rank p=95k within 1.3x of (b): ours/(b) = {r:.2f}x", r <= 1.3))
         ms = 1e3 * tm["p100k"]["lowrank"]["median_s"]["ours"]
         checks.append((f"low-rank p=95k under 50 ms per step: {ms:.1f} ms ({args.threads} thread(s))", ms < 50))
+    for name, r in report["students"].items():
+        checks.append((f"student {name} (p={r['p']}) under a dense prior within 1.5x of the diagonal-prior step: "
+                       f"{r['whitened_over_diag']:.2f}x (old path {r['old_over_diag']:.2f}x)",
+                       r["whitened_over_diag"] <= 1.5))
     st = report["stability"]
     if "ours" in st:
         checks.append((f"no NaN in {st['ours']['steps']} float32 steps of ours (dense, p=3.4k)", not st["ours"]["nan"]))

@@ -37,7 +37,7 @@ from pyro.nn import PyroModule, PyroParam
 
 from .gaussian import DenseGaussian, DiagGaussian, Gaussian, LowRankGaussian
 
-__all__ = ["WhitenedGuide", "resolve_whiten", "tril_matmul"]
+__all__ = ["WhitenedGuide", "resolve_whiten", "tril_matmul", "tril_rows", "tril_rows_t"]
 
 #: block size of the blocked triangular products (handing back L = B M)
 _TRI_BLOCK = 256
@@ -74,6 +74,35 @@ def tril_matmul(A: torch.Tensor, B: torch.Tensor, block: int = _TRI_BLOCK) -> to
             i1 = min(i0 + block, p)
             out[i0:i1, j0:j1] = A[i0:i1, j0:i1] @ B[j0:i1, j0:j1]
     return out.tril_()
+
+
+def _blocks(p: int) -> list[tuple[int, int]]:
+    return [(i0, min(i0 + _TRI_BLOCK, p)) for i0 in range(0, p, _TRI_BLOCK)]
+
+
+def tril_rows(v: torch.Tensor, T: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``bias + v T^T`` for rows ``v`` ``[n, p]`` and lower-triangular ``T``, reading only ``T``'s lower blocks.
+
+    The products are memory bound at a few particles: skipping the zero upper blocks halves the traffic.
+    """
+    out = torch.empty(v.shape[0], T.shape[0], dtype=v.dtype, device=v.device)
+    for i0, i1 in _blocks(T.shape[0]):
+        blk = T[i0:i1, :i1].mT
+        out[:, i0:i1] = v[:, :i1] @ blk if bias is None else torch.addmm(bias[i0:i1], v[:, :i1], blk)
+    return out
+
+
+def tril_rows_t(g: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """``g T`` for rows ``g`` ``[n, p]`` and lower-triangular ``T`` (the adjoint of :func:`tril_rows`)."""
+    out = torch.zeros(g.shape[0], T.shape[1], dtype=g.dtype, device=g.device)
+    for i0, i1 in _blocks(T.shape[0]):
+        out[:, :i1].addmm_(g[:, i0:i1], T[i0:i1, :i1])
+    return out
+
+
+def _tril_sq_norm(T: torch.Tensor) -> torch.Tensor:
+    """``||tril(T)||_F^2`` reading the lower blocks only."""
+    return sum(torch.linalg.vector_norm(T[i0:i1, :i1]) ** 2 for i0, i1 in _blocks(T.shape[0]))
 
 
 def _lower_factor(F: torch.Tensor) -> torch.Tensor:
@@ -115,10 +144,10 @@ class _TriRoot(_Root):
         self.B = B
 
     def rows(self, v):
-        return v @ self.B.mT
+        return tril_rows(v, self.B)
 
     def rows_t(self, g):
-        return g @ self.B
+        return tril_rows_t(g, self.B)
 
     def solve(self, x):
         return torch.linalg.solve_triangular(self.B, x, upper=False)
@@ -196,17 +225,17 @@ def _root_buffers(prior: Gaussian, s: torch.Tensor) -> dict[str, torch.Tensor]:
 class _WhitenedSampleKL(torch.autograd.Function):
     """Draws ``w = mu + (a + z M^T) B^T`` and ``KL(N(a, M M^T) || N(0, s2 I))`` with a hand-written backward.
 
-    One p x p gradient buffer is built and updated in place (``gM = tril(g_v^T z + gkl (M / s2 - diag(1/M_ii)))``);
-    autograd would build three and sum them. No host-device synchronization.
+    ``gM = tril(g_v^T z) + gkl (M / s2 - diag(1 / M_ii))`` is built once, in place, block row by block row, and
+    only its lower blocks are computed (autograd would build three full p x p buffers and sum them). Every
+    product with the triangular ``M`` (and ``B``) reads its lower blocks only. No host-device synchronization.
     """
 
     @staticmethod
     def forward(ctx, a, M, z, mu, s2, root):
-        v = torch.addmm(a, z, M.mT)
+        v = tril_rows(z, M, a)
         w = root.rows(v) + mu
         p = a.numel()
-        kl = 0.5 * ((torch.linalg.vector_norm(M) ** 2 + a.dot(a)) / s2 - p + p * torch.log(s2)
-                    - 2 * M.diagonal().abs().log().sum())
+        kl = 0.5 * ((_tril_sq_norm(M) + a.dot(a)) / s2 - p + p * torch.log(s2) - 2 * M.diagonal().abs().log().sum())
         ctx.root = root
         ctx.save_for_backward(a, M, z, s2)
         return w, kl
@@ -215,11 +244,18 @@ class _WhitenedSampleKL(torch.autograd.Function):
     def backward(ctx, gw, gkl):
         a, M, z, s2 = ctx.saved_tensors
         gv = ctx.root.rows_t(gw)
-        gM = gv.mT @ z
-        gM.addcmul_(M, (gkl / s2).reshape(1, 1))
+        c = (gkl / s2).reshape(1, 1)
+        p = a.numel()
+        gM = torch.empty(p, p, dtype=M.dtype, device=M.device)
+        gvT = gv.mT
+        for i0, i1 in _blocks(p):
+            blk = gM[i0:i1, :i1]
+            blk.addmm_(gvT[i0:i1], z[:, :i1], beta=0)  # beta=0: the uninitialized buffer is never read
+            blk.addcmul_(M[i0:i1, :i1], c)
+            gM[i0:i1, i0:i1].tril_()
+            gM[i0:i1, i1:].zero_()
         gM.diagonal().sub_(gkl / M.diagonal())
-        gM.tril_()
-        ga = gv.sum(0) + (gkl / s2) * a
+        ga = gv.sum(0) + c.reshape(()) * a
         return ga, gM, None, None, None, None
 
 
@@ -287,9 +323,8 @@ class WhitenedGuide(PyroModule):
         return [p for n, p in self.named_parameters() if not n.startswith("loc")]
 
     def mask_grad(self) -> None:
-        """Zero the gradient's upper triangle (mvn): keeps ``M_s`` lower triangular under Adam."""
-        if self.kind == "mvn" and self.scale_tril.grad is not None:
-            self.scale_tril.grad.tril_()
+        """Nothing to do: the step's hand-written backward already returns a lower-triangular gradient for
+        ``M_s`` (so Adam keeps its upper triangle exactly zero), and no other term differentiates ``M_s``."""
 
     def gaussian(self) -> Gaussian:
         """The current q in the original coordinates (mvn: ``m = mu + B a``, ``L = B M``; O(p^3) for mvn)."""

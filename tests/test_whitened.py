@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from pyro_distill import whitened
 from pyro_distill.data import synthetic_classification
 from pyro_distill.gaussian import DenseGaussian, DiagGaussian, Gaussian, LowRankGaussian
 from pyro_distill.inference import elbo_terms, fit_posterior
@@ -18,6 +19,13 @@ from pyro_distill.nets import MLP
 from pyro_distill.whitened import WhitenedGuide, resolve_whiten, tril_matmul
 
 F64 = torch.float64
+
+
+@pytest.fixture(params=[256, 8], ids=["one-block", "blocks-of-8"])
+def blocks(request, monkeypatch) -> int:
+    """Run a test with the default block size (one block at p = 45) and with blocks of 8 (the blocked paths)."""
+    monkeypatch.setattr(whitened, "_TRI_BLOCK", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +69,7 @@ def dense_kl(m, F, prior: Gaussian) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("pk", ["dense", "lowrank", "diag"])
-def test_roundtrip_original_whitened_original(problem, pk: str) -> None:
+def test_roundtrip_original_whitened_original(problem, blocks, pk: str) -> None:
     """The Gaussian handed back equals the start it was built from (mean and factor, 1e-10)."""
     net, _, _ = problem
     prior, q = make_prior(pk, net), make_q(net)
@@ -73,7 +81,7 @@ def test_roundtrip_original_whitened_original(problem, pk: str) -> None:
 
 
 @pytest.mark.parametrize("pk", ["dense", "lowrank", "diag"])
-def test_whitened_elbo_equals_unwhitened(problem, pk: str) -> None:
+def test_whitened_elbo_equals_unwhitened(problem, blocks, pk: str) -> None:
     """Same q, same base noise z: the same draws, the same KL and ELBO (1e-8) as the original-coordinate path.
 
     The draw is ``m + z F^T`` with ``F = B M``: ``F = L`` for the triangular roots; for the low-rank prior's
@@ -99,7 +107,7 @@ def test_whitened_elbo_equals_unwhitened(problem, pk: str) -> None:
 
 
 @pytest.mark.parametrize("pk", ["dense", "lowrank"])
-def test_gradients_agree_with_autograd_in_original_coordinates(problem, pk: str) -> None:
+def test_gradients_agree_with_autograd_in_original_coordinates(problem, blocks, pk: str) -> None:
     """The hand-written backward equals autograd of the original-coordinate ELBO seen as a function of the
     whitened parameters: ``m = mu + B a``, ``F = B M`` (then draws ``m + z F^T`` and the dense KL)."""
     net, X, y = problem
@@ -163,7 +171,7 @@ def test_tril_matmul_equals_product() -> None:
 
 
 @pytest.mark.parametrize("pk", ["dense", "lowrank"])
-def test_fit_under_dense_prior_returns_dense_gaussian_and_first_elbo_matches(problem, pk: str) -> None:
+def test_fit_under_dense_prior_returns_dense_gaussian_and_first_elbo_matches(problem, blocks, pk: str) -> None:
     """A short whitened fit returns a DenseGaussian on the student's layout; its first step (same start, same
     draws; dense prior) has the same ELBO as the old path's (1e-8), and the ELBO goes up."""
     net, X, y = problem
@@ -189,7 +197,7 @@ def test_fit_under_dense_prior_returns_dense_gaussian_and_first_elbo_matches(pro
     torch.testing.assert_close(seen[-1].scale_tril, q1.scale_tril, rtol=0, atol=0)
 
 
-def test_identity_root_reproduces_old_path(problem) -> None:
+def test_identity_root_reproduces_old_path(problem, blocks) -> None:
     """Under an isotropic diagonal prior the whitened parameters ARE the old ones (B / s = I): whiten=True
     reproduces whiten=False step by step (same draws, same Adam steps), so lr and factor_lr mean the same."""
     net, X, y = problem
