@@ -370,6 +370,8 @@ class Gaussian(Distribution, ABC):
         """
         if isinstance(d, Gaussian):
             return _with_layout(d, layout)
+        if _KRON_PYRO is not None and isinstance(d, _KRON_PYRO):  # KronGaussian.to_pyro(): the structure itself
+            return _with_layout(d.gaussian, layout)
         if not isinstance(d, Distribution):
             raise TypeError(
                 f"expected a Gaussian or a torch/Pyro distribution, got {type(d).__name__}; pass a "
@@ -1425,7 +1427,10 @@ def _kron_pyro_class() -> type:
             def __repr__(self) -> str:
                 return f"KronMatrixNormal({self.gaussian!r})"
 
-        KronMatrixNormal.__module__ = __name__
+        KronMatrixNormal.__module__, KronMatrixNormal.__qualname__ = __name__, "KronMatrixNormal"
+        register_kl(KronMatrixNormal, Distribution)(lambda p, q: p.gaussian.kl(q))
+        register_kl(Distribution, KronMatrixNormal)(lambda p, q: as_gaussian(p).kl(q.gaussian))
+        register_kl(KronMatrixNormal, KronMatrixNormal)(lambda p, q: p.gaussian.kl(q.gaussian))
         _KRON_PYRO = KronMatrixNormal
     return _KRON_PYRO
 

@@ -251,6 +251,16 @@ def test_save_load_to_and_pyro(tmp_path) -> None:
     torch.testing.assert_close(d.log_prob(x), q.log_prob(x), **TOL)
     assert d.sample().shape == (21,) and d.expand([3]).rsample().shape == (3, 21)
     assert d.expand([3]).log_prob(x[:3]).shape == (3,)
+    # the Pyro form converts back to the structure itself, takes part in kl_divergence, and pickles
+    from pyro_distill.gaussian import Gaussian
+
+    assert Gaussian.from_distribution(d) is q
+    q2 = make(1)
+    torch.testing.assert_close(kl_divergence(d, q2.to_pyro()), q.kl(q2), **TOL)
+    torch.testing.assert_close(kl_divergence(q2.to_dense(), d), q2.to_dense().kl(q), **TOL)
+    import pickle
+
+    torch.testing.assert_close(pickle.loads(pickle.dumps(d)).log_prob(x), d.log_prob(x), **TOL)
 
 
 # ------------------------------------------------------------------------------------------------ surgery
