@@ -158,6 +158,8 @@ class GGN:
         if V.dim() != 2 or V.shape[0] != self.p:
             raise ValueError(f"mm expects a matrix [p={self.p}, k], got {tuple(V.shape)}")
         Vt = V.to(device=self.device, dtype=self.dtype).T.contiguous()  # [k, p]
+        if isinstance(self.net, MLP):
+            return self._mlp_mm(Vt).T
         res = torch.zeros_like(Vt)
         for sl in self._slices():
             f = self._f(sl)
@@ -166,6 +168,54 @@ class GGN:
             HJV = self._hmul(out.detach(), JV, self._mask(sl))
             res += vmap(lambda u, vjp_fn=vjp_fn: vjp_fn(u)[0])(HJV)
         return res.T
+
+    def _mlp_cached(self) -> list[tuple[slice, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]]:
+        """Per chunk (slice, outputs, layer inputs h_1.. (h_0 = X stays in X), activation derivatives),
+        computed once: the MLP's products reuse the forward pass."""
+        if getattr(self, "_cache", None) is None:
+            cache = []
+            for sl in self._slices():
+                out, inputs, dacts = _mlp_forward(self.net, self.w, self.X[sl])
+                cache.append((sl, out, inputs[1:], dacts))
+            self._cache = cache
+        return self._cache
+
+    def _mlp_mm(self, Vt: torch.Tensor) -> torch.Tensor:
+        """MLP closed form of ``G V`` (``Vt`` = ``V^T`` ``[k, p]``): forward-mode tangents layer by layer
+        (``da_t = dU_t h_{t-1} + U_t dh_{t-1} + db_t``, ``dh_t = sigma'(a_t) da_t``), times ``H_n``, then the
+        ordinary backward pass with outer products per column; every step is one matrix product."""
+        net = self.net
+        Ws, bs = _mlp_parts(net, self.w)
+        dP = net.layout.unflatten(Vt)
+        k, L = Vt.shape[0], net.num_layers
+        dWs = [dP[f"layer{t}.weight"] for t in range(1, L + 1)]  # [k, n_t, n_{t-1}]
+        dbs = [dP[f"layer{t}.bias"] if net.bias else None for t in range(1, L + 1)]
+        res = torch.zeros_like(Vt)
+        out_parts = {}
+        for sl, out, hs, dacts in self._mlp_cached():
+            inputs = [self.X[sl], *hs]
+            B = out.shape[0]
+            dh = None
+            for t in range(L):
+                da = (inputs[t] @ dWs[t].reshape(-1, dWs[t].shape[-1]).T).view(B, k, -1)
+                if dh is not None:
+                    da = da + dh @ Ws[t].T
+                if dbs[t] is not None:
+                    da = da + dbs[t]
+                dh = da * dacts[t].unsqueeze(-2) if t < L - 1 else da
+            g = self._hmul(out.unsqueeze(-2), dh, None)  # [B, k, C]
+            for t in range(L - 1, -1, -1):
+                gk = g.permute(1, 2, 0)  # [k, n_t, B]
+                out_parts[t] = (gk @ inputs[t], gk.sum(-1))
+                if t > 0:
+                    g = (g @ Ws[t]) * dacts[t - 1].unsqueeze(-2)
+            pieces = []
+            for t in range(L):
+                pieces.append(out_parts[t][0].reshape(k, -1))
+                if net.bias:
+                    pieces.append(out_parts[t][1])
+            res += torch.cat(pieces, -1)
+        return res
 
     def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
         return self.mv(V) if V.dim() == 1 else self.mm(V)
@@ -281,7 +331,7 @@ class GGN:
 def _generic_chunk(p: int, K1: int) -> int:
     """Examples per vmap-over-vjp pass: the cost per example grows with the chunk (each cotangent runs a
     backward through the whole chunk), the per-call overhead shrinks: a few examples is the sweet spot."""
-    return max(1, min(16, 4096 // max(1, K1)))
+    return max(1, min(4, 4096 // max(1, K1)))
 
 
 def _syrk(dtype: torch.dtype):
@@ -429,55 +479,60 @@ def _lanczos(mv: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: i
     return theta[top].to(dtype=dtype, device=device), vecs
 
 
+def _orthonormalize(Z: torch.Tensor, AZ: torch.Tensor | None = None, rtol: float = 1e-6
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Orthonormal columns spanning ``Z`` (near-dependent directions dropped, by SVD), and ``A`` of them
+    from ``AZ = A Z`` by the same column transformation (no new products)."""
+    if Z.shape[1] == 0:
+        return Z, AZ
+    U, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+    keep = S > rtol * S[0]
+    T = Vh[keep].T / S[keep]
+    return U[:, keep], (None if AZ is None else AZ @ T)
+
+
 def _lobpcg(mm: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: int, tol: float,
             max_iter: int | None, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k eigenpairs by block LOBPCG (Knyazev 2001): Rayleigh-Ritz on ``[X, residuals, previous step]``,
-    one block product ``mm`` of ``[p, <= 2k]`` columns per iteration. The basis is orthonormalized by QR
-    (with column dropping for rank loss), which is the stable "ortho" variant."""
-    n_iter = max_iter if max_iter is not None else 200
+    """Top-k eigenpairs by block LOBPCG (Knyazev 2001): Rayleigh-Ritz on the orthonormalized basis
+    ``[X, residuals, previous step]``, one block product ``mm`` (the non-converged residuals) per iteration.
+    Every block is kept orthonormal (SVD with column dropping), so Rayleigh-Ritz is a plain ``eigh``."""
+    n_iter = max_iter if max_iter is not None else 300
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
     gen = torch.Generator(device=device).manual_seed(seed)
     X, _ = torch.linalg.qr(torch.randn(p, k, generator=gen, dtype=dtype, device=device))
     AX = mm(X)
-    theta, S = torch.linalg.eigh(X.T @ AX)
+    theta, S = torch.linalg.eigh(0.5 * (X.T @ AX + AX.T @ X))
     X, AX = X @ S, AX @ S
     P = AP = None
     for _ in range(n_iter):
-        Rres = AX - X * theta
+        res = AX - X * theta
         lam = max(float(theta.abs().max()), 1e-300)
-        done = Rres.norm(dim=0) <= tol * lam
+        done = res.norm(dim=0) <= tol * lam
         if bool(done.all()):
             break
-        W = Rres[:, ~done]
-        blocks = [X] + ([P] if P is not None else [])
-        Wn = W
-        for _r in range(2):  # orthogonalize the residuals against the current basis
-            for Bk in blocks:
-                Wn = Wn - Bk @ (Bk.T @ Wn)
-        Qw, Rw = torch.linalg.qr(Wn)
-        keep = Rw.diagonal().abs() > 1e-10 * max(float(Rw.diagonal().abs().max()), 1e-300)
-        Qw = Qw[:, keep]
-        AW = mm(Qw) if Qw.shape[1] else Qw
-        basis = [X, Qw] + ([P] if P is not None else [])
-        Abasis = [AX, AW] + ([AP] if AP is not None else [])
-        Z = torch.cat(basis, 1)
-        AZ = torch.cat(Abasis, 1)
-        # Z may be slightly non-orthonormal (P): Rayleigh-Ritz on the Gram matrix via its Cholesky factor
-        M = Z.T @ Z
-        Lc = torch.linalg.cholesky(0.5 * (M + M.T) + 1e-14 * torch.eye(M.shape[0], dtype=dtype, device=device))
-        Ainner = Z.T @ AZ
-        Ainner = 0.5 * (Ainner + Ainner.T)
-        Li = torch.linalg.solve_triangular(Lc, torch.eye(M.shape[0], dtype=dtype, device=device), upper=False)
-        ev, U = torch.linalg.eigh(Li @ Ainner @ Li.T)
-        C = Li.T @ U[:, -k:].flip(-1)
-        ev = ev[-k:].flip(-1)
-        Xn, AXn = Z @ C, AZ @ C
-        # the new search direction: the part of the step outside X
-        Cp = C.clone()
+        W = res[:, ~done]
+        for _r in range(2):  # orthogonalize the residuals against X and P
+            W = W - X @ (X.T @ W)
+            if P is not None:
+                W = W - P @ (P.T @ W)
+        W, _ = _orthonormalize(W, None, rtol)
+        AW = mm(W) if W.shape[1] else W
+        Z = torch.cat([X, W] + ([P] if P is not None else []), 1)
+        AZ = torch.cat([AX, AW] + ([AP] if AP is not None else []), 1)
+        Ain = Z.T @ AZ
+        ev, U = torch.linalg.eigh(0.5 * (Ain + Ain.T))
+        Cc = U[:, -k:].flip(-1)
+        theta = ev[-k:].flip(-1)
+        X, AX = Z @ Cc, AZ @ Cc
+        # the new search direction: the step's part outside the old X, made orthonormal and orthogonal to X
+        Cp = Cc.clone()
         Cp[:k] = 0
         P, AP = Z @ Cp, AZ @ Cp
-        nrm = P.norm(dim=0).clamp_min(1e-300)
-        P, AP = P / nrm, AP / nrm
-        X, AX, theta = Xn, AXn, ev
+        proj = X.T @ P
+        P, AP = P - X @ proj, AP - AX @ proj
+        P, AP = _orthonormalize(P, AP, rtol)
+        if P.shape[1] == 0:
+            P = AP = None
     order = torch.argsort(theta, descending=True)
     return theta[order], X[:, order]
 
