@@ -2,13 +2,16 @@
 
 * :class:`DenseGaussian` ``N(m, L L^T)``                     exact, O(p^2) memory;
 * :class:`LowRankGaussian` ``N(m, W W^T + diag(d))``         O(p k) memory;
-* :class:`DiagGaussian` ``N(m, diag(s^2))``                  the uncorrelated case.
+* :class:`DiagGaussian` ``N(m, diag(s^2))``                  the uncorrelated case;
+* :class:`KronGaussian` per block ``vec(U) ~ N(vec(M), B ⊗ A)``, block-diagonal, plus a diagonal remainder
+  (KFAC): O(sum r^2 + c^2) memory; closed under conditioning / marginalizing whole rows, columns and blocks,
+  and it refuses (:class:`StructureError`, naming ``to_dense()`` / ``to_lowrank(k)``) what it cannot do exactly.
 
 Two closed operations (DESIGN.md): ``condition(I, v)`` fixes coordinates ``I`` to ``v`` and returns the
 Gaussian over the complement ``K`` (mean ``m_K + S_KI S_II^{-1}(v - m_I)``, covariance
 ``S_KK - S_KI S_II^{-1} S_IK``, by Cholesky solves; Woodbury for low-rank), and ``marginalize(K)``.
-Both keep the structure. ``kl`` is closed form between any two structures and differentiable, so it
-is also the KL term of the ELBO. Nothing here knows about networks or data.
+Both keep the structure (Kronecker: where exact). ``kl`` is closed form between any two structures and
+differentiable, so it is also the KL term of the ELBO. Nothing here knows about networks or data.
 
 Every structure is a :class:`torch.distributions.Distribution` with ``batch_shape == ()`` and
 ``event_shape == (p,)``: ``sample(sample_shape)`` / ``rsample`` give ``[*sample_shape, p]`` (an int ``n`` means

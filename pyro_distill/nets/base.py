@@ -139,7 +139,8 @@ class BayesianNet(ABC):
         ``w`` from a guide may carry leading particle dims; the plate is the rightmost batch dim.
         """
         if prior is None:
-            prior = self.default_prior(x.dtype, x.device)
+            # token-id inputs are integers: the prior then takes the default float dtype
+            prior = self.default_prior(x.dtype if x.is_floating_point() else torch.get_default_dtype(), x.device)
         w = pyro.sample("w", prior.to_pyro())
         with pyro.plate("data", x.shape[0], subsample_size=subsample_size, dim=-1) as idx:
             out = self.forward(w, x[idx])
