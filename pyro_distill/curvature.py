@@ -41,18 +41,23 @@ _BUDGET = 2**25
 
 # ============================================================================ output Hessian
 def output_hessian_sqrt(out: torch.Tensor, likelihood: str, noise_scale: float | None = None,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A square-root factor ``R`` (``[..., C, C]``, columns = factor columns) of the Hessian of the negative
+                        mask: torch.Tensor | None = None, reduced: bool = True) -> torch.Tensor:
+    """A square-root factor ``R`` (``[..., C, K]``, K factor columns) of the Hessian of the negative
     log-likelihood in the outputs ``out`` ``[..., C]``: ``H = R R^T``.
 
     Softmax: ``R = diag(sqrt(pi)) - pi sqrt(pi)^T`` (then ``R R^T = diag(pi) - pi pi^T`` since
-    ``sqrt(pi)^T sqrt(pi) = 1``); Gaussian: ``R = I / s``. ``mask`` (``[...]``, 0/1) zeroes masked groups.
+    ``sqrt(pi)^T sqrt(pi) = 1``). ``R sqrt(pi) = 0``, so with ``reduced`` (default) only its ``K = C - 1``
+    columns on an orthonormal basis ``Q`` of ``sqrt(pi)^perp`` are kept, ``R Q`` (``Q`` = the Householder
+    reflection taking ``sqrt(pi)`` to ``-e_C``, last column dropped): a tenth fewer backward passes for
+    ``C = 10``. Gaussian: ``R = I / s`` (``K = C``). ``mask`` (``[...]``, 0/1) zeroes masked groups.
     """
     C = out.shape[-1]
     if likelihood == "categorical":
         pi = torch.softmax(out.detach(), -1)
         sq = pi.sqrt()
         R = torch.diag_embed(sq) - pi.unsqueeze(-1) * sq.unsqueeze(-2)
+        if reduced and C > 1:  # R Q = R[:, :-1] - R[:, -1] sq[:-1]^T / (1 + sq[-1])
+            R = R[..., :-1] - R[..., -1:] * (sq[..., None, :-1] / (1 + sq[..., -1, None, None]))
     elif likelihood == "gaussian":
         if noise_scale is None:
             raise ValueError("a Gaussian likelihood needs its noise scale: pass noise_scale")
@@ -244,13 +249,13 @@ class GGN:
         out = out.detach()
         B = out.shape[0]
         R = self._sqrt(out, self._mask(sl))  # [B, *groups, C, C]
-        K = B * self.groups
-        R = R.reshape(K, self.C, self.C)
+        K, nc = B * self.groups, R.shape[-1]
+        R = R.reshape(K, self.C, nc)
         # cotangent (example-group e, column c): R[e, :, c] at position e, zero elsewhere
-        cot = torch.zeros(K, self.C, K, self.C, dtype=out.dtype, device=out.device)
+        cot = torch.zeros(K, nc, K, self.C, dtype=out.dtype, device=out.device)
         idx = torch.arange(K, device=out.device)
         cot[idx, :, idx, :] = R.transpose(-1, -2)
-        cot = cot.reshape(K * self.C, *out.shape)
+        cot = cot.reshape(K * nc, *out.shape)
         return vmap(lambda u: vjp_fn(u)[0])(cot)
 
     # ------------------------------------------------------------------ diagonal, dense, trace

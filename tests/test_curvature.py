@@ -75,9 +75,12 @@ def case(request):
 
 def test_sqrt_factor_reproduces_the_output_hessian():
     out = torch.randn(7, 4, dtype=D)
-    R = output_hessian_sqrt(out, "categorical")
     pi = torch.softmax(out, -1)
-    assert torch.allclose(R @ R.mT, torch.diag_embed(pi) - pi[..., :, None] * pi[..., None, :], atol=1e-14)
+    H = torch.diag_embed(pi) - pi[..., :, None] * pi[..., None, :]
+    R = output_hessian_sqrt(out, "categorical")
+    assert R.shape == (7, 4, 3) and torch.allclose(R @ R.mT, H, atol=1e-14)  # C - 1 columns suffice
+    R = output_hessian_sqrt(out, "categorical", reduced=False)
+    assert R.shape == (7, 4, 4) and torch.allclose(R @ R.mT, H, atol=1e-14)
     R = output_hessian_sqrt(out, "gaussian", noise_scale=0.5)
     assert torch.allclose(R @ R.mT, 4 * torch.eye(4, dtype=D).expand(7, 4, 4))
 
