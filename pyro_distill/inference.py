@@ -29,7 +29,7 @@ from pyro.nn import PyroModule, PyroParam
 
 from . import checks
 from .arrays import as_data
-from .gaussian import DenseGaussian, DiagGaussian, Gaussian, LowRankGaussian, cholesky_jitter
+from .gaussian import DenseGaussian, DiagGaussian, Gaussian, KronGaussian, LowRankGaussian, cholesky_jitter
 from .nets.base import BayesianNet
 from .whitened import WhitenedGuide, resolve_whiten
 
@@ -44,7 +44,7 @@ __all__ = [
     "GUIDES",
 ]
 
-GUIDES = ("mvn", "lowrank", "diag")
+GUIDES = ("mvn", "lowrank", "diag", "kron")
 log = logging.getLogger(__name__)
 
 
@@ -88,10 +88,11 @@ class FitHistory:
 
 # ============================================================================ guide
 class GaussianGuide(PyroModule):
-    """A Pyro guide ``q(w) = N(loc, S)`` over the single site ``"w"`` in one of three structures.
+    """A Pyro guide ``q(w) = N(loc, S)`` over the single site ``"w"`` in one of four structures.
 
     ``mvn``: ``S = L L^T`` with ``L`` lower triangular; ``lowrank``: ``S = W W^T + diag(d)``;
-    ``diag``: ``S = diag(s^2)``.
+    ``diag``: ``S = diag(s^2)``; ``kron``: per block of the start's :class:`KronGaussian` the lower-triangular
+    row and column factors (plus log standard deviations of the uncovered coordinates).
     Calling it with ``num_particles`` draws ``[num_particles, p]``.
     """
 
@@ -113,6 +114,14 @@ class GaussianGuide(PyroModule):
                 raise ValueError("a low-rank guide needs a LowRankGaussian start")
             self.cov_factor = PyroParam(init.cov_factor.detach().clone())
             self.log_diag = PyroParam(init.cov_diag.detach().log().clone())
+        elif kind == "kron":
+            if not isinstance(init, KronGaussian):
+                raise ValueError("a Kronecker guide needs a KronGaussian start (cov_init='laplace' or 'prior' builds "
+                                 "one for an MLP or a CNN)")
+            self.kron_index = [i.clone() for i in init.index]
+            self.row_tril = torch.nn.ParameterList([torch.nn.Parameter(L.detach().clone()) for L in init.row_tril])
+            self.col_tril = torch.nn.ParameterList([torch.nn.Parameter(L.detach().clone()) for L in init.col_tril])
+            self.rem_log_scale = PyroParam(init.rem_scale.detach().log().clone())
         else:
             self.log_scale = PyroParam(init.variance.detach().sqrt().log().clone())
 
@@ -124,6 +133,10 @@ class GaussianGuide(PyroModule):
         """Zero the gradient's upper triangle (mvn): keeps ``scale_tril`` lower triangular under Adam."""
         if self.kind == "mvn" and self.scale_tril.grad is not None:
             self.scale_tril.grad.tril_()
+        if self.kind == "kron":
+            for P in (*self.row_tril, *self.col_tril):
+                if P.grad is not None:
+                    P.grad.tril_()
 
     def gaussian(self) -> Gaussian:
         """The current q as a Gaussian (differentiable)."""
@@ -131,6 +144,9 @@ class GaussianGuide(PyroModule):
             return DenseGaussian(self.loc, self.scale_tril, layout=self.layout)
         if self.kind == "lowrank":
             return LowRankGaussian(self.loc, self.cov_factor, self.log_diag.exp(), layout=self.layout)
+        if self.kind == "kron":
+            return KronGaussian(self.loc, self.kron_index, list(self.row_tril), list(self.col_tril),
+                                self.rem_log_scale.exp(), layout=self.layout)
         return DiagGaussian(self.loc, self.log_scale.exp(), layout=self.layout)
 
     def forward(self, *args, num_particles: int = 1, **kwargs) -> torch.Tensor:
@@ -291,7 +307,11 @@ def _output_jacobian_chunks(net, w, X, chunk):
 def ggn(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, diag_only: bool = False,
         noise_scale: float | None = None) -> torch.Tensor:
     """The generalized Gauss-Newton matrix ``sum_n J_n^T H_n J_n`` of the negative log-likelihood at ``w``
-    (``H_n = diag(pi) - pi pi^T`` for a softmax, ``I / s^2`` for a Gaussian). ``diag_only`` returns its diagonal."""
+    (``H_n = diag(pi) - pi pi^T`` for a softmax, ``I / s^2`` for a Gaussian). ``diag_only`` returns its diagonal.
+
+    The reference implementation by full Jacobians (``jacrev``), kept for tests and as the baseline of
+    ``benchmarks/curvature.py``; :func:`laplace` uses the operator of :mod:`pyro_distill.curvature`, which is
+    exact too and much faster."""
     p = w.shape[-1]
     G = torch.zeros(p, dtype=w.dtype, device=w.device) if diag_only else torch.zeros(p, p, dtype=w.dtype,
                                                                                        device=w.device)
@@ -314,30 +334,164 @@ def ggn(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, diag_only: bool = Fa
 
 
 def laplace(net: BayesianNet, X: torch.Tensor, w_map: torch.Tensor, prior: Gaussian, kind: str = "dense",
-            rank: int = 20, noise_scale: float | None = None, seed: int = 0) -> Gaussian:
-    """Laplace approximation at ``w_map``: precision = GGN + prior precision.
+            rank: int = 20, noise_scale: float | None = None, seed: int = 0, y: torch.Tensor | None = None,
+            ggn_op: Any = None) -> Gaussian:
+    """Laplace approximation at ``w_map``: precision ``Lam = G + P0`` (``G`` the GGN of the negative
+    log-likelihood from :mod:`pyro_distill.curvature`, ``P0`` the prior precision), in the structure ``kind``:
 
-    ``kind="dense"`` gives the exact inverse (float64 internally); ``"diag"`` and ``"lowrank"`` use the
-    diagonal of the precision (the low-rank factor starts small and random, for SVI to grow).
+    * ``"dense"`` (``"mvn"``): the exact inverse of ``Lam`` (float64 inside; ``G`` built by one syrk pass);
+    * ``"diag"``: ``N(w, diag(1 / diag(Lam)))`` from the exact GGN diagonal;
+    * ``"lowrank"``: ``N(w, diag(d) + W W^T)`` with ``d = 1 / diag(Lam)`` (the diagonal Laplace: the exact
+      diagonal of the precision) and ``W`` the ``rank`` directions in which that diagonal underestimates the
+      covariance most. With ``C = D^{1/2} Lam D^{1/2}`` (unit diagonal) the exact covariance is
+      ``D^{1/2} C^{-1} D^{1/2}``; its excess over ``D`` in an eigendirection ``v`` of ``C`` with eigenvalue
+      ``c < 1`` is ``(1/c - 1)``, so ``W = D^{1/2} [v_i sqrt(1/c_i - 1)]`` over the smallest eigenpairs of ``C``
+      (Lanczos on ``c_max I - C``, matrix-free: one GGN product per step). Along those directions the result
+      equals the exact Laplace covariance; elsewhere it is the diagonal one. (A precision-form
+      ``top-k(G) + diag`` would give ``diag - low-rank`` covariance, which this structure cannot hold.)
+    * ``"kron"``: per MLP layer, KFAC factors with the prior precision ``alpha`` (isotropic per layer) added by
+      Martens-Grosse damping: ``Lam_t ~= (B_t + pi sqrt(alpha) I) ⊗ (A_t + sqrt(alpha) / pi I)`` with
+      ``pi^2 = (tr B_t / r) / (tr A_t / c)``; see :func:`kron_laplace`.
+
+    ``y`` masks padded targets of sequence models; ``ggn_op`` reuses a :class:`~pyro_distill.curvature.GGN`.
     """
-    if kind in ("dense", "mvn"):
-        G = ggn(net, w_map, X, noise_scale=noise_scale).double()
-        Lam = G + prior.precision().double()
+    from .curvature import GGN
+
+    kind = {"mvn": "dense"}.get(kind, kind)
+    if kind not in ("dense", "diag", "lowrank", "kron"):
+        raise ValueError(f"unknown Laplace structure {kind!r}; choose dense (mvn), diag, lowrank or kron")
+    w_map = w_map.detach()
+    if kind == "kron":
+        return kron_laplace(net, X, w_map, prior, noise_scale=noise_scale, y=y)
+    op = ggn_op if ggn_op is not None else GGN(net, w_map, X, y, noise_scale=noise_scale)
+    meta = {"source": f"laplace-{kind}"}
+    if kind == "dense":
+        Lam = op.dense().double()
+        Lam += prior.precision().to(device=Lam.device, dtype=torch.float64)
         Lam = 0.5 * (Lam + Lam.T)
         LL = cholesky_jitter(Lam, "Laplace precision")
+        del Lam
         S = torch.cholesky_inverse(LL)
+        del LL
         L = cholesky_jitter(0.5 * (S + S.T), "Laplace covariance")
-        return DenseGaussian(w_map.detach().clone(), L.to(w_map.dtype), layout=net.layout,
-                             meta={"source": "laplace"})
-    gd = ggn(net, w_map, X, diag_only=True, noise_scale=noise_scale).clamp_min(0)
-    prec_diag = gd + 1.0 / prior.variance if isinstance(prior, DiagGaussian) else gd + prior.precision().diagonal()
-    var = 1.0 / prec_diag
+        return DenseGaussian(w_map.clone(), L.to(w_map.dtype), layout=net.layout, meta={"source": "laplace"})
+    prec_diag = op.diagonal().clamp_min(0) + _precision_diagonal(prior).to(w_map)
+    d = 1.0 / prec_diag
     if kind == "diag":
-        return DiagGaussian(w_map.detach().clone(), var.sqrt(), layout=net.layout, meta={"source": "laplace-diag"})
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(w_map.shape[-1], rank, generator=g, dtype=w_map.dtype).to(w_map.device)
-    W = W * (0.1 * var.sqrt().unsqueeze(-1) / math.sqrt(rank))
-    return LowRankGaussian(w_map.detach().clone(), W, var, layout=net.layout, meta={"source": "laplace-diag"})
+        return DiagGaussian(w_map.clone(), d.sqrt(), layout=net.layout, meta=meta)
+    return _lowrank_laplace(op, prior, w_map, d, rank, seed, net, meta)
+
+
+def _precision_diagonal(prior: Gaussian) -> torch.Tensor:
+    """``diag(P0)`` of a prior without forming ``P0`` where the structure allows it."""
+    if isinstance(prior, DiagGaussian):
+        return 1.0 / prior.variance
+    if isinstance(prior, LowRankGaussian):  # Woodbury: D^{-1} - D^{-1} W C^{-1} W^T D^{-1}
+        Wd = prior.cov_factor / prior.cov_diag.unsqueeze(-1)
+        T = torch.linalg.solve_triangular(prior._capacitance_tril(), Wd.T, upper=False)
+        return 1.0 / prior.cov_diag - (T**2).sum(0)
+    if isinstance(prior, DenseGaussian):
+        Linv = torch.linalg.solve_triangular(prior.scale_tril, torch.eye(prior.dim, dtype=prior.dtype,
+                                                                          device=prior.device), upper=False)
+        return (Linv**2).sum(0)
+    pd_ = getattr(prior, "precision_diagonal", None)
+    return pd_() if callable(pd_) else prior.precision().diagonal()
+
+
+def _precision_mv(prior: Gaussian, v: torch.Tensor) -> torch.Tensor:
+    """``P0 v`` by solves (no inverse matrix)."""
+    if isinstance(prior, DiagGaussian):
+        return v / prior.variance
+    if isinstance(prior, DenseGaussian):
+        return torch.cholesky_solve(v.unsqueeze(-1), prior.scale_tril).squeeze(-1)
+    if isinstance(prior, LowRankGaussian):
+        W, dd = prior.cov_factor, prior.cov_diag
+        Lc = prior._capacitance_tril()
+        t = torch.cholesky_solve((W.T @ (v / dd)).unsqueeze(-1), Lc).squeeze(-1)
+        return v / dd - (W @ t) / dd
+    return prior.precision() @ v
+
+
+def _lowrank_laplace(op: Any, prior: Gaussian, w_map: torch.Tensor, d: torch.Tensor, rank: int, seed: int,
+                     net: BayesianNet, meta: dict[str, Any]) -> LowRankGaussian:
+    from .curvature import _lanczos
+
+    p = w_map.shape[-1]
+    k = max(1, min(rank, p - 1))
+    sd = d.sqrt()
+    pr = prior.to(w_map.device, w_map.dtype)
+
+    def C(v: torch.Tensor) -> torch.Tensor:
+        u = sd * v
+        return sd * (op.mv(u) + _precision_mv(pr, u))
+
+    # c_max by a few power steps (C >= 0, unit diagonal so c_max >= 1), then the top of c_max I - C
+    gen = torch.Generator(device=w_map.device).manual_seed(seed)
+    z = torch.randn(p, generator=gen, dtype=w_map.dtype, device=w_map.device)
+    z = z / z.norm()
+    cmax = 1.0
+    for _ in range(20):
+        cz = C(z)
+        cmax = max(cmax, float(z @ cz))
+        z = cz / cz.norm().clamp_min(1e-300)
+    shift = 1.05 * cmax
+    tol = 1e-6 if w_map.dtype == torch.float64 else 1e-4
+    _, V = _lanczos(lambda v: shift * v - C(v), p, k, seed, tol, max(3 * k, k + 60), w_map.dtype, w_map.device)
+    c = torch.stack([V[:, j] @ C(V[:, j]) for j in range(V.shape[1])])  # Rayleigh quotients under C itself
+    excess = (1.0 / c.clamp_min(1e-12) - 1.0).clamp_min(0)  # directions with c >= 1 add nothing
+    W = sd.unsqueeze(-1) * V * excess.sqrt()
+    info = dict(meta, rank=k, c_min=float(c.min()), c_max=cmax)
+    return LowRankGaussian(w_map.clone(), W.to(w_map.dtype), d.to(w_map.dtype), layout=net.layout, meta=info)
+
+
+def kron_blocks(net: BayesianNet) -> list[torch.Tensor]:
+    """The Kronecker blocks of a family (``net.kron_index()``: one ``[rows, cols]`` flat-index matrix per layer,
+    the bias as the last column), or a clear error for a family without them."""
+    fn = getattr(net, "kron_index", None)
+    if fn is None:
+        raise ValueError(f"{type(net).__name__} has no Kronecker block structure (kron_index); use guide/kind "
+                         "'lowrank', 'diag' or 'mvn'")
+    return list(fn())
+
+
+def kron_laplace(net: BayesianNet, X: torch.Tensor, w_map: torch.Tensor, prior: Gaussian,
+                 noise_scale: float | None = None, y: torch.Tensor | None = None) -> Gaussian:
+    """KFAC Laplace (Ritter, Botev & Barber 2018) as a :class:`~pyro_distill.gaussian.KronGaussian`: per MLP
+    layer ``vec([U_t | b_t]) ~ N(., (B_t + pi sqrt(alpha_t) I)^{-1} ⊗ (A_t + sqrt(alpha_t)/pi I)^{-1})`` with the
+    KFAC factors ``B_t`` (output side, a sum over the data) and ``A_t`` (input side, a mean) of
+    :func:`pyro_distill.curvature.kfac` scaled so that ``B_t ⊗ A_t`` approximates the GGN block, ``alpha_t`` the
+    layer's prior precision (the prior must be diagonal and constant on each layer) and ``pi`` the damping
+    split of Martens & Grosse (2015). Coordinates outside the layers keep the diagonal Laplace."""
+    from .curvature import GGN, kfac, kfac_indices
+    from .gaussian import KronGaussian
+
+    if not isinstance(prior, DiagGaussian):
+        raise ValueError("a Kronecker Laplace needs a diagonal (per-layer isotropic) prior; convert the prior "
+                         "or use kind='lowrank'/'diag'")
+    factors = kfac(net, w_map, X, y, noise_scale=noise_scale)
+    var = prior.variance.to(w_map)
+    blocks = []
+    covered = torch.zeros(net.num_params, dtype=torch.bool, device=w_map.device)
+    for name, (A, B) in factors.items():
+        idx = kfac_indices(net, name).to(w_map.device).reshape(B.shape[0], A.shape[0])
+        v = var[idx]
+        if bool((v - v.reshape(-1)[0]).abs().max() > 1e-12 * float(v.reshape(-1)[0])):
+            raise ValueError(f"{name}: the prior variance is not constant on the layer; a Kronecker Laplace needs "
+                             "an isotropic prior per layer (use kind='lowrank' or 'diag')")
+        alpha = 1.0 / float(v.reshape(-1)[0])
+        r, c = B.shape[0], A.shape[0]
+        pi = math.sqrt(max(float(B.diagonal().mean()), 1e-30) / max(float(A.diagonal().mean()), 1e-30))
+        eye_r = torch.eye(r, dtype=B.dtype, device=B.device)
+        eye_c = torch.eye(c, dtype=A.dtype, device=A.device)
+        blocks.append((idx, B + pi * math.sqrt(alpha) * eye_r, A + math.sqrt(alpha) / pi * eye_c))
+        covered[idx.reshape(-1)] = True
+    rest = (~covered).nonzero().reshape(-1)
+    rem = None
+    if rest.numel():
+        gd = GGN(net, w_map, X, y, noise_scale=noise_scale).diagonal()[rest]
+        rem = gd.clamp_min(0) + 1.0 / var[rest]
+    return KronGaussian.from_precision_factors(w_map.clone(), blocks, remainder_precision=rem, layout=net.layout,
+                                               meta={"source": "laplace-kron"})
 
 
 # ============================================================================ SVI
@@ -445,7 +599,7 @@ def fit_posterior(
     history = FitHistory()
     history.info.update(guide=guide, steps=steps, lr=lr, num_particles=num_particles, p=net.num_params,
                         N=X.shape[0], dtype=str(dtype))
-    kind = {"mvn": "dense", "lowrank": "lowrank", "diag": "diag"}[guide]
+    kind = {"mvn": "dense", "lowrank": "lowrank", "diag": "diag", "kron": "kron"}[guide]
     N = X.shape[0]
 
     # ---- phase 1-2: starting Gaussian
@@ -455,6 +609,9 @@ def fit_posterior(
         start = init.to(device, dtype)
         if guide == "lowrank" and not isinstance(start, LowRankGaussian):
             start = _to_lowrank(start, rank, seed or 0)
+        if guide == "kron" and not isinstance(start, KronGaussian):
+            raise ValueError(f"guide='kron' needs a KronGaussian init, got a {start.kind} Gaussian; pass a Kronecker "
+                             "start or choose the guide of the start's structure")
     else:
         if isinstance(init, str):
             if init not in ("map", "prior"):
@@ -473,7 +630,7 @@ def fit_posterior(
             w0 = net.init_weights(torch.Generator().manual_seed(seed or 0), dtype).to(device)
         t0 = time.perf_counter()
         if cov_init == "laplace":
-            start = laplace(net, X, w0, prior, kind=kind, rank=rank, seed=seed or 0)
+            start = laplace(net, X, w0, prior, kind=kind, rank=rank, seed=seed or 0, y=y)
         elif cov_init == "prior":
             start = _shrunk_prior_start(prior, w0, kind, rank, seed or 0, net)
         else:
@@ -584,7 +741,8 @@ def _guide_finite(g: GaussianGuide) -> bool:
 
 def _clone_gaussian(q: Gaussian) -> Gaussian:
     """A detached copy that does not share storage with live parameters."""
-    return type(q)(**{k: v.detach().clone() for k, v in q._tensors().items()}, layout=q.layout, meta=dict(q.meta))
+    return type(q)._from_tensors({k: v.detach().clone() for k, v in q._tensors().items()}, layout=q.layout,
+                                 meta=dict(q.meta))
 
 
 def _adam_kwargs(device: torch.device) -> dict[str, Any]:
@@ -598,6 +756,12 @@ def _shrunk_prior_start(prior: Gaussian, w0: torch.Tensor, kind: str, rank: int,
         return DenseGaussian(w0.detach().clone(), torch.diag(s), layout=net.layout)
     if kind == "diag":
         return DiagGaussian(w0.detach().clone(), s, layout=net.layout)
+    if kind == "kron":  # per block: row factor 0.1 s_block I, column factor I (s constant on a layer's block)
+        blocks = kron_blocks(net)
+        eye = [torch.eye(i.shape[1], dtype=w0.dtype, device=w0.device) for i in blocks]
+        rows = [torch.eye(i.shape[0], dtype=w0.dtype, device=w0.device) * s[i].max() for i in blocks]
+        return KronGaussian.from_blocks(w0.detach().clone(), [(i, r, c) for i, r, c in zip(blocks, rows, eye)], s,
+                                        layout=net.layout)
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(w0.shape[-1], rank, generator=g, dtype=w0.dtype).to(w0.device)
     W = W * (0.1 * s.unsqueeze(-1) / math.sqrt(rank))

@@ -93,6 +93,14 @@ class MLP(BayesianNet):
             parts.append(torch.full((n,), s, dtype=torch.float64))
         return torch.cat(parts)
 
+    def kron_index(self) -> list[torch.Tensor]:
+        """Each layer's flat indices as a matrix ``[n_t, n_{t-1} (+1)]``: row = neuron, its inputs (then its bias)
+        as columns -- KFAC's augmented ``[U_t | b_t]``, the blocks of a Kronecker posterior."""
+        from ..gaussian import kron_index
+
+        return [kron_index(self.layout, f"layer{t}.weight", f"layer{t}.bias" if self.bias else None)
+                for t in range(1, len(self.sizes))]
+
     def forward(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.sizes[0]:
             raise ValueError(f"inputs have {x.shape[-1]} features but the MLP expects {self.sizes[0]}")
