@@ -60,6 +60,10 @@ def test_is_a_torch_distribution_with_shapes(kind: str) -> None:
     with pytest.raises(NotImplementedError, match="to_pyro"):
         q.expand((2,))
     assert repr(q).startswith(type(q).__name__ + "(p=5") and "tensor" not in repr(q) and len(repr(q)) < 80
+    assert not q._validate_args  # torch's sample checks are opt-in, as validate_args=True
+    strict = type(q)(**q._tensors(), validate_args=True)
+    with pytest.raises(ValueError, match="event_shape"):
+        strict.log_prob(torch.zeros(P + 1, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("kind", KINDS)
