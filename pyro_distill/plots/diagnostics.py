@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ..diagnostics import az, khat_from_idata  # noqa: E402
+from ..diagnostics import az, khat_from_idata, loo_reff  # noqa: E402
 
 __all__ = ["plot_forest_compare", "plot_correlation_before_after", "plot_ppc", "plot_khat", "correlation"]
 
@@ -133,7 +133,7 @@ def plot_khat(idatas: Mapping[str, az.InferenceData], path: str | os.PathLike, t
     for ax, (name, idata) in zip(axes[0], idatas.items()):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loo = az.loo(idata, pointwise=True)
+            loo = az.loo(idata, pointwise=True, reff=loo_reff(idata))
         k = np.asarray(loo.pareto_k).reshape(-1)
         kc = np.minimum(k, K_CLIP)  # a few huge k (broad posteriors) would flatten every other panel
         ax.scatter(np.arange(k.size), kc, s=4, c=np.where(k > 0.7, "C3", np.where(k > 0.5, "C1", "C0")))
