@@ -248,8 +248,8 @@ def save_model(folder: str | os.PathLike, net: BayesianNet, q: Gaussian, card: d
         raise ValueError(f"prior of dimension {prior.dim} does not belong to {net!r}")
     extra = plain_json(dict(card or {}))
     created = not folder.exists()
-    check_writable(folder, gaussian_bytes(q) + gaussian_bytes(prior), what="model folder")
     try:
+        check_writable(folder, gaussian_bytes(q) + gaussian_bytes(prior), what="model folder")
         clean_stale_temps(folder)
         q.layout = net.layout
         q.save(folder / MODEL_FILE, overwrite=overwrite)

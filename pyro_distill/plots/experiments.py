@@ -238,17 +238,18 @@ def make_all(runs_root: str | os.PathLike = "runs", out_dir: str | os.PathLike =
     sources: dict[str, str] = {}
     for exp in sorted(p for p in runs_root.iterdir() if p.is_dir()):
         rd = latest_run(exp.name, runs_root, include_quick=include_quick)
-        newest = latest_run(exp.name, runs_root, complete_only=False, include_quick=True)
-        if newest is not None and newest != rd:
-            st = run_state(newest)
-            if st["state"] == "complete" and st.get("quick"):
-                qdir = newest / "figures"
-                qfiles = figures_for_run(newest, qdir) + _kind_figures(newest, qdir)
-                made += qfiles
-                notes.append(f"{exp.name}: quick run {newest} drawn into {qdir} (not published)")
-            else:
-                why = st.get("died_because") or st.get("reason") or ""
-                notes.append(f"{exp.name}: skipped run {newest} ({st['state']}{': ' + why if why else ''})")
+        drew_quick = False
+        for newer in sorted((p for p in exp.iterdir() if p.is_dir() and (rd is None or p.name > rd.name)),
+                            key=lambda p: p.name, reverse=True):
+            st = run_state(newer)
+            if st["state"] == "complete" and st.get("quick") and not drew_quick:
+                qdir = newer / "figures"
+                made += figures_for_run(newer, qdir) + _kind_figures(newer, qdir)
+                drew_quick = True
+                notes.append(f"{exp.name}: quick run {newer} drawn into {qdir} (not published)")
+            elif st["state"] != "unknown":
+                why = st.get("died_because") or ("--quick smoke run" if st.get("quick") else "")
+                notes.append(f"{exp.name}: skipped run {newer} ({st['state']}{': ' + why if why else ''})")
         if rd is None:
             continue
         files = figures_for_run(rd, out_dir) + _kind_figures(rd, out_dir)
