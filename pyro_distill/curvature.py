@@ -279,25 +279,11 @@ class GGN:
     def dense(self) -> torch.Tensor:
         """The p x p matrix (one p x p buffer plus one row block): ``G += rows^T rows`` per block of
         sqrt-factor gradients (``syrk`` on CPU, half the flops of a product, then mirrored)."""
-        p = self.p
-        G = torch.zeros(p, p, dtype=self.dtype, device=self.device)
-        syrk = _syrk(self.dtype) if self.device.type == "cpu" else None
-        Gf = G.numpy().T if syrk is not None else None  # Fortran view of the same memory
-        for rows in self._factor_rows(max(64, _BUDGET // p)):
-            if syrk is not None:
-                # numpy rows.T is [p, K] in Fortran order (no copy): Gf(lower) += rows^T rows
-                syrk(1.0, rows.detach().contiguous().numpy().T, beta=1.0, c=Gf, trans=0, lower=1,
-                     overwrite_c=1)
-            else:
-                G.addmm_(rows.T, rows)
-        if syrk is not None:  # Fortran lower = C upper: mirror the upper triangle down, a row block at a time
-            bs = 256
-            for a in range(0, p, bs):
-                b = min(a + bs, p)
-                G[a:b, :a] = G[:a, a:b].T
-                blk = G[a:b, a:b]
-                blk.copy_(blk.triu() + blk.triu(1).T)
-        return G
+        G = torch.zeros(self.p, self.p, dtype=self.dtype, device=self.device)
+        acc = _Gram(G)
+        for rows in self._factor_rows(max(64, _BUDGET // self.p)):
+            acc.add(rows)
+        return acc.done()
 
     # ------------------------------------------------------------------ spectrum
     def eigh_topk(self, k: int, seed: int = 0, method: str = "lanczos", tol: float | None = None,
@@ -337,6 +323,34 @@ def _generic_chunk(p: int, K1: int) -> int:
     """Examples per vmap-over-vjp pass: the cost per example grows with the chunk (each cotangent runs a
     backward through the whole chunk), the per-call overhead shrinks: a few examples is the sweet spot."""
     return max(1, min(4, 4096 // max(1, K1)))
+
+
+class _Gram:
+    """Accumulates ``M += rows^T rows`` into a square C-contiguous buffer: BLAS ``syrk`` on CPU (one
+    triangle, half the flops of a product; mirrored in :meth:`done`), ``addmm_`` elsewhere."""
+
+    def __init__(self, M: torch.Tensor):
+        self.M = M
+        self.syrk = _syrk(M.dtype) if M.device.type == "cpu" and M.is_contiguous() else None
+        self.Mf = M.numpy().T if self.syrk is not None else None  # Fortran view of the same memory
+
+    def add(self, rows: torch.Tensor) -> None:
+        if self.syrk is not None:  # numpy rows.T is [n, K] in Fortran order (no copy): Mf(lower) += rows^T rows
+            self.syrk(1.0, rows.detach().contiguous().numpy().T, beta=1.0, c=self.Mf, trans=0, lower=1,
+                      overwrite_c=1)
+        else:
+            self.M.addmm_(rows.T, rows)
+
+    def done(self) -> torch.Tensor:
+        M = self.M
+        if self.syrk is not None:  # Fortran lower = C upper: mirror the upper triangle down, a row block at a time
+            n, bs = M.shape[0], 256
+            for a in range(0, n, bs):
+                b = min(a + bs, n)
+                M[a:b, :a] = M[:a, a:b].T
+                blk = M[a:b, a:b]
+                blk.copy_(blk.triu() + blk.triu(1).T)
+        return M
 
 
 def _syrk(dtype: torch.dtype):
@@ -568,8 +582,10 @@ def kfac(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor | N
     G = GGN(net, w, X, noise_scale=noise_scale, chunk=chunk)
     L, sizes = net.num_layers, net.sizes
     aug = 1 if net.bias else 0
-    As = [torch.zeros(sizes[t] + aug, sizes[t] + aug, dtype=G.dtype, device=G.device) for t in range(L)]
-    Gs = [torch.zeros(sizes[t + 1], sizes[t + 1], dtype=G.dtype, device=G.device) for t in range(L)]
+    # input second moments (syrk), input sums (the bias column), output-gradient second moments
+    HH = [_Gram(torch.zeros(sizes[t], sizes[t], dtype=G.dtype, device=G.device)) for t in range(L)]
+    hs = [torch.zeros(sizes[t], dtype=G.dtype, device=G.device) for t in range(L)]
+    GG = [_Gram(torch.zeros(sizes[t + 1], sizes[t + 1], dtype=G.dtype, device=G.device)) for t in range(L)]
     gen = torch.Generator(device=G.device).manual_seed(seed) if sampled else None
     B = chunk or max(1, min(G.N, _BUDGET // max(1, G.C * max(sizes))))
     for sl in G._slices(B):
@@ -581,16 +597,19 @@ def kfac(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor | N
             R = G._sqrt(out, None)
         gs = _mlp_backprop(net, G.w, dacts, R)
         for t in range(L):
-            h = inputs[t]
-            As[t][: sizes[t], : sizes[t]].addmm_(h.T, h)
-            if aug:
-                s = h.sum(0)
-                As[t][: sizes[t], -1] += s
-                As[t][-1, : sizes[t]] += s
-                As[t][-1, -1] += h.shape[0]
-            g = gs[t].reshape(-1, gs[t].shape[-1])
-            Gs[t].addmm_(g.T, g)
-    return {f"layer{t + 1}": (As[t] / G.N, Gs[t]) for t in range(L)}
+            HH[t].add(inputs[t])
+            hs[t] += inputs[t].sum(0)
+            GG[t].add(gs[t].reshape(-1, gs[t].shape[-1]))
+    res = {}
+    for t in range(L):
+        n = sizes[t]
+        A = torch.empty(n + aug, n + aug, dtype=G.dtype, device=G.device)
+        A[:n, :n] = HH[t].done()
+        if aug:
+            A[:n, n] = A[n, :n] = hs[t]
+            A[n, n] = G.N
+        res[f"layer{t + 1}"] = (A / G.N, GG[t].done())
+    return res
 
 
 def _sampled_cotangent(out: torch.Tensor, likelihood: str, noise_scale: float | None,
