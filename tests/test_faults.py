@@ -191,6 +191,20 @@ def test_run_whose_process_is_gone_or_silent_reads_died(tmp_path):
     assert latest_run("exp", tmp_path / "runs") is None
 
 
+def test_diagnose_notes_a_model_from_a_died_or_quick_run(tmp_path, capsys):
+    from pyro_distill.commands.diagnose import run_note
+
+    d = tmp_path / "runs" / "exp" / "20260101-000000"
+    d.mkdir(parents=True)
+    (d / "status.json").write_text(json.dumps({"status": "running", "pid": _dead_pid(), "host": socket.gethostname()}))
+    assert "whose state is died" in run_note({"run_dir": str(d)}, tmp_path / "m")
+    assert "whose state is died" in capsys.readouterr().err
+    (d / "status.json").write_text(json.dumps({"status": "complete", "quick": True}))
+    assert "--quick smoke run" in run_note({"run_dir": str(d)}, tmp_path / "m")
+    (d / "status.json").write_text(json.dumps({"status": "complete", "quick": False}))
+    assert run_note({"run_dir": str(d)}, tmp_path / "m") is None and run_note({}, tmp_path / "m") is None
+
+
 def test_live_run_records_pid_host_heartbeat(tmp_path):
     d = run(_toml(tmp_path, "exp", 0.5), runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
     s = json.loads((d / "status.json").read_text())
@@ -220,7 +234,8 @@ def _proc_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _start_slow_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int], Path]:
+def _start_slow_run(tmp_path: Path) -> subprocess.Popen:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "slowkind.py").write_text(SLOW_KIND)
     (tmp_path / "slow.toml").write_text('name = "slow"\nkind = "slow_fault"\nseeds = 2\nworkers = 2\n')
     driver = textwrap.dedent(f"""
@@ -232,17 +247,19 @@ def _start_slow_run(tmp_path: Path) -> tuple[subprocess.Popen, list[int], Path]:
             models_root={str(tmp_path / "models")!r}, echo=False)
     """)
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+    return subprocess.Popen([sys.executable, "-c", driver], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _worker_pids(tmp_path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> list[int]:
+    deadline = time.time() + timeout
     pids: list[int] = []
     while time.time() < deadline and len(pids) < 2:
-        pids = [int(p.read_text()) for p in tmp_path.glob("runs/slow/*/seeds/seed*/pid") if p.read_text()]
+        pids = [int(t) for p in tmp_path.glob("runs/slow/*/seeds/seed*/pid") if (t := p.read_text())]
         if proc.poll() is not None:
             raise AssertionError(f"the run ended early: {proc.communicate()[1].decode()[-2000:]}")
         time.sleep(0.2)
     assert len(pids) == 2, "the workers did not start in time"
-    run_dir = next((tmp_path / "runs" / "slow").iterdir())
-    return proc, pids, run_dir
+    return pids
 
 
 def _wait_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
@@ -252,25 +269,27 @@ def _wait_gone(pids: list[int], timeout: float = 20.0) -> list[int]:
     return [p for p in pids if _proc_alive(p)]
 
 
-def test_sigterm_marks_interrupted_and_leaves_no_orphan_workers(tmp_path):
-    proc, pids, run_dir = _start_slow_run(tmp_path)
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert _wait_gone(pids) == []
+def test_sigterm_and_sigkill_leave_no_orphan_workers_and_an_honest_status(tmp_path):
+    """Two real runs (2 seeds, 2 spawned workers each), started together: SIGTERM to one parent marks its
+    run interrupted and terminates its workers; SIGKILL to the other leaves status "running", which
+    readers show as died, and its workers end themselves (parent-death check)."""
+    term, kill = _start_slow_run(tmp_path / "term"), _start_slow_run(tmp_path / "kill")
+    term_pids, kill_pids = _worker_pids(tmp_path / "term", term), _worker_pids(tmp_path / "kill", kill)
+    os.kill(term.pid, signal.SIGTERM)
+    os.kill(kill.pid, signal.SIGKILL)
+    term.communicate(timeout=60)
+    kill.communicate(timeout=60)
+    assert term.returncode != 0 and kill.returncode == -signal.SIGKILL
+    assert _wait_gone(term_pids + kill_pids) == []
+    run_dir = next((tmp_path / "term" / "runs" / "slow").iterdir())
     s = json.loads((run_dir / "status.json").read_text())
     assert s["status"] == "interrupted" and "SIGTERM" in s["interrupted_by"]
     assert run_state(run_dir)["state"] == "interrupted"
-    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
-
-
-def test_sigkill_of_the_parent_ends_the_workers_and_reads_died(tmp_path):
-    proc, pids, run_dir = _start_slow_run(tmp_path)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert _wait_gone(pids) == []  # the workers' parent-death check ended them
+    run_dir = next((tmp_path / "kill" / "runs" / "slow").iterdir())
     assert json.loads((run_dir / "status.json").read_text())["status"] == "running"  # what the dead run left
     assert run_state(run_dir)["state"] == "died"
+    for t in ("term", "kill"):  # nothing was saved: no (empty) model folders
+        assert not (tmp_path / t / "models").exists() or not any((tmp_path / t / "models").iterdir())
 
 
 def _saving_seed(cfg, seed, ctx):
