@@ -274,12 +274,12 @@ STUDENTS = {"s1.2k": [64, 16, 10], "s2.4k": [64, 32, 10]}
 PRIOR_CASES = ("diag prior", "dense whitened", "dense old")
 
 
-def dense_student_prior(net, dtype=torch.float32, rank: int = 32) -> DenseGaussian:
+def dense_student_prior(net, dtype=torch.float32, rank: int = 32, device=None) -> DenseGaussian:
     """A dense prior shaped like a teacher-derived one: ``diag(sd) chol(0.5 U U^T / r + 0.5 I)`` with fan-in ``sd``."""
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(device=device).manual_seed(2)
     p = net.num_params
-    fan = net.default_prior(torch.float64)
-    U = torch.randn(p, rank, generator=g, dtype=torch.float64)
+    fan = net.default_prior(torch.float64, device)
+    U = torch.randn(p, rank, generator=g, dtype=torch.float64, device=device)
     C = 0.5 * (U @ U.T) / rank
     C.diagonal().add_(0.5)
     L = fan.scale.unsqueeze(-1) * torch.linalg.cholesky(C)
