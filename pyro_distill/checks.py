@@ -86,7 +86,12 @@ def data(net: Any, X: torch.Tensor, y: torch.Tensor) -> None:
     if X.dim() == 0 or X.shape[0] == 0 or y.numel() == 0:
         raise ValueError(f"the training data are empty (X {tuple(X.shape)}, y {tuple(y.shape)}); "
                          "pass at least one example")
-    if X.is_floating_point() and not bool(torch.isfinite(X).all()):
+    if getattr(net, "embedding", None) == "patch" and X.dim() == 3:  # NaN rows are the transformer's padding
+        nan = torch.isnan(X)
+        if bool(torch.isinf(X).any()) or bool((nan.any(-1) & ~nan.all(-1)).any()):
+            raise ValueError("X holds inf values or partly-NaN positions; a padded position must be a whole NaN row "
+                             "(and nothing else may be NaN or inf): clean the inputs before fitting")
+    elif X.is_floating_point() and not bool(torch.isfinite(X).all()):
         bad = int((~torch.isfinite(X)).any(dim=tuple(range(1, X.dim())) if X.dim() > 1 else 0).sum())
         raise ValueError(f"X holds NaN or inf values (in {bad} of {X.shape[0]} rows); remove or impute those rows "
                          "before fitting")
