@@ -1,16 +1,20 @@
 """Bayesian distillation end to end: teacher posterior -> plan -> student prior -> student posterior.
 
 The student's prior is the teacher's posterior transformed by the plan's removals (exact Gaussian
-conditioning, :mod:`pyro_distill.surgery`), optionally tempered: covariance times ``tau >= 1``
-(``tau = 1`` is the paper's prior; a prior fitted on the same data counts that data twice, a larger
-``tau`` discounts it). The student is fitted by the same :func:`~pyro_distill.inference.fit_posterior`
-as the teacher, maximizing the ELBO ``E_q[log p(y | X, w)] - KL(q || p_teacher-derived)`` (paper eq. 2,
-closed-form KL), starting from the prior mean (``init="prior"``: MAP from the prior mean, then Laplace,
-then SVI).
+conditioning, :mod:`pyro_distill.surgery`), optionally tempered: covariance times ``tau`` (``tau = 1`` is the
+paper's prior; a prior fitted on the same data counts that data twice, a larger ``tau`` discounts it;
+``tau="evidence"`` picks it by the student's Laplace evidence, :func:`evidence_temperature`). The student is
+fitted by the same :func:`~pyro_distill.inference.fit_posterior` as the teacher, maximizing the ELBO
+``E_q[log p(y | X, w)] - KL(q || p_teacher-derived)`` (paper eq. 2, closed-form KL), starting from the prior
+mean (``init="prior"``: MAP from the prior mean, then Laplace, then SVI).
+
+:func:`reduced_posterior` is the same-data alternative (Bayesian model reduction): the conditioned teacher
+posterior is the *start*, the student's own fan-in prior the prior, so no datum is counted twice.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,11 +22,15 @@ from typing import Any
 import torch
 
 from .arrays import as_data
-from .gaussian import Gaussian
-from .inference import FitHistory, fit_posterior
+from .gaussian import DenseGaussian, DiagGaussian, Gaussian, StructureError
+from .inference import FitHistory, fit_map, fit_posterior
 from .nets.base import BayesianNet
 
-__all__ = ["DistillResult", "student_prior", "distill"]
+__all__ = ["DistillResult", "student_prior", "distill", "savage_dickey", "model_reduction", "reduced_posterior",
+           "evidence_temperature", "EVIDENCE_TAU_BOUNDS"]
+
+#: the search range of ``tau="evidence"`` (see :func:`evidence_temperature` for why it starts at 1)
+EVIDENCE_TAU_BOUNDS = (1.0, 1e3)
 
 
 @dataclass
@@ -46,24 +54,44 @@ class DistillResult:
                 f"prior={self.prior.kind}, plan={ops} ops, history={self.history!r}, info={self.info})")
 
 
+def _check_tau(tau: float | str) -> None:
+    if tau == "evidence":
+        return
+    if isinstance(tau, str) or not tau >= 1:
+        raise ValueError(f"prior temperature tau must be a number >= 1 (1 = the teacher's posterior as it is, larger = "
+                         f"weaker) or 'evidence' (chosen by the student's log evidence); got {tau!r}")
+
+
 def student_prior(teacher_net: BayesianNet, teacher_posterior: Gaussian, student_net: BayesianNet,
-                  selector: str = "snr", tau: float = 1.0, seed: int = 0, ops: Sequence[Any] | None = None
-                  ) -> tuple[BayesianNet, Gaussian, Any]:
+                  selector: str = "snr", tau: float | str = 1.0, seed: int = 0, ops: Sequence[Any] | None = None,
+                  X: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                  evidence: dict[str, Any] | None = None) -> tuple[BayesianNet, Gaussian, Any]:
     """``(student net, teacher-derived prior tempered by tau, plan)``.
 
     ``ops`` replays a given plan; otherwise ``surgery.plan(teacher, student, selector=...)`` makes one.
+    ``tau="evidence"`` chooses the temperature by :func:`evidence_temperature` on the student's training data
+    ``(X, y)`` (keywords in ``evidence``); the chosen value and its evidence go to ``prior.meta``
+    (``tau``, ``tau_rule``, ``log_evidence``, ``tau_at_bound``).
     """
     from . import surgery
 
-    if not tau >= 1:
-        raise ValueError(f"prior temperature tau must be >= 1 (1 = the teacher's posterior as it is, larger = "
-                         f"weaker); got {tau}")
+    _check_tau(tau)
+    if tau == "evidence" and (X is None or y is None):
+        raise ValueError("tau='evidence' scores temperatures on the student's training data: pass X and y")
     if ops is None:
         ops = surgery.plan(teacher_net, student_net, selector=selector, posterior=teacher_posterior, seed=seed)
     net, prior = surgery.apply(ops, teacher_net, teacher_posterior)
     if net.config() != student_net.config():
         raise ValueError(f"the plan produced {net!r}, not the requested student {student_net!r}; make a new plan")
-    if tau != 1:
+    prior.layout = net.layout
+    if tau == "evidence":
+        value, info = evidence_temperature(net, prior, X, y, seed=seed, **(evidence or {}))
+        meta = {"tau": value, "tau_rule": "evidence", "log_evidence": info["log_evidence"],
+                "log_evidence_tau1": info["log_evidence_tau1"], "tau_at_bound": info["at_bound"],
+                "evidence_structure": info["structure"]}
+        prior = prior.tempered(value) if value != 1 else prior
+        prior.meta = dict(prior.meta) | meta
+    elif tau != 1:
         prior = prior.tempered(float(tau))
         prior.meta = dict(prior.meta) | {"tau": float(tau)}
     prior.layout = net.layout
@@ -71,22 +99,180 @@ def student_prior(teacher_net: BayesianNet, teacher_posterior: Gaussian, student
 
 
 def distill(teacher_net: BayesianNet, teacher_posterior: Gaussian, student_net: BayesianNet,
-            X: torch.Tensor, y: torch.Tensor, selector: str = "snr", tau: float = 1.0, guide: str = "mvn",
+            X: torch.Tensor, y: torch.Tensor, selector: str = "snr", tau: float | str = 1.0, guide: str = "mvn",
             steps: int = 500, map_steps: int = 100, seed: int = 0, ops: Sequence[Any] | None = None,
-            **fit_kwargs: Any) -> DistillResult:
+            evidence: dict[str, Any] | None = None, **fit_kwargs: Any) -> DistillResult:
     """Fit ``student_net`` on ``(X, y)`` under the prior derived from the teacher's posterior.
 
     ``selector`` chooses which neurons go (``"snr"``, ``"magnitude"``, ``"random"``, ``"evidence"``), ``tau``
-    tempers the prior, ``guide`` is the student's posterior structure; ``steps``/``map_steps`` and any
-    other keyword (``lr``, ``num_particles``, ``callback``, ``eval_every``, ...) go to ``fit_posterior``.
+    tempers the prior (a number >= 1, or ``"evidence"``: chosen on ``(X, y)``, see :func:`evidence_temperature`;
+    ``evidence`` holds its keywords), ``guide`` is the student's posterior structure; ``steps``/``map_steps`` and
+    any other keyword (``lr``, ``num_particles``, ``callback``, ``eval_every``, ...) go to ``fit_posterior``.
     """
     X, y = as_data(X, y)
+    ev = {"map_steps": map_steps} | dict(evidence or {})
     net, prior, ops = student_prior(teacher_net, teacher_posterior, student_net, selector=selector, tau=tau,
-                                    seed=seed, ops=ops)
+                                    seed=seed, ops=ops, X=X, y=y, evidence=ev)
     dtype = X.dtype if X.is_floating_point() else prior.dtype
     prior = prior.to(X.device, dtype)
     fit_kwargs.setdefault("init", "prior")
     post, hist = fit_posterior(net, X, y, guide=guide, prior=prior, steps=steps, map_steps=map_steps, seed=seed,
                                **fit_kwargs)
-    post.meta = dict(post.meta) | {"prior": "teacher-derived", "tau": float(tau), "selector": selector}
-    return DistillResult(net, post, prior, ops, hist, {"tau": float(tau), "selector": selector, "guide": guide})
+    tau_value = float(prior.meta.get("tau", 1.0)) if tau == "evidence" else float(tau)
+    info: dict[str, Any] = {"tau": tau_value, "selector": selector, "guide": guide}
+    if tau == "evidence":
+        info |= {"tau_rule": "evidence", "log_evidence": prior.meta["log_evidence"],
+                 "tau_at_bound": prior.meta["tau_at_bound"]}
+    post.meta = dict(post.meta) | {"prior": "teacher-derived", "tau": tau_value, "selector": selector}
+    return DistillResult(net, post, prior, ops, hist, info)
+
+
+# ============================================================================ Bayesian model reduction
+def savage_dickey(q: Gaussian, prior: Gaussian, index: Sequence[int] | torch.Tensor,
+                  value: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """``log q(u_I = v) - log p0(u_I = v)`` (float64): the Savage-Dickey log density ratio, i.e. the change in log
+    evidence when the model with ``u_I`` fixed to ``v`` replaces the full one (exact when ``q`` is the exact
+    posterior under ``p0`` and ``p0(u_K | u_I = v) = p0(u_K)``, e.g. an independent prior)."""
+    I = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+    v = torch.as_tensor(value, dtype=torch.float64)
+    v = v.expand(I.shape) if v.dim() == 0 else v.reshape(-1)
+    if I.numel() == 0:
+        return torch.zeros((), dtype=torch.float64)
+    qI = q.marginalize(I).to(dtype=torch.float64)
+    pI = prior.marginalize(I).to(dtype=torch.float64)
+    return qI.log_prob(v.to(qI.device)) - pI.log_prob(v.to(pI.device)).to(qI.device)
+
+
+def model_reduction(ops: Sequence[Any], teacher_net: BayesianNet, teacher_posterior: Gaussian,
+                    teacher_prior: Gaussian | None = None) -> tuple[BayesianNet, Gaussian, float]:
+    """``(student net, conditioned teacher posterior, log evidence change)`` of a plan, by Bayesian model reduction.
+
+    Each operation conditions the current posterior ``q`` on its fixed coordinates ``u_I = v`` (and marginalizes
+    unused ones); the log evidence changes by :func:`savage_dickey` ``log q(u_I = v) - log p0(u_I = v)``, with
+    ``p0`` the prior the teacher was fitted under (default: the teacher's fan-in prior) carried through the same
+    operations. Summing over the operations gives the joint ratio of the whole plan (chain rule:
+    ``q(u_I1, u_I2) = q(u_I1) q(u_I2 | u_I1)``, likewise ``p0``). A structure that cannot marginalize a removed
+    set exactly (Kronecker) gives ``nan`` for the change; the conditioned posterior is still exact.
+    """
+    p0 = teacher_prior if teacher_prior is not None else teacher_net.default_prior(torch.float64,
+                                                                                   teacher_posterior.device)
+    net, q, delta = teacher_net, teacher_posterior, 0.0
+    if q.dim != net.num_params:
+        raise ValueError(f"the posterior has {q.dim} coordinates but {net!r} has p={net.num_params}")
+    for op in ops:
+        I, v, _ = op.removed(net)
+        if I.numel() and math.isfinite(delta):
+            try:
+                delta += float(savage_dickey(q, p0, I, v))
+            except StructureError:
+                delta = float("nan")
+        _, p0 = op.apply(net, p0)
+        net, q = op.apply(net, q)
+    return net, q, delta
+
+
+def reduced_posterior(teacher_net: BayesianNet, teacher_posterior: Gaussian, student_net: BayesianNet,
+                      X: torch.Tensor, y: torch.Tensor, selector: str = "snr", guide: str = "mvn", steps: int = 500,
+                      seed: int = 0, ops: Sequence[Any] | None = None, teacher_prior: Gaussian | None = None,
+                      **fit_kwargs: Any) -> DistillResult:
+    """The student's posterior by Bayesian model reduction (BMR) of the teacher's, refined by SVI.
+
+    Derivation. Let the teacher's posterior be ``q(u) ~= p(u | D) ∝ p(D | u) p0(u)`` and let the student be the
+    teacher with ``u_I`` fixed to ``v`` (surgery: the fixed network computes the student's function). The reduced
+    model's prior is ``p0(u_K | u_I = v)``; for an independent prior (the fan-in prior) that is ``p0(u_K)``.
+    Its posterior is ``p(u_K | D, u_I = v) ∝ p(D | u_K, v) p0(u_K | v)``, which is exactly the full posterior
+    conditioned on ``u_I = v``: ``p(u_K, v | D) = p(D | u_K, v) p0(u_K | v) p0(v) / p(D)``. So conditioning the
+    Gaussian ``q`` (what surgery does) *is* the BMR posterior of the student, with no further use of ``D``, and
+    the evidence changes by the Savage-Dickey ratio (:func:`savage_dickey`)::
+
+        log p(D | student) - log p(D | teacher) = log q(u_I = v) - log p0(u_I = v).
+
+    Both are exact for Bayesian linear regression (``tests/test_reduction.py``) and as good as ``q`` otherwise.
+    Hence on the teacher's own data (or a subset), the conditioned Gaussian is a *posterior*, not a prior: using
+    it as the prior of an ELBO on ``D`` counts ``D`` twice. Here it is the SVI *start* (mean and covariance as
+    they are: no MAP restart, no Laplace), and the ELBO's prior is the student's own fan-in prior, so the data
+    enter once, through the likelihood. The fan-in prior of a layer whose input width shrank differs from the
+    teacher's; SVI absorbs that (and the error of ``q``) in ``steps`` steps.
+
+    Returns a :class:`DistillResult` whose ``prior`` is the student's fan-in prior and whose
+    ``info["log_evidence_change"]`` is the plan's Savage-Dickey log evidence change (:func:`model_reduction`).
+    Keywords go to :func:`~pyro_distill.inference.fit_posterior` (``map_steps`` is unused: there is no MAP).
+    """
+    from . import surgery
+
+    X, y = as_data(X, y)
+    if ops is None:
+        ops = surgery.plan(teacher_net, student_net, selector=selector, posterior=teacher_posterior, seed=seed)
+    net, start, delta = model_reduction(ops, teacher_net, teacher_posterior, teacher_prior)
+    if net.config() != student_net.config():
+        raise ValueError(f"the plan produced {net!r}, not the requested student {student_net!r}; make a new plan")
+    dtype = X.dtype if X.is_floating_point() else start.dtype
+    start = start.to(X.device, dtype)
+    if guide == "mvn" and not isinstance(start, DenseGaussian):
+        start = DenseGaussian.from_covariance(start.loc, start.covariance(), layout=start.layout, meta=start.meta)
+    start.layout = net.layout
+    prior = net.default_prior(dtype, X.device)
+    fit_kwargs.pop("init", None)
+    fit_kwargs.pop("map_steps", None)
+    post, hist = fit_posterior(net, X, y, guide=guide, prior=prior, init=start, steps=steps, seed=seed,
+                               **fit_kwargs)
+    info = {"method": "reduced_posterior", "log_evidence_change": delta, "selector": selector, "guide": guide}
+    post.meta = dict(post.meta) | {"prior": "standard (fan-in)", "start": "conditioned teacher posterior",
+                                   "log_evidence_change": delta, "selector": selector}
+    return DistillResult(net, post, prior, ops, hist, info)
+
+
+# ============================================================================ temperature by evidence
+def evidence_temperature(net: BayesianNet, prior: Gaussian, X: torch.Tensor, y: torch.Tensor,
+                         bounds: tuple[float, float] = EVIDENCE_TAU_BOUNDS, map_steps: int = 300,
+                         map_lr: float = 1e-2, structure: str = "auto", dense_max: int = 4000, seed: int = 0,
+                         batch_size: int | None = None, grid: int = 401) -> tuple[float, dict[str, Any]]:
+    """The temperature ``tau`` of the prior ``N(mu, tau S)`` that maximizes the student's log evidence on its own
+    training data ``(X, y)`` (the Laplace / quadratic-model evidence of :mod:`pyro_distill.evidence`).
+
+    Expansion point: the MAP of ``net`` under ``prior`` at ``tau = 1``, ``map_steps`` Adam steps from the prior
+    mean (``map_steps=0``: the prior mean itself). The evidence at every ``tau`` uses the same quadratic model
+    with the term ``h`` that corrects for the point not being that ``tau``'s MAP (exact for a model linear in
+    ``w``). Curvature (``structure="auto"``): the dense GGN when ``p <= dense_max`` (any prior structure: the
+    prior's covariance is made dense, O(p^3) once); above that a diagonal GGN with a diagonal prior, and for a
+    correlated (low-rank, Kronecker, dense) prior its diagonal surrogate ``N(mu, tau diag(S))`` -- recorded as
+    ``structure="diag-surrogate"``, an approximation that ignores the prior's correlations.
+
+    Why ``bounds`` start at 1 by default. The teacher's posterior already holds the teacher's data; when the
+    student's data are those data (or a subset), the evidence is computed on data the prior has seen, and is
+    biased towards sharper priors: as ``tau -> 0`` the prior collapses onto its mean, whose likelihood on those
+    data is near its maximum, so the evidence rewards the double counting rather than detecting it. ``tau < 1``
+    would also claim more certainty than the teacher's own posterior, which no data justify. So ``tau`` is
+    searched continuously (log-grid, then golden section) over ``[1, 1e3]``; ``info["at_bound"]`` flags an
+    optimum at 1 (the data would have liked a sharper prior). On genuinely new data pass e.g.
+    ``bounds=(1e-2, 1e3)``.
+
+    Returns ``(tau, info)``, ``info``: ``log_evidence`` (at ``tau``), ``log_evidence_tau1``, ``at_bound``,
+    ``structure``, ``map_steps``.
+    """
+    from .evidence import _to_double, log_evidence, optimize_temperature, quadratic_model
+
+    X, y = as_data(X, y)
+    if structure not in ("auto", "dense", "diag"):
+        raise ValueError(f"evidence structure must be 'auto', 'dense' or 'diag', got {structure!r}")
+    if prior.dim != net.num_params:
+        raise ValueError(f"the prior has {prior.dim} coordinates, the network p={net.num_params}")
+    dtype = X.dtype if X.is_floating_point() else prior.dtype
+    px = prior.to(X.device, dtype)
+    w0 = px.loc.detach().clone()
+    if map_steps > 0:
+        w0, _ = fit_map(net, X, y, px, init=w0, steps=map_steps, lr=map_lr, seed=seed, batch_size=batch_size,
+                        progress=False)
+    kind = structure if structure != "auto" else ("dense" if net.num_params <= dense_max else "diag")
+    quad = quadratic_model(net, w0, X, y, kind, seed=seed)
+    scored = prior.to(dtype=torch.float64)
+    label = kind
+    if kind == "diag" and not isinstance(scored, DiagGaussian):
+        scored = DiagGaussian(scored.loc, scored.variance.sqrt(), layout=scored.layout)
+        label = "diag-surrogate"
+    tau, info = optimize_temperature(quad, scored, bounds=bounds, grid=grid)
+    with torch.no_grad():
+        ev1 = float(log_evidence(_to_double(quad), scored)) if bounds[0] <= 1 <= bounds[1] else float("nan")
+    return tau, {"log_evidence": info["log_evidence"], "log_evidence_tau1": ev1, "at_bound": info["at_bound"],
+                 "structure": label, "map_steps": map_steps, "bounds": list(bounds)}
+
