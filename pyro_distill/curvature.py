@@ -300,10 +300,15 @@ class GGN:
         if tol is None:
             tol = 1e-10 if self.dtype == torch.float64 else 1e-5
         if method == "lanczos":
-            return _lanczos(self.mv, self.p, k, seed, tol, max_iter, self.dtype, self.device)
-        if method == "lobpcg":
-            return _lobpcg(self.mm, self.p, k, seed, tol, max_iter, self.dtype, self.device)
-        raise ValueError(f"unknown method {method!r}; choose 'lanczos' or 'lobpcg'")
+            vals, vecs, info = _lanczos(self.mv, self.p, k, seed, tol, max_iter, self.dtype, self.device)
+        elif method == "lobpcg":
+            vals, vecs, info = _lobpcg(self.mm, self.p, k, seed, tol, max_iter, self.dtype, self.device)
+        else:
+            raise ValueError(f"unknown method {method!r}; choose 'lanczos' or 'lobpcg'")
+        #: how the last eigensolve ended: iterations, operator columns applied, the largest residual norm
+        #: ``||G v - lambda v|| / lambda_max`` of the k pairs, and whether it is below ``tol``
+        self.eig_info = info | {"method": method, "converged": info["residual"] <= tol}
+        return vals, vecs
 
     def to_scipy(self):
         """A ``scipy.sparse.linalg.LinearOperator`` over numpy float vectors (for ``eigsh``, ``cg``, ...)."""
@@ -457,7 +462,8 @@ def _orth_against(z: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 
 
 def _lanczos(mv: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: int, tol: float,
-             max_iter: int | None, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+             max_iter: int | None, dtype: torch.dtype, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Top-k eigenpairs of a symmetric PSD operator by Lanczos with full reorthogonalization."""
     m_max = min(p, max_iter if max_iter is not None else max(3 * k, k + 60))
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -495,7 +501,9 @@ def _lanczos(mv: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: i
     theta, S = torch.linalg.eigh(T)
     top = torch.arange(m - 1, m - 1 - k, -1)
     vecs = Q[:, :m] @ S[:, top].to(dtype=dtype, device=device)
-    return theta[top].to(dtype=dtype, device=device), vecs
+    resid = float((b * S[-1, top]).abs().max()) / max(float(theta[-1].abs()), 1e-300)
+    info = {"iterations": m, "products": m, "residual": resid}
+    return theta[top].to(dtype=dtype, device=device), vecs, info
 
 
 def _orthonormalize(Z: torch.Tensor, AZ: torch.Tensor | None = None, rtol: float = 1e-6
@@ -511,7 +519,8 @@ def _orthonormalize(Z: torch.Tensor, AZ: torch.Tensor | None = None, rtol: float
 
 
 def _lobpcg(mm: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: int, tol: float,
-            max_iter: int | None, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+            max_iter: int | None, dtype: torch.dtype, device: torch.device
+            ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Top-k eigenpairs by block LOBPCG (Knyazev 2001): Rayleigh-Ritz on the orthonormalized basis
     ``[X, residuals, previous step]``, one block product ``mm`` (the non-converged residuals) per iteration.
     Every block is kept orthonormal (SVD with column dropping), so Rayleigh-Ritz is a plain ``eigh``."""
@@ -523,10 +532,13 @@ def _lobpcg(mm: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: in
     theta, S = torch.linalg.eigh(0.5 * (X.T @ AX + AX.T @ X))
     X, AX = X @ S, AX @ S
     P = AP = None
-    for _ in range(n_iter):
+    products, it = k, 0
+    while it < n_iter:
+        it += 1
         res = AX - X * theta
         lam = max(float(theta.abs().max()), 1e-300)
-        done = res.norm(dim=0) <= tol * lam
+        rnorm = res.norm(dim=0)
+        done = rnorm <= tol * lam
         if bool(done.all()):
             break
         W = res[:, ~done]
@@ -536,6 +548,7 @@ def _lobpcg(mm: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: in
                 W = W - P @ (P.T @ W)
         W, _ = _orthonormalize(W, None, rtol)
         AW = mm(W) if W.shape[1] else W
+        products += W.shape[1]
         Z = torch.cat([X, W] + ([P] if P is not None else []), 1)
         AZ = torch.cat([AX, AW] + ([AP] if AP is not None else []), 1)
         Ain = Z.T @ AZ
@@ -553,7 +566,8 @@ def _lobpcg(mm: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: in
         if P.shape[1] == 0:
             P = AP = None
     order = torch.argsort(theta, descending=True)
-    return theta[order], X[:, order]
+    resid = float((AX - X * theta).norm(dim=0).max()) / max(float(theta.abs().max()), 1e-300)
+    return theta[order], X[:, order], {"iterations": it, "products": products, "residual": resid}
 
 
 # ============================================================================ KFAC

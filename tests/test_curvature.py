@@ -142,6 +142,7 @@ def test_topk_eigenpairs_match_eigh(method, name):
     k = 5
     op = GGN(net, w, X, y)
     vals, vecs = op.eigh_topk(k, seed=0, method=method)
+    assert op.eig_info["converged"] and op.eig_info["method"] == method
     ev, U = torch.linalg.eigh(G)
     ref = ev.flip(0)[:k]
     assert vals.shape == (k,) and vecs.shape == (op.p, k)
