@@ -16,18 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..experiments.core import latest_run, read_rows, run_state
-from ..store import atomic_write_text, file_mode
+from ..store import atomic_write_text
+from . import style
 
 __all__ = ["learning_curves", "fraction_plot", "figures_for_run", "make_all", "make_run"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _slug(s: str) -> str:
@@ -40,15 +32,18 @@ def _mean_sd(vals: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def _taus(methods: list[str]) -> list[str]:
+    return [m.split("tau=")[1].rstrip(")") for m in methods if "(tau=" in m]
+
+
 def _color(method: str, methods: list[str]):
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10"]
-    return cmap(methods.index(method) % 10)
+    return style.method_color(method, _taus(methods))
 
 
-def learning_curves(curves: list[dict[str, Any]], setting: str, out: Path, title: str = "") -> Path | None:
-    """Metric vs step for every method of one setting: mean over seeds with a ± sd band."""
+def learning_curves(curves: list[dict[str, Any]], setting: str, out: Path, title: str = "",
+                    switch: int | None = None) -> Path | None:
+    """Metric vs step for every method of one setting: mean over seeds with a ± sd band; ``switch``: the step
+    where the variational methods go from MAP to SVI (a dotted line; the point methods keep running Adam)."""
     rows = [c for c in curves if c["setting"] == setting]
     if not rows:
         return None
@@ -56,9 +51,9 @@ def learning_curves(curves: list[dict[str, Any]], setting: str, out: Path, title
     metrics = [m for m in ("accuracy", "rmse", "nll") if m in present] + \
         [m for m in present if m not in ("accuracy", "rmse", "nll")]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
+    fig, axes = style.subplots(1, len(metrics), extra_width=2.2)
     for ax, metric in zip(axes[0], metrics):
+        drawn: list[float] = []
         for method in methods:
             by_step: dict[int, list[float]] = defaultdict(list)
             for r in rows:
@@ -71,33 +66,25 @@ def learning_curves(curves: list[dict[str, Any]], setting: str, out: Path, title
             m = [a for a, _ in ms]
             sd = [b for _, b in ms]
             c = _color(method, methods)
-            ax.plot(steps, m, label=method, color=c, lw=1.4)
+            ax.plot(steps, m, label=style.display_name(method), color=c, lw=1.4)
             ax.fill_between(steps, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], color=c,
                             alpha=0.15, lw=0)
-        ax.set_xlabel("optimizer step (MAP, then SVI)")
+            drawn += [a - b for a, b in zip(m, sd)] + [a + b for a, b in zip(m, sd)]
+        style.mark_switch(ax, switch)
+        ax.set_xlabel("optimizer step" + (" (VI methods: MAP, then SVI)" if switch else ""))
         ax.set_ylabel(f"test {metric}")
+        style.fit_ylim(ax, drawn, log=metric == "nll", lo=0.0 if metric == "accuracy" else None,
+                       hi=1.0 if metric == "accuracy" else None)
         if metric == "nll":
             ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    return _finish(plt, fig, axes, title or setting, out)
+    return _finish(fig, axes, title or setting, out)
 
 
-def _finish(plt, fig, axes, title: str, out: Path) -> Path:
-    """Legend, title, layout; write the PNG (creating its folder) and close the figure."""
-    axes[0][0].legend(fontsize=6.5, loc="best")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.pd-{os.getpid()}-fig.tmp")
-    try:  # atomic: a reader never sees half a PNG; the mode follows the umask
-        fig.savefig(tmp, dpi=90, format=out.suffix.lstrip(".") or "png")
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return out
+def _finish(fig, axes, title: str, out: Path) -> Path:
+    """Legend outside the panels, title, write the PNG atomically (:func:`style.save`)."""
+    style.legend_outside(fig, axes)
+    fig.suptitle(title)
+    return style.save(fig, out)
 
 
 def fraction_plot(rows: list[dict[str, Any]], student: str, out: Path, title: str = "") -> Path | None:
@@ -110,9 +97,9 @@ def fraction_plot(rows: list[dict[str, Any]], student: str, out: Path, title: st
     if not metrics:
         return None
     methods = list(dict.fromkeys(r["method"] for r in rs))
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.2), squeeze=False)
+    fig, axes = style.subplots(1, len(metrics), extra_width=2.2)
     for ax, metric in zip(axes[0], metrics):
+        drawn: list[float] = []
         for method in methods:
             xs, ms, sds = [], [], []
             for f in fracs:
@@ -124,15 +111,30 @@ def fraction_plot(rows: list[dict[str, Any]], student: str, out: Path, title: st
                     ms.append(m)
                     sds.append(sd)
             if xs:
-                ax.errorbar(xs, ms, yerr=sds, label=method, color=_color(method, methods), marker="o", ms=3,
-                            lw=1.2, capsize=2)
+                ax.errorbar(xs, ms, yerr=sds, label=style.display_name(method), color=_color(method, methods),
+                            marker="o", ms=3, lw=1.2, capsize=2)
+                drawn += [a - b for a, b in zip(ms, sds)] + [a + b for a, b in zip(ms, sds)]
         ax.set_xscale("log")
         ax.set_xticks(fracs)
         ax.set_xticklabels([f"{f:g}" for f in fracs])
+        ax.minorticks_off()
         ax.set_xlabel("student's fraction of the training split")
         ax.set_ylabel(f"test {metric}")
-        ax.grid(alpha=0.3)
-    return _finish(plt, fig, axes, title or student, out)
+        style.fit_ylim(ax, drawn, log=metric == "nll", lo=0.0 if metric == "accuracy" else None,
+                       hi=1.0 if metric == "accuracy" else None)
+        if metric == "nll":
+            ax.set_yscale("log")
+    return _finish(fig, axes, title or student, out)
+
+
+def map_steps_of(run_dir: str | os.PathLike) -> int | None:
+    """The students' MAP steps from a run's ``config.json`` (where their learning curves switch to SVI)."""
+    try:
+        cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    v = (cfg.get("student") or {}).get("map_steps") if isinstance(cfg.get("student"), dict) else None
+    return int(v) if isinstance(v, int | float) and v > 0 else None
 
 
 def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
@@ -141,9 +143,10 @@ def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> l
     name = run_dir.parent.name
     made: list[Path] = []
     curves = read_rows(run_dir / "curves.csv") if (run_dir / "curves.csv").exists() else []
+    switch = map_steps_of(run_dir)
     for setting in dict.fromkeys(c["setting"] for c in curves):
         p = learning_curves(curves, setting, out_dir / f"{name}_curves_{_slug(setting)}.png",
-                            f"{name}: {setting} (run {run_dir.name})")
+                            f"{name}: {setting} (run {run_dir.name})", switch=switch)
         if p:
             made.append(p)
     rows = read_rows(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
