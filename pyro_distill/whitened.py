@@ -277,19 +277,23 @@ class WhitenedGuide(PyroModule):
         self.layout = init.layout
         dt = dict(dtype=prior.dtype, device=prior.device)
         if kind == "mvn":
-            s = prior.variance.detach().mean().sqrt()
+            # the start is mapped in float64 (once; a float32 prior factor may be ill-conditioned)
+            p64 = prior.detach().to(dtype=torch.float64)
+            s = p64.variance.mean().sqrt()
             self.register_buffer("prior_loc", prior.loc.detach().clone())
-            self.register_buffer("s2", (s**2).clone())
+            self.register_buffer("s2", (s**2).to(prior.dtype))
             self.root_kind = type(prior).__name__
-            for k, v in _root_buffers(prior, s).items():
-                self.register_buffer(k, v.clone())
-            root = self._root()
+            bufs = _root_buffers(p64, s)
+            for k, v in bufs.items():
+                self.register_buffer(k, v.to(prior.dtype))
+            root = self._root(bufs)
             with torch.no_grad():
                 L0 = init.scale_tril if isinstance(init, DenseGaussian) else torch.diag(init.variance.sqrt())
-                a0 = root.solve((init.loc.detach().to(**dt) - self.prior_loc).unsqueeze(-1)).squeeze(-1)
-                M0 = root.to_whitened(L0.detach().to(**dt))
-            self.loc = PyroParam(a0.clone())
-            self.scale_tril = torch.nn.Parameter(M0.clone())
+                a0 = root.solve((init.loc.detach().to(p64.loc) - p64.loc).unsqueeze(-1)).squeeze(-1)
+                M0 = root.to_whitened(L0.detach().to(p64.loc))
+            del p64, bufs, root
+            self.loc = PyroParam(a0.to(**dt))
+            self.scale_tril = torch.nn.Parameter(M0.to(**dt))
         elif kind in ("diag", "lowrank"):
             if not isinstance(prior, DenseGaussian):
                 raise ValueError(f"the {kind} guide is only whitened (cached-KL) under a dense prior")
@@ -311,12 +315,14 @@ class WhitenedGuide(PyroModule):
             raise ValueError(f"unknown guide {kind!r}; choose one of ('mvn', 'lowrank', 'diag')")
 
     # ------------------------------------------------------------------ structure
-    def _root(self) -> _Root:
+    def _root(self, bufs: dict[str, torch.Tensor] | None = None) -> _Root:
+        """The prior's square root / s from the buffers (or from ``bufs``, e.g. a float64 copy)."""
+        b = bufs if bufs is not None else dict(self.named_buffers())
         if self.root_kind == "DenseGaussian":
-            return _TriRoot(self.root_B)
+            return _TriRoot(b["root_B"])
         if self.root_kind == "DiagGaussian":
-            return _DiagRoot(self.root_sd)
-        return _LowRankRoot(self.root_sd, self.root_Q, self.root_c, self.root_ci)
+            return _DiagRoot(b["root_sd"])
+        return _LowRankRoot(b["root_sd"], b["root_Q"], b["root_c"], b["root_ci"])
 
     def scale_params(self) -> list[torch.nn.Parameter]:
         """Parameters of the covariance (they get ``factor_lr``; ``M_s`` has the scale of ``L``)."""

@@ -217,7 +217,8 @@ def test_structured_guides_under_dense_prior_fit_and_keep_structure(problem, gui
     """diag / lowrank guides under a dense prior (cached KL): same first ELBO as the old path, same structure."""
     net, X, y = problem
     prior = make_prior("dense", net)
-    kw = dict(guide=guide, prior=prior, init="prior", map_steps=20, steps=20, lr=0.01, num_particles=4, seed=0)
+    kw = dict(guide=guide, prior=prior, init="prior", map_steps=20, cov_init="prior", steps=20, lr=0.01,
+              num_particles=4, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q1, h1 = fit_posterior(net, X, y, **kw)
