@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["DPI", "PANEL", "MAX_COLS", "FONT", "DISPLAY_NAMES", "display_name", "method_color", "pyplot",
-           "subplots", "grid", "legend_outside", "mark_switch", "fit_ylim", "dot_groups", "save"]
+           "subplots", "grid", "legend_outside", "mark_switch", "fit_ylim", "log_y", "dot_groups", "save"]
 
 #: resolution of every PNG (the issue's floor is 150)
 DPI = 160
@@ -170,6 +170,16 @@ def fit_ylim(ax, values: Iterable[float], pad: float = 0.08, lo: float | None = 
     if hi is not None:
         y1 = min(hi, y1)
     ax.set_ylim(y0, y1)
+
+
+def log_y(ax) -> None:
+    """Log-scale y axis labelled with plain numbers (0.4, 0.6, 1, 2) instead of powers of ten."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 4.0, 6.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
 
 
 def dot_groups(ax, groups: Sequence[str], series: dict[str, tuple[Sequence[float], Sequence[float]]],
