@@ -76,7 +76,7 @@ def learning_curves(curves: list[dict[str, Any]], setting: str, out: Path, title
         style.fit_ylim(ax, drawn, log=metric == "nll", lo=0.0 if metric == "accuracy" else None,
                        hi=1.0 if metric == "accuracy" else None)
         if metric == "nll":
-            ax.set_yscale("log")
+            style.log_y(ax)
     return _finish(fig, axes, title or setting, out)
 
 
@@ -123,7 +123,7 @@ def fraction_plot(rows: list[dict[str, Any]], student: str, out: Path, title: st
         style.fit_ylim(ax, drawn, log=metric == "nll", lo=0.0 if metric == "accuracy" else None,
                        hi=1.0 if metric == "accuracy" else None)
         if metric == "nll":
-            ax.set_yscale("log")
+            style.log_y(ax)
     return _finish(fig, axes, title or student, out)
 
 
