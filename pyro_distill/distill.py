@@ -58,8 +58,8 @@ def _check_tau(tau: float | str) -> None:
     if tau == "evidence":
         return
     if isinstance(tau, str) or not tau >= 1:
-        raise ValueError(f"prior temperature tau must be a number >= 1 (1 = the teacher's posterior as it is, larger = "
-                         f"weaker) or 'evidence' (chosen by the student's log evidence); got {tau!r}")
+        raise ValueError(f"prior temperature tau must be >= 1 (1 = the teacher's posterior as it is, larger = weaker) "
+                         f"or 'evidence' (chosen by the student's log evidence); got {tau!r}")
 
 
 def student_prior(teacher_net: BayesianNet, teacher_posterior: Gaussian, student_net: BayesianNet,
