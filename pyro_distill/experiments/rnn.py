@@ -268,11 +268,7 @@ register_kind("rnn_attention", DEFAULTS, run_seed)
 def make_figures(run_dir: str | Path, out_dir: str | Path = "figures") -> list[Path]:
     """``figures/<experiment>_curves.png``: validation token NLL (top) and exact match (bottom) vs step,
     mean ± sd over seeds, one column per task; the teacher's test value as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from ..plots import style
     from .core import read_rows
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -283,7 +279,7 @@ def make_figures(run_dir: str | Path, out_dir: str | Path = "figures") -> list[P
     settings = list(dict.fromkeys(r["setting"] for r in curves))
     panels = [("val_nll_tok", "nll_tok", "validation NLL per token", True),
               ("val_exact_match", "exact_match", "validation exact match", False)]
-    fig, axes = plt.subplots(2, len(settings), figsize=(4.2 * len(settings), 5.6), squeeze=False)
+    fig, axes = style.subplots(2, len(settings), extra_width=2.4)
     for col, setting in enumerate(settings):
         for row, (metric, tkey, label, log) in enumerate(panels):
             ax = axes[row][col]
@@ -297,22 +293,19 @@ def make_figures(run_dir: str | Path, out_dir: str | Path = "figures") -> list[P
                 vals = [torch.tensor(pts[s], dtype=torch.float64) for s in steps]
                 m = torch.stack([v.mean() for v in vals])
                 sd = torch.stack([v.std() if len(v) > 1 else torch.zeros((), dtype=torch.float64) for v in vals])
-                ax.plot(steps, m, label=method, lw=1.3)
-                ax.fill_between(steps, m - sd, m + sd, alpha=0.2)
+                c = style.method_color(method)
+                ax.plot(steps, m, label=style.display_name(method), lw=1.3, color=c)
+                ax.fill_between(steps, m - sd, m + sd, alpha=0.2, color=c, lw=0)
             tv = [r[tkey] for r in rows if r["setting"] == setting and r["method"] == "teacher"]
             if tv:
                 ax.axhline(sum(tv) / len(tv), color="k", ls="--", lw=1, label="teacher (test)")
             if log:
-                ax.set_yscale("log")
+                style.log_y(ax)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(label)
             ax.set_title(setting)
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    style.legend_outside(fig, axes)
+    fig.suptitle(f"{run_dir.parent.name}: students without attention (run {run_dir.name})")
     # one file per experiment name, so a variant run (e.g. rnn_attention_tempered_start) never
     # overwrites the main experiment's figure
-    path = out_dir / f"{run_dir.parent.name}_curves.png"
-    fig.savefig(path, dpi=60)
-    plt.close(fig)
-    return [path]
+    return [style.save(fig, out_dir / f"{run_dir.parent.name}_curves.png")]

@@ -240,10 +240,7 @@ def make_figures(run_dir: str | Path | list[str | Path], out: str | Path = "figu
     """``{prefix}_metrics.png`` (test accuracy and NLL, mean ± sd over seeds, per student x method) and
     ``{prefix}_curves.png`` (test accuracy at the posterior mean / point estimate vs step) from a run
     (or several runs with disjoint seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plots import style
 
     dirs = [Path(d) for d in (run_dir if isinstance(run_dir, list) else [run_dir])]
     out = Path(out)
@@ -253,36 +250,33 @@ def make_figures(run_dir: str | Path | list[str | Path], out: str | Path = "figu
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     teacher = [r for r in rows if r["setting"] == "teacher"]
     made = []
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=90)
-    width = 0.8 / max(1, len(methods))
-    for ax, metric in zip(axes, ("accuracy", "nll")):
-        for k, m in enumerate(methods):
+    # points with ± sd bars, not bars: accuracies of 0.74-0.96 drawn as bars from an arbitrary baseline
+    # would exaggerate (or, from 0, hide) the differences; the y range follows the data
+    fig, axes = style.subplots(1, 2, panel=(4.6, 3.2), extra_width=2.4)
+    for ax, metric in zip(axes[0], ("accuracy", "nll")):
+        series = {}
+        for m in methods:
             means, sds = [], []
             for s in settings:
                 v = [r[metric] for r in rows if r["setting"] == s and r["method"] == m]
                 means.append(sum(v) / len(v) if v else float("nan"))
                 sds.append(_sd(v))
-            ax.bar([i + (k - (len(methods) - 1) / 2) * width for i in range(len(settings))], means, width,
-                   yerr=sds, label=m, capsize=2, color=f"C{METHODS.index(m)}")
+            series[style.display_name(m)] = (means, sds)
+        ends = style.dot_groups(ax, settings, series,
+                                {style.display_name(m): style.method_color(m) for m in methods})
         if teacher:
             tv = [r[metric] for r in teacher]
-            ax.axhline(sum(tv) / len(tv), color="k", ls="--", lw=1, label="teacher")
-        ax.set_xticks(range(len(settings)), settings, fontsize=8)
+            ax.axhline(sum(tv) / len(tv), color="k", ls="--", lw=1, label="Teacher")
+            ends.append(sum(tv) / len(tv))
         ax.set_ylabel(f"test {metric}")
-        if metric == "accuracy":
-            lo = min((r["accuracy"] for r in rows), default=0.0)
-            ax.set_ylim(max(0.0, lo - 0.1), 1.0)
-    axes[0].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"transformer head/sublayer/block removal ({len({r['seed'] for r in rows})} seeds)", fontsize=9)
-    fig.tight_layout()
-    p = out / f"{prefix}_metrics.png"
-    fig.savefig(p)
-    plt.close(fig)
-    made.append(p)
+        style.fit_ylim(ax, ends, lo=0.0, hi=1.0 if metric == "accuracy" else None)
+    style.legend_outside(fig, axes)
+    fig.suptitle(f"transformer head/sublayer/block removal ({len({r['seed'] for r in rows})} seeds, mean ± sd)")
+    made.append(style.save(fig, out / f"{prefix}_metrics.png"))
 
     curves = _rows(dirs, "curves.csv")
     if curves:
-        fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 3), dpi=90, squeeze=False)
+        fig, axes = style.subplots(1, len(settings), panel=(3.6, 3.0), extra_width=2.4, sharey=True)
         for ax, s in zip(axes[0], settings):
             for m in methods:
                 pts = [c for c in curves if c["setting"] == s and c["method"] == m]
@@ -291,17 +285,22 @@ def make_figures(run_dir: str | Path | list[str | Path], out: str | Path = "figu
                     continue
                 mean = [sum(c["value"] for c in pts if c["step"] == t) / sum(1 for c in pts if c["step"] == t)
                         for t in steps]
-                ax.plot(steps, mean, marker=".", label=m, color=f"C{METHODS.index(m)}")
-            ax.set_title(s, fontsize=9)
-            ax.set_xlabel("step")
+                ax.plot(steps, mean, marker=".", label=style.display_name(m), color=style.method_color(m))
+            ax.set_title(s)
+            ax.set_xlabel("optimizer step")
+            sm = cfg_map_steps(dirs[0])
+            style.mark_switch(ax, sm)
         axes[0][0].set_ylabel("test accuracy (mean weights)")
-        axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
-        p = out / f"{prefix}_curves.png"
-        fig.savefig(p)
-        plt.close(fig)
-        made.append(p)
+        style.legend_outside(fig, axes)
+        made.append(style.save(fig, out / f"{prefix}_curves.png"))
     return made
+
+
+def cfg_map_steps(run_dir: Path) -> int | None:
+    """The students' MAP steps (where VI switches to SVI) from a run's config.json."""
+    from ..plots.experiments import map_steps_of
+
+    return map_steps_of(run_dir)
 
 
 def _sd(v: list[float]) -> float:
