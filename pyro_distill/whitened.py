@@ -11,9 +11,11 @@ costs O(p^2), where the KL against ``S_p`` in the original coordinates needs an 
 Square roots ``B``: a dense prior uses its Cholesky factor ``L_p`` (the fitted factor is ``L = L_p M``, lower
 triangular); a low-rank + diagonal prior ``W W^T + diag(d)`` uses the closed symmetric root
 ``B = D^{1/2} (I + Q diag(c) Q^T)`` with ``D^{-1/2} W = Q diag(sig) R^T`` (thin SVD), ``c = sqrt(1 + sig^2) - 1``
-(``B`` applied to a vector is O(p k)); ``B M`` is then not triangular, so its lower-triangular factor is
-recovered by one QR when the Gaussian is handed back (O(p^3) once, not per step); a diagonal prior uses
-``diag(sqrt(var))`` (only on request: the ordinary step is already O(p^2) there).
+(``B`` applied to a vector is O(p k)); a Kronecker prior (per block ``MN(M, A, B)``, diagonal remainder) uses
+``L_A Z L_B^T`` per block (``Z`` the block's whitened coordinates) and the remainder's standard deviations. For
+these two ``B M`` is not triangular in the flat order, so its lower-triangular factor is recovered by one QR
+when the Gaussian is handed back (O(p^3) once, not per step; the start is mapped the same way). A diagonal
+prior uses ``diag(sqrt(var))`` (only on request: the ordinary step is already O(p^2) there).
 
 Step sizes keep their meaning: the parameters are the whitened ones times ``s``, the RMS of the prior's
 standard deviations (``s^2 = mean(diag S_p)``), i.e. ``w = mu + (B / s) a_s`` with ``a_s = s a``,
@@ -35,7 +37,7 @@ import pyro
 import torch
 from pyro.nn import PyroModule, PyroParam
 
-from .gaussian import DenseGaussian, DiagGaussian, Gaussian, LowRankGaussian
+from .gaussian import DenseGaussian, DiagGaussian, Gaussian, KronGaussian, LowRankGaussian
 
 __all__ = ["WhitenedGuide", "resolve_whiten", "tril_matmul", "tril_rows", "tril_rows_t"]
 
@@ -45,13 +47,17 @@ _TRI_BLOCK = 256
 
 def resolve_whiten(whiten: bool | str, guide: str, prior: Gaussian) -> bool:
     """Whether the SVI phase uses :class:`WhitenedGuide` (``"auto"``: when the prior is not diagonal and the
-    guide gains from it -- the dense guide under a dense or low-rank prior, any guide under a dense prior)."""
+    guide gains from it -- the dense guide under a dense, low-rank or Kronecker prior, any guide under a dense
+    prior)."""
     if whiten == "auto":
-        if isinstance(prior, DiagGaussian):
-            return False
-        return guide == "mvn" or isinstance(prior, DenseGaussian)
+        if guide == "mvn":
+            return isinstance(prior, (DenseGaussian, LowRankGaussian, KronGaussian))
+        return isinstance(prior, DenseGaussian)
     if not isinstance(whiten, bool):
         raise ValueError(f"whiten must be True, False or 'auto', got {whiten!r}")
+    if whiten and not isinstance(prior, (DenseGaussian, LowRankGaussian, KronGaussian, DiagGaussian)):
+        raise ValueError(f"whiten=True under a {type(prior).__name__} prior: no square root of it is implemented; "
+                         "use whiten=False")
     if whiten and guide != "mvn" and not isinstance(prior, DenseGaussian):
         raise ValueError(
             f"whiten=True with guide {guide!r} under a {prior.kind} prior: whitening would not keep the guide's "
@@ -131,12 +137,12 @@ class _Root:
         raise NotImplementedError
 
     def to_original(self, M: torch.Tensor) -> torch.Tensor:
-        """A lower-triangular factor of ``B M M^T B^T``."""
-        raise NotImplementedError
+        """A lower-triangular factor of ``B M M^T B^T`` (generic: a QR of ``(B M)^T``, O(p^3))."""
+        return _lower_factor(self.rows(M.mT).mT)
 
     def to_whitened(self, L: torch.Tensor) -> torch.Tensor:
-        """A lower-triangular factor of ``B^{-1} L L^T B^{-T}``."""
-        raise NotImplementedError
+        """A lower-triangular factor of ``B^{-1} L L^T B^{-T}`` (generic: a QR, O(p^3))."""
+        return _lower_factor(self.solve(L))
 
 
 class _TriRoot(_Root):
@@ -199,11 +205,37 @@ class _LowRankRoot(_Root):
     def solve(self, x):
         return self._inner((x / self.sd.unsqueeze(-1)).mT, self.ci).mT
 
-    def to_original(self, M):
-        return _lower_factor(self._inner(M.mT, self.c).mT * self.sd.unsqueeze(-1))
 
-    def to_whitened(self, L):
-        return _lower_factor(self.solve(L))
+class _KronRoot(_Root):
+    """Per block ``U = L_A Z L_B^T`` (``Z`` = the block's whitened coordinates ``[r, c]``); the remainder scaled."""
+
+    triangular = False
+
+    def __init__(self, index: list[torch.Tensor], LA: list[torch.Tensor], LB: list[torch.Tensor],
+                 rem: torch.Tensor, rem_sd: torch.Tensor):
+        self.index, self.LA, self.LB, self.rem, self.rem_sd = index, LA, LB, rem, rem_sd
+
+    def _apply(self, v, fa, fb, fr):  # rows v [n, p]: block (fa(A) V fb(B)), remainder fr(v_rem)
+        out = torch.empty_like(v)
+        for idx, A, B in zip(self.index, self.LA, self.LB):
+            out[:, idx] = fa(A) @ v[:, idx] @ fb(B)
+        out[:, self.rem] = fr(v[:, self.rem])
+        return out
+
+    def rows(self, v):
+        return self._apply(v, lambda A: A, lambda B: B.mT, lambda x: x * self.rem_sd)
+
+    def rows_t(self, g):
+        return self._apply(g, lambda A: A.mT, lambda B: B, lambda x: x * self.rem_sd)
+
+    def solve(self, x):
+        xt = x.mT
+        out = torch.empty_like(xt)
+        for idx, A, B in zip(self.index, self.LA, self.LB):
+            Y = torch.linalg.solve_triangular(A, xt[:, idx], upper=False)
+            out[:, idx] = torch.linalg.solve_triangular(B.mT, Y, upper=True, left=False)
+        out[:, self.rem] = xt[:, self.rem] / self.rem_sd
+        return out.mT
 
 
 def _root_buffers(prior: Gaussian, s: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -212,6 +244,11 @@ def _root_buffers(prior: Gaussian, s: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"root_B": prior.scale_tril.detach() / s}
     if isinstance(prior, DiagGaussian):
         return {"root_sd": prior.scale.detach().abs() / s}
+    if isinstance(prior, KronGaussian):
+        out = {"root_rem": prior.rem_index, "root_rem_sd": prior.rem_scale.detach() / s}
+        for b, (idx, LA, LB) in enumerate(zip(prior.index, prior.row_tril, prior.col_tril)):
+            out |= {f"root_idx{b}": idx, f"root_A{b}": LA.detach() / s, f"root_B{b}": LB.detach()}
+        return out
     if isinstance(prior, LowRankGaussian):
         sd = prior.cov_diag.detach().sqrt()
         U = prior.cov_factor.detach() / sd.unsqueeze(-1)
@@ -285,7 +322,7 @@ class WhitenedGuide(PyroModule):
             self.root_kind = type(prior).__name__
             bufs = _root_buffers(p64, s)
             for k, v in bufs.items():
-                self.register_buffer(k, v.to(prior.dtype))
+                self.register_buffer(k, v.to(prior.dtype) if v.is_floating_point() else v.clone())
             root = self._root(bufs)
             with torch.no_grad():
                 L0 = init.scale_tril if isinstance(init, DenseGaussian) else torch.diag(init.variance.sqrt())
@@ -322,6 +359,10 @@ class WhitenedGuide(PyroModule):
             return _TriRoot(b["root_B"])
         if self.root_kind == "DiagGaussian":
             return _DiagRoot(b["root_sd"])
+        if self.root_kind == "KronGaussian":
+            nb = sum(1 for k in b if k.startswith("root_idx"))
+            return _KronRoot([b[f"root_idx{i}"] for i in range(nb)], [b[f"root_A{i}"] for i in range(nb)],
+                             [b[f"root_B{i}"] for i in range(nb)], b["root_rem"], b["root_rem_sd"])
         return _LowRankRoot(b["root_sd"], b["root_Q"], b["root_c"], b["root_ci"])
 
     def scale_params(self) -> list[torch.nn.Parameter]:

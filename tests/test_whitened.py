@@ -1,7 +1,8 @@
 """The whitened SVI step (pyro_distill.whitened): same ELBO, same gradients, exact round trips, fits under dense priors.
 
-All in float64 on a small classification MLP (p = 45); priors are dense (a Cholesky factor), low-rank + diagonal
-and diagonal. Tolerances: values 1e-8 relative, round trips 1e-10.
+All in float64 on a small classification MLP (p = 51); priors are dense (a Cholesky factor), low-rank + diagonal,
+Kronecker (layer 1's [U | b] as one matrix-normal block, layer 2 in the diagonal remainder) and diagonal.
+Tolerances: values 1e-8 relative, round trips 1e-10.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from pyro_distill import whitened
 from pyro_distill.data import synthetic_classification
-from pyro_distill.gaussian import DenseGaussian, DiagGaussian, Gaussian, LowRankGaussian
+from pyro_distill.gaussian import DenseGaussian, DiagGaussian, Gaussian, KronGaussian, LowRankGaussian, kron_index
 from pyro_distill.inference import elbo_terms, fit_posterior
 from pyro_distill.nets import MLP
 from pyro_distill.whitened import WhitenedGuide, resolve_whiten, tril_matmul
@@ -49,6 +50,11 @@ def make_prior(kind: str, net: MLP, seed: int = 1) -> Gaussian:
     if kind == "lowrank":
         return LowRankGaussian(mu, 0.3 * torch.randn(p, 4, generator=g, dtype=F64),
                                0.1 + torch.rand(p, generator=g, dtype=F64), layout=net.layout)
+    if kind == "kron":
+        idx = kron_index(net.layout, "layer1.weight", "layer1.bias")
+        r, c = idx.shape
+        return KronGaussian.from_blocks(mu, [(idx, _rand_tril(r, g, 0.8), _rand_tril(c, g, 0.8))],
+                                        0.2 + torch.rand(p, generator=g, dtype=F64), layout=net.layout)
     return DiagGaussian(mu, 0.2 + torch.rand(p, generator=g, dtype=F64), layout=net.layout)
 
 
@@ -68,7 +74,7 @@ def dense_kl(m, F, prior: Gaussian) -> torch.Tensor:
     return 0.5 * (tr + (d**2).sum() - m.numel() + torch.logdet(Sp) - torch.logdet(Sq))
 
 
-@pytest.mark.parametrize("pk", ["dense", "lowrank", "diag"])
+@pytest.mark.parametrize("pk", ["dense", "lowrank", "kron", "diag"])
 def test_roundtrip_original_whitened_original(problem, blocks, pk: str) -> None:
     """The Gaussian handed back equals the start it was built from (mean and factor, 1e-10)."""
     net, _, _ = problem
@@ -80,12 +86,13 @@ def test_roundtrip_original_whitened_original(problem, blocks, pk: str) -> None:
     assert torch.equal(back.scale_tril, torch.tril(back.scale_tril))
 
 
-@pytest.mark.parametrize("pk", ["dense", "lowrank", "diag"])
+@pytest.mark.parametrize("pk", ["dense", "lowrank", "kron", "diag"])
 def test_whitened_elbo_equals_unwhitened(problem, blocks, pk: str) -> None:
     """Same q, same base noise z: the same draws, the same KL and ELBO (1e-8) as the original-coordinate path.
 
     The draw is ``m + z F^T`` with ``F = B M``: ``F = L`` for the triangular roots; for the low-rank prior's
-    symmetric root ``F`` is ``L`` times an orthogonal matrix (same q, the draws from the same z rotated)."""
+    symmetric root and the Kronecker root (not triangular in the flat order) ``F`` is ``L`` times an orthogonal
+    matrix (same q, the draws from the same z rotated)."""
     net, X, y = problem
     prior, q = make_prior(pk, net), make_q(net)
     g = WhitenedGuide(q, prior)
@@ -96,7 +103,7 @@ def test_whitened_elbo_equals_unwhitened(problem, blocks, pk: str) -> None:
     z = torch.randn(5, net.num_params, dtype=F64)
     with torch.no_grad():
         F = g._root().rows(g.scale_tril.T).T
-    if pk != "lowrank":
+    if pk not in ("lowrank", "kron"):
         torch.testing.assert_close(F, q.scale_tril, rtol=0, atol=1e-10)
     torch.testing.assert_close(F @ F.T, q.covariance(), rtol=0, atol=1e-10)
     w2 = q.loc + z @ F.T
@@ -106,7 +113,7 @@ def test_whitened_elbo_equals_unwhitened(problem, blocks, pk: str) -> None:
     assert float((ll1 - kl1).detach()) == pytest.approx(float(ll2 - kl2), rel=1e-8)
 
 
-@pytest.mark.parametrize("pk", ["dense", "lowrank"])
+@pytest.mark.parametrize("pk", ["dense", "lowrank", "kron"])
 def test_gradients_agree_with_autograd_in_original_coordinates(problem, blocks, pk: str) -> None:
     """The hand-written backward equals autograd of the original-coordinate ELBO seen as a function of the
     whitened parameters: ``m = mu + B a``, ``F = B M`` (then draws ``m + z F^T`` and the dense KL)."""
@@ -155,6 +162,7 @@ def test_resolve_whiten_rules(problem) -> None:
     net, _, _ = problem
     dense, low, diag = (make_prior(k, net) for k in ("dense", "lowrank", "diag"))
     assert resolve_whiten("auto", "mvn", dense) and resolve_whiten("auto", "mvn", low)
+    assert resolve_whiten("auto", "mvn", make_prior("kron", net)) and not resolve_whiten("auto", "diag", low)
     assert resolve_whiten("auto", "diag", dense) and resolve_whiten("auto", "lowrank", dense)
     assert not resolve_whiten("auto", "mvn", diag) and not resolve_whiten("auto", "lowrank", low)
     assert resolve_whiten(True, "mvn", diag) and not resolve_whiten(False, "mvn", dense)
@@ -170,7 +178,7 @@ def test_tril_matmul_equals_product() -> None:
     torch.testing.assert_close(tril_matmul(A, B, block=8), A @ B, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("pk", ["dense", "lowrank"])
+@pytest.mark.parametrize("pk", ["dense", "lowrank", "kron"])
 def test_fit_under_dense_prior_returns_dense_gaussian_and_first_elbo_matches(problem, blocks, pk: str) -> None:
     """A short whitened fit returns a DenseGaussian on the student's layout; its first step (same start, same
     draws; dense prior) has the same ELBO as the old path's (1e-8), and the ELBO goes up."""
