@@ -171,12 +171,17 @@ def fingerprint(path: str | os.PathLike) -> str:
 
 
 def check_writable(folder: str | os.PathLike, need_bytes: int = 0, what: str = "output folder") -> Path:
-    """Check, before any expensive work, that ``folder`` (created if missing, with its parents) accepts a new
-    file and has ``need_bytes`` (+ a margin) free; a :class:`StorageError` line otherwise."""
+    """Check, before any expensive work, that ``folder`` (or, while it does not exist, its nearest existing
+    ancestor, where it would be created) accepts a new file and has ``need_bytes`` (+ a margin) free; a
+    :class:`StorageError` line otherwise. Creates nothing."""
     folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-check.pd-", suffix=".tmp")
+        if not probe.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{probe} is a file, not a folder")
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write-check.pd-", suffix=".tmp")
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:
