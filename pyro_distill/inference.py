@@ -436,11 +436,13 @@ def _lowrank_laplace(op: Any, prior: Gaussian, w_map: torch.Tensor, d: torch.Ten
         z = cz / cz.norm().clamp_min(1e-300)
     shift = 1.05 * cmax
     tol = 1e-6 if w_map.dtype == torch.float64 else 1e-4
-    _, V = _lanczos(lambda v: shift * v - C(v), p, k, seed, tol, max(3 * k, k + 60), w_map.dtype, w_map.device)
+    out = _lanczos(lambda v: shift * v - C(v), p, k, seed, tol, max(3 * k, k + 60), w_map.dtype, w_map.device)
+    V, lanczos_info = out[1], (out[2] if len(out) > 2 else {})
     c = torch.stack([V[:, j] @ C(V[:, j]) for j in range(V.shape[1])])  # Rayleigh quotients under C itself
     excess = (1.0 / c.clamp_min(1e-12) - 1.0).clamp_min(0)  # directions with c >= 1 add nothing
     W = sd.unsqueeze(-1) * V * excess.sqrt()
-    info = dict(meta, rank=k, c_min=float(c.min()), c_max=cmax)
+    info = dict(meta, rank=k, c_min=float(c.min()), c_max=cmax,
+                lanczos_iterations=int(lanczos_info.get("iterations", 0)))
     return LowRankGaussian(w_map.clone(), W.to(w_map.dtype), d.to(w_map.dtype), layout=net.layout, meta=info)
 
 
