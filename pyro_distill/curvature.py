@@ -166,7 +166,7 @@ class GGN:
         if isinstance(self.net, MLP):
             return self._mlp_mm(Vt).T
         res = torch.zeros_like(Vt)
-        for sl in self._slices():
+        for sl in self._slices(max(1, self.chunk * 4 // max(4, Vt.shape[0]))):  # activations grow with k
             f = self._f(sl)
             out, vjp_fn = vjp(f, self.w)
             JV = vmap(lambda t, f=f: jvp(f, (self.w,), (t,))[1])(Vt)  # [k, B, *groups, C]
