@@ -18,8 +18,8 @@ is scaled linearly to the full data, marked ``~`` (its cost is linear in N over 
 of its chunks runs: 414 rows for the transformer, 36 for the p=55k MLP); ``--old-full``
 runs it on everything. Peak memory: the resident-set high-water mark (Linux VmHWM, reset before each case via
 ``/proc/self/clear_refs``) minus the resident set before the case. ``--no-old`` skips the old code and
-compares with the issue's measurements instead (other load: indicative only). The load (``uptime``) is printed before and
-after: the CPU is shared, so ratios from one run are what to compare.
+compares with the issue's measurements instead (other load: indicative only). The load (``uptime``) is
+printed before and after: the CPU is shared, so ratios from one run are what to compare.
 
 laplace-torch (``pip install laplace-torch`` into an environment WITHOUT torchvision: its torchmetrics import
 fails on the registry's CUDA torchvision) is timed on the same nets and data when importable: DiagLaplace,
