@@ -33,7 +33,7 @@ from torch.func import jvp, vjp, vmap
 from .nets.base import BayesianNet
 from .nets.mlp import MLP
 
-__all__ = ["GGN", "kfac", "kfac_block_dense", "kfac_indices", "output_hessian_sqrt"]
+__all__ = ["GGN", "kfac", "kfac_block_dense", "kfac_indices", "lanczos", "output_hessian_sqrt"]
 
 #: float entries per working buffer (per-example gradient rows, cotangents): 2^25 = 128 MB in float32
 _BUDGET = 2**25
@@ -504,6 +504,18 @@ def _lanczos(mv: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: i
     resid = float((b * S[-1, top]).abs().max()) / max(float(theta[-1].abs()), 1e-300)
     info = {"iterations": m, "products": m, "residual": resid}
     return theta[top].to(dtype=dtype, device=device), vecs, info
+
+
+def lanczos(mv: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: int = 0, tol: float | None = None,
+            max_iter: int | None = None, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+            ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The ``k`` largest eigenpairs of any symmetric operator ``mv`` (``[p] -> [p]``) by Lanczos with full
+    reorthogonalization: ``(values [k] descending, vectors [p, k], info)`` with ``info`` = iterations,
+    products and the largest residual ``|beta_m s_mi| / |theta_max|``. Seeded start (reproducible);
+    ``tol`` defaults to 1e-10 (float64) or 1e-5; at most ``max_iter`` steps (``min(p, max(3k, k + 60))``)."""
+    if tol is None:
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+    return _lanczos(mv, p, k, seed, tol, max_iter, dtype, torch.device(device))
 
 
 def _orthonormalize(Z: torch.Tensor, AZ: torch.Tensor | None = None, rtol: float = 1e-6

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.func import jacrev
 
-from pyro_distill.curvature import GGN, kfac, kfac_block_dense, kfac_indices, output_hessian_sqrt
+from pyro_distill.curvature import GGN, kfac, kfac_block_dense, kfac_indices, lanczos, output_hessian_sqrt
 from pyro_distill.data.sequences import PAD, dates
 from pyro_distill.nets import MLP, AttentionRNN, Transformer
 
@@ -162,6 +162,16 @@ def test_lanczos_handles_a_rank_deficient_ggn():
     vals, _ = GGN(net, w, X).eigh_topk(6)
     ref = torch.linalg.eigvalsh(G).flip(0)[:6]
     assert torch.allclose(vals, ref, atol=1e-9 * float(ref[0]))
+
+
+def test_public_lanczos_on_a_plain_matrix():
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(30, 30, generator=g, dtype=D)
+    A = A @ A.T
+    vals, vecs, info = lanczos(lambda v: A @ v, 30, 4, seed=1)
+    assert torch.allclose(vals, torch.linalg.eigvalsh(A).flip(0)[:4], rtol=1e-9)
+    assert torch.allclose(A @ vecs, vecs * vals, atol=1e-7 * float(vals[0]))
+    assert info["residual"] <= 1e-10 and info["iterations"] <= 30
 
 
 def test_scipy_operator():
