@@ -86,7 +86,7 @@ def test_temperature_diag_path_matches_dense_path(regression) -> None:
 def test_optimize_prior_finds_the_exact_isotropic_optimum(regression) -> None:
     net, X, y, Phi = regression
     tuned, info = optimize_prior(net, X, y, torch.zeros(net.num_params, dtype=D), structure="dense",
-                                 per_layer=False, steps=400, lr=0.05)
+                                 per_layer=False, steps=400, lr=0.05, mode="quadratic")
     assert info["log_evidence"] >= info["log_evidence_start"]
 
     def neg(la: float) -> float:
@@ -108,3 +108,17 @@ def test_optimize_prior_per_layer_raises_the_evidence_of_an_mlp(structure) -> No
     tuned, info = optimize_prior(net, X, y, w, structure=structure, steps=60)
     assert len(info["precisions"]) == 2 and tuned.layout == net.layout
     assert info["log_evidence"] > info["log_evidence_start"]
+
+
+def test_laplace_mode_equals_the_quadratic_mode_at_the_map(regression) -> None:
+    # at the MAP of the scored prior, MacKay's evidence (no Newton step) is the exact one
+    net, X, y, Phi = regression
+    prior = _dense_prior(net.num_params, seed=5)
+    P = Phi.T @ Phi / S_NOISE**2 + prior.precision()
+    m = torch.linalg.solve(P, Phi.T @ y / S_NOISE**2 + prior.precision() @ prior.loc)
+    quad = quadratic_model(net, m, X, y, "dense")
+    lap = float(log_evidence(quad, prior, mode="laplace"))
+    assert lap == pytest.approx(float(log_evidence(quad, prior)), abs=1e-8)
+    assert lap == pytest.approx(_exact(Phi, y, prior), abs=1e-8)
+    with pytest.raises(ValueError, match="mode"):
+        log_evidence(quad, prior, mode="newton")
