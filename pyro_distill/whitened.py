@@ -65,15 +65,13 @@ def resolve_whiten(whiten: bool | str, guide: str, prior: Gaussian) -> bool:
     return whiten
 
 
-def tril_matmul(A: torch.Tensor, B: torch.Tensor, block: int = _TRI_BLOCK) -> torch.Tensor:
+def tril_matmul(A: torch.Tensor, B: torch.Tensor, block: int | None = None) -> torch.Tensor:
     """``A @ B`` for lower-triangular ``A``, ``B`` by blocks that skip the zero blocks (p^3/3 flops, not 2 p^3).
 
     Block ``(i, j)`` of the product only sums over ``k`` in ``[j, i]``.
     """
-    p = A.shape[-1]
-    out = torch.zeros_like(A) if not (A.requires_grad or B.requires_grad) else None
-    if out is None:  # differentiable: the plain product (only used when gradients are asked for)
-        return torch.tril(A @ B)
+    p, block = A.shape[-1], block or _TRI_BLOCK
+    out = torch.zeros(p, p, dtype=torch.result_type(A, B), device=A.device)  # slice writes stay differentiable
     for j0 in range(0, p, block):
         j1 = min(j0 + block, p)
         for i0 in range(j0, p, block):
@@ -113,7 +111,8 @@ def _tril_sq_norm(T: torch.Tensor) -> torch.Tensor:
 
 def _lower_factor(F: torch.Tensor) -> torch.Tensor:
     """The lower-triangular ``L`` with positive diagonal and ``L L^T = F F^T``, by a QR of ``F^T`` (no squaring)."""
-    R = torch.linalg.qr(F.mT, mode="r")[1]
+    grad = F.requires_grad and torch.is_grad_enabled()  # mode "r" (no Q) has no derivative
+    R = torch.linalg.qr(F.mT, mode="reduced" if grad else "r")[1]
     sign = torch.where(R.diagonal() < 0, -1.0, 1.0).to(R.dtype)
     return (R.mT * sign).tril()
 

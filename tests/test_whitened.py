@@ -179,7 +179,7 @@ def test_tril_matmul_equals_product() -> None:
 
 
 @pytest.mark.parametrize("pk", ["dense", "lowrank", "kron"])
-def test_fit_under_dense_prior_returns_dense_gaussian_and_first_elbo_matches(problem, blocks, pk: str) -> None:
+def test_fit_under_dense_prior_returns_dense_gaussian_and_first_elbo_matches(problem, pk: str) -> None:
     """A short whitened fit returns a DenseGaussian on the student's layout; its first step (same start, same
     draws; dense prior) has the same ELBO as the old path's (1e-8), and the ELBO goes up."""
     net, X, y = problem
@@ -235,3 +235,15 @@ def test_structured_guides_under_dense_prior_fit_and_keep_structure(problem, gui
     assert h1.elbo == pytest.approx(h0.elbo, rel=1e-8)
     for k, v in q1._tensors().items():
         torch.testing.assert_close(v, q0._tensors()[k], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("pk", ["dense", "kron"])
+def test_handed_back_gaussian_is_differentiable(problem, blocks, pk: str) -> None:
+    """``gaussian()`` stays differentiable (a Pyro guide may use it): d tr(S)/d M_s by autograd equals the formula
+    ``2 (B/s)^T (B/s) M_s`` (lower part), for the blocked triangular product and for the QR hand-back."""
+    net, _, _ = problem
+    g = WhitenedGuide(make_q(net), make_prior(pk, net))
+    g.gaussian().scale_tril.pow(2).sum().backward()
+    root, M = g._root(), g.scale_tril.detach()
+    Bs = root.rows(torch.eye(net.num_params, dtype=F64)).T  # B / s as a matrix
+    torch.testing.assert_close(g.scale_tril.grad.tril(), torch.tril(2 * Bs.T @ Bs @ M), rtol=1e-8, atol=1e-10)
