@@ -549,8 +549,8 @@ def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os
     t0 = time.perf_counter()
     args = [(kind.name, kind.module, cfg_out, s, str(run_dir), str(models_dir), echo, overwrite)
             for s in cfg["seeds"]]
-    old_handlers = _install_signals()
     status.start()
+    old_handlers = _install_signals()
     try:
         if cfg["workers"] == 1:
             for a in args:
