@@ -180,3 +180,35 @@ def test_cli_fit_rejects_a_network_that_does_not_fit_the_data(tmp_path, capsys):
     assert cli.main(["fit", "--data", "digits", "--sizes", "10,4,3", "--out", str(tmp_path / "x")]) == 1
     assert "needs a network from 64 inputs to 10 outputs" in capsys.readouterr().err
     assert not Path(tmp_path / "x").exists() or not any(Path(tmp_path / "x").iterdir())
+
+
+# ---------------------------------------------------------------- torch / Pyro distributions at the entry points
+def test_pyro_distributions_as_prior_and_posterior(small):
+    """A Pyro user's session: a pyro MultivariateNormal prior gives the same fit as the library's DenseGaussian
+    (same seed: equal to float precision); metrics take a torch distribution; the Gaussians sample and KL
+    like torch distributions."""
+    import pyro.distributions as dist
+
+    from pyro_distill.gaussian import DenseGaussian
+
+    X, y, Xte, yte = small
+    net = MLP([64, 4, 10])
+    p = net.num_params
+    scale = 0.5
+    pyro_prior = dist.MultivariateNormal(torch.zeros(p), scale_tril=scale * torch.eye(p))
+    ours = DenseGaussian(torch.zeros(p), scale * torch.eye(p), layout=net.layout)
+    qa, _ = pd.fit_posterior(net, X, y, prior=pyro_prior, guide="diag", steps=3, map_steps=5, progress=False)
+    qb, _ = pd.fit_posterior(net, X, y, prior=ours, guide="diag", steps=3, map_steps=5, progress=False)
+    torch.testing.assert_close(qa.mean, qb.mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(qa.variance, qb.variance, rtol=1e-6, atol=1e-6)
+    r_ours = metrics.evaluate(net, qa, Xte, yte, num_samples=20)
+    r_torch = metrics.evaluate(net, torch.distributions.Independent(torch.distributions.Normal(qa.mean, qa.stddev), 1),
+                               Xte, yte, num_samples=20)
+    assert r_ours["accuracy"] == r_torch["accuracy"] and abs(r_ours["nll"] - r_torch["nll"]) < 1e-6
+    assert ours.sample((3,)).shape == (3, p)
+    kl = torch.distributions.kl_divergence(qa.to(dtype=torch.float64), ours.to(dtype=torch.float64))
+    torch.testing.assert_close(kl, qa.to(dtype=torch.float64).kl(ours.to(dtype=torch.float64)))
+    w, _ = pd.fit_map(net, X, y, prior=dist.Normal(torch.zeros(p), torch.ones(p)).to_event(1), steps=2)
+    assert w.shape == (p,)
+    with pytest.raises(ValueError, match="coordinates"):
+        pd.fit_posterior(net, X, y, prior=dist.MultivariateNormal(torch.zeros(3), torch.eye(3)), steps=1)
