@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .arrays import as_data
+from .arrays import as_data, as_prior
 from .gaussian import DenseGaussian, DiagGaussian, Gaussian, StructureError
 from .inference import FitHistory, fit_map, fit_posterior
 from .nets.base import BayesianNet
@@ -76,6 +76,7 @@ def student_prior(teacher_net: BayesianNet, teacher_posterior: Gaussian, student
     from . import surgery
 
     _check_tau(tau)
+    teacher_posterior = as_prior(teacher_posterior, teacher_net)
     if tau == "evidence" and (X is None or y is None):
         raise ValueError("tau='evidence' scores temperatures on the student's training data: pass X and y")
     if ops is None:

@@ -28,7 +28,7 @@ import torch
 from pyro.nn import PyroModule, PyroParam
 
 from . import checks
-from .arrays import as_data
+from .arrays import as_data, as_prior
 from .gaussian import DenseGaussian, DiagGaussian, Gaussian, KronGaussian, LowRankGaussian, cholesky_jitter
 from .nets.base import BayesianNet
 from .whitened import WhitenedGuide, resolve_whiten
@@ -233,6 +233,7 @@ def fit_map(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian 
     (:class:`pyro_distill.checks.LossGuard`) stops it with :class:`DivergenceError`.
     """
     X, y = as_data(X, y)
+    prior = as_prior(prior, net)
     steps, lr, batch_size = checks.count("steps", steps), checks.positive("lr", lr), checks.batch_size(batch_size)
     checks.data(net, X, y)
     progress = _auto_progress(progress)
@@ -583,6 +584,9 @@ def fit_posterior(
     their meaning. ``history.info["whiten"]`` records whether it was used.
     """
     X, y = as_data(X, y)
+    prior = as_prior(prior, net)
+    if isinstance(init, torch.distributions.Distribution):
+        init = as_prior(init, net)
     progress = _auto_progress(progress)
     _check_inputs(net, X, y, guide, prior)
     steps, map_steps = checks.count("steps", steps), checks.count("map_steps", map_steps)
