@@ -7,7 +7,7 @@
   (KFAC): O(sum r^2 + c^2) memory; closed under conditioning / marginalizing whole rows, columns and blocks,
   and it refuses (:class:`StructureError`, naming ``to_dense()`` / ``to_lowrank(k)``) what it cannot do exactly.
 
-Two closed operations (DESIGN.md): ``condition(I, v)`` fixes coordinates ``I`` to ``v`` and returns the
+Two closed operations (docs/DESIGN.md): ``condition(I, v)`` fixes coordinates ``I`` to ``v`` and returns the
 Gaussian over the complement ``K`` (mean ``m_K + S_KI S_II^{-1}(v - m_I)``, covariance
 ``S_KK - S_KI S_II^{-1} S_IK``, by Cholesky solves; Woodbury for low-rank), and ``marginalize(K)``.
 Both keep the structure (Kronecker: where exact). ``kl`` is closed form between any two structures and

@@ -1,6 +1,6 @@
 """Plans: the list of MLP operations that turns a teacher architecture into a student architecture.
 
-Order (DESIGN.md): remove neurons to equalize the widths of the layers that will merge, then remove layers
+Order (docs/DESIGN.md): remove neurons to equalize the widths of the layers that will merge, then remove layers
 (highest index first, so lower indices stay valid), then remove neurons down to the student's widths.
 Which neurons go is a *selector*'s choice, scored on the posterior as it stands after the previous steps
 (each step conditions it, exactly as :func:`~pyro_distill.surgery.apply` will):
