@@ -15,17 +15,20 @@ target position for the :class:`~pyro_distill.nets.attention_rnn.AttentionRNN`, 
   :func:`kfac_indices` to place them in the flat parameter vector.
 
 Every exact computation uses a square-root factor of the output Hessian, ``H = R R^T``: for a softmax
-``R = diag(sqrt(pi)) - pi sqrt(pi)^T`` (C x C), for a Gaussian ``R = I / s``. Then
-``G = sum_n sum_c (J_n^T r_nc)(J_n^T r_nc)^T`` with ``r_nc`` the columns of ``R_n``: the diagonal and the dense
-matrix are sums over those "sqrt-factor gradients". For an :class:`~pyro_distill.nets.mlp.MLP` they are built in
-closed form (one backward pass of the C columns through the layers, outer products with the layer inputs);
-for other families by ``vmap`` over ``vjp`` per chunk of examples.
+``R = diag(sqrt(pi)) - pi sqrt(pi)^T`` restricted to its C - 1 nonzero directions, for a Gaussian ``R = I / s``
+(:func:`output_hessian_sqrt`). Then ``G = sum_n sum_c (J_n^T r_nc)(J_n^T r_nc)^T`` with ``r_nc`` the columns of
+``R_n``: the diagonal and the dense matrix are sums over those "sqrt-factor gradients". For an
+:class:`~pyro_distill.nets.mlp.MLP` they (and ``mv``/``mm``) are built in closed form (one backward pass of the
+columns through the layers, outer products with the layer inputs; the forward pass cached); for other families
+by ``vmap`` over ``vjp`` per chunk of a few examples (each cotangent runs through the whole chunk, so the cost
+per example grows with the chunk: few examples per chunk is fastest).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.func import jvp, vjp, vmap
@@ -310,7 +313,7 @@ class GGN:
         self.eig_info = info | {"method": method, "converged": info["residual"] <= tol}
         return vals, vecs
 
-    def to_scipy(self):
+    def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` over numpy float vectors (for ``eigsh``, ``cg``, ...)."""
         from scipy.sparse.linalg import LinearOperator
 
