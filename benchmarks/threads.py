@@ -38,8 +38,11 @@ def main() -> None:
     for threads in (1, 2):
         times = []
         for _ in range(args.repeats):
-            out = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(args.steps)], env=env,
-                                 capture_output=True, text=True, check=True).stdout
+            res = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(args.steps)], env=env,
+                                 capture_output=True, text=True)
+            if res.returncode:
+                sys.exit(f"the {threads}-thread run failed:\n{res.stderr}")
+            out = res.stdout
             times.append(json.loads(out.strip().splitlines()[-1])["seconds"])
         print(f"{threads} thread(s): {args.steps} MAP steps in " + ", ".join(f"{t:.2f}" for t in times)
               + f" s (min {min(times):.2f} s)")
