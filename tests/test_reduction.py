@@ -166,3 +166,53 @@ def test_evidence_tau_at_a_map_point_and_through_distill(blr) -> None:
         student_prior(net, teacher_q, net, ops=[], tau="evidence")
     with pytest.raises(ValueError, match="'evidence'"):
         student_prior(net, teacher_q, net, ops=[], tau=0.5)
+
+
+def test_mlp_runner_records_evidence_tau_and_reduction_on_a_validation_split(tmp_path) -> None:
+    """The runner: tau = "evidence" and reduced_posterior per seed, metrics on a held-out validation part of the
+    training split (data.validation), the test split untouched."""
+    from pyro_distill.experiments import run
+    from pyro_distill.experiments.core import read_rows
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text("""
+name = "tiny"
+kind = "mlp"
+seeds = 1
+workers = 1
+[data]
+name = "synthetic_classification"
+n_train = 100
+n_test = 60
+n_features = 4
+n_classes = 3
+validation = 0.2
+[teacher]
+sizes = [4, 6, 6, 3]
+map_steps = 60
+steps = 3
+[students]
+both = [4, 3, 3]
+[student]
+map_steps = 15
+steps = 3
+[distill]
+taus = [1.0, "evidence"]
+fractions = [1.0]
+methods = ["teacher_prior", "reduced_posterior", "deterministic"]
+[eval]
+samples = 10
+curve_every = 0
+[save]
+methods = []
+""")
+    d = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
+    rows = {r["method"]: r for r in read_rows(d / "metrics.csv")}
+    assert set(rows) == {"teacher", "teacher_prior(tau=1)", "teacher_prior(tau=evidence)", "reduced_posterior",
+                         "deterministic"}
+    assert all(r["eval_split"] == "validation" for r in rows.values())
+    assert rows["teacher"]["n_train"] == 80  # 20 of the 100 training rows held out (stratified, rounded per class)
+    ev = rows["teacher_prior(tau=evidence)"]
+    assert ev["tau"] == "evidence" and 1 <= ev["tau_chosen"] <= 1e3 and ev["log_evidence"] >= ev["log_evidence_tau1"]
+    assert rows["teacher_prior(tau=1)"]["tau_chosen"] == 1
+    assert math.isfinite(rows["reduced_posterior"]["log_evidence_change"])

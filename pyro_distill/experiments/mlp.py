@@ -3,9 +3,18 @@
 One seed: fit the teacher (``fit_posterior``) on the full training split; for every student
 architecture make one plan from the teacher's posterior; for every training fraction (a stratified
 subsample of the training split, seeded by the seed) fit the student under the teacher-derived prior
-at every temperature ``tau`` and every baseline, with the same budget of optimizer steps
+at every temperature ``tau`` (numbers >= 1, or ``"evidence"``: chosen per seed and fraction by the student's
+Laplace evidence on its own training data, :func:`~pyro_distill.distill.evidence_temperature`, recorded as
+``tau_chosen``), by ``reduced_posterior`` (Bayesian model reduction: the conditioned teacher posterior as the SVI
+start under the student's own fan-in prior, ``map_steps + steps`` SVI steps, no MAP; its Savage-Dickey log
+evidence change recorded as ``log_evidence_change``) and every baseline, with the same budget of optimizer steps
 (``map_steps + steps``), and evaluate all on the test split. Fraction 1 is the paper's setting
 (teacher and student on the same data). The test split is only used for reporting, never for choices.
+
+``data.validation = f`` (0 < f < 1) carves a seeded (``data.validation_seed``), stratified fraction ``f`` out of the
+training split before anything is fitted; teacher and students train on the rest and every metric is computed on
+that validation part (rows carry ``eval_split = "validation"``); the test split is not touched. This is how
+methods are chosen (experiments/README.md, the protocol).
 """
 
 from __future__ import annotations
@@ -17,15 +26,16 @@ import torch
 
 from .. import baselines, metrics
 from ..data import digits, subsample, synthetic_classification, synthetic_regression
-from ..distill import student_prior
+from ..data.tabular import Dataset
+from ..distill import evidence_temperature, reduced_posterior, student_prior
 from ..inference import fit_posterior
 from ..nets.mlp import MLP
 from .core import SeedContext, register_kind
 
 __all__ = ["DEFAULTS", "run_seed", "load_data"]
 
-VI_METHODS = ("teacher_prior", "standard_prior", "standard_prior_cond_init")
-ALL_METHODS = ("teacher_prior",) + baselines.METHODS
+VI_METHODS = ("teacher_prior", "reduced_posterior", "standard_prior", "standard_prior_cond_init")
+ALL_METHODS = ("teacher_prior", "reduced_posterior") + baselines.METHODS
 
 DEFAULTS: dict[str, Any] = {
     "data": {
@@ -35,6 +45,8 @@ DEFAULTS: dict[str, Any] = {
         "n_train": 1000, "n_test": 2000, "n_features": 20, "n_classes": 3, "noise": 0.5,   # synthetic
         "dir": "", "pca": 50, "max_train": 0,                                               # fashion_mnist
         "dtype": "float32",
+        "validation": 0.0,          # > 0: carve this stratified fraction out of the training split, report on it
+        "validation_seed": 0,
     },
     "teacher": {
         "sizes": [64, 32, 32, 10], "activation": "relu", "guide": "mvn", "steps": 300, "map_steps": 1000,
@@ -90,8 +102,11 @@ def _check(cfg: dict[str, Any]) -> None:
     bad = [m for m in cfg["distill"]["methods"] if m not in ALL_METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad} in distill.methods; choose from {list(ALL_METHODS)}")
-    if any(not t >= 1 for t in cfg["distill"]["taus"]):
-        raise ValueError(f"distill.taus must all be >= 1, got {cfg['distill']['taus']}")
+    if any(t != "evidence" and (isinstance(t, str) or not t >= 1) for t in cfg["distill"]["taus"]):
+        raise ValueError(f"distill.taus must be numbers >= 1 or \"evidence\", got {cfg['distill']['taus']}")
+    v = cfg["data"]["validation"]
+    if not (isinstance(v, (int, float)) and 0 <= v < 1):
+        raise ValueError(f"data.validation must be a fraction in [0, 1) (0: no validation split), got {v!r}")
     if any(not 0 < f <= 1 for f in cfg["distill"]["fractions"]):
         raise ValueError(f"distill.fractions must lie in (0, 1], got {cfg['distill']['fractions']}")
 
@@ -104,6 +119,10 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     _check(cfg)
     dtype = getattr(torch, cfg["data"]["dtype"])
     ds = load_data(cfg["data"], dtype)
+    split = "test"
+    if cfg["data"]["validation"] > 0:
+        ds = validation_split(ds, cfg["data"]["validation"], cfg["data"]["validation_seed"])
+        split = "validation"
     Xte, yte = ds.Xte, ds.yte
     reg = ds.num_classes is None
     tc, sc, dc, ec = cfg["teacher"], cfg["student"], cfg["distill"], cfg["eval"]
@@ -123,7 +142,7 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     t_teacher = time.perf_counter() - t0
     tres = metrics.evaluate(teacher, tq, Xte, yte, num_samples=ec["samples"], seed=seed)
     ctx.record({"setting": "teacher", "method": "teacher", "student": "teacher", "fraction": 1.0,
-                "n_train": ds.X.shape[0], "time_s": t_teacher, "elbo": th.elbo_end} | tres)
+                "n_train": ds.X.shape[0], "eval_split": split, "time_s": t_teacher, "elbo": th.elbo_end} | tres)
     ctx.log(f"teacher fitted in {t_teacher:.0f}s: {_short(tres)}")
     if "teacher" in cfg["save"]["methods"]:
         ctx.save_model("teacher", teacher, tq, {"data": {"name": cfg["data"]["name"],
@@ -142,25 +161,25 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
             sub = subsample(ds, frac, seed=seed)
             setting = f"{sname} frac={frac:g}"
             base = {"setting": setting, "student": sname, "sizes": "-".join(map(str, ssizes)),
-                    "fraction": float(frac), "n_train": sub.X.shape[0]}
+                    "fraction": float(frac), "n_train": sub.X.shape[0], "eval_split": split}
             with_curves = ec["curve_every"] > 0 and _in(frac, ec["curve_fractions"])
             run_baselines = _in(sname, dc["baseline_students"]) and _in(frac, dc["baseline_fractions"])
             for method in dc["methods"]:
-                if method != "teacher_prior" and not run_baselines:
+                if method not in ("teacher_prior", "reduced_posterior") and not run_baselines:
                     continue
                 if method == "kd" and reg:
                     continue  # KD matches class probabilities; not defined here for regression
                 taus = dc["taus"] if method == "teacher_prior" else [None]
                 for tau in taus:
-                    label = f"teacher_prior(tau={tau:g})" if tau is not None else method
+                    label = f"teacher_prior(tau={_tau_str(tau)})" if tau is not None else method
                     cb = _callback(ctx, student, Xte, yte, setting, label, ec, seed) if with_curves else None
                     t0 = time.perf_counter()
-                    fitted, hist = _fit(method, tau, teacher, tq, student, prior1, sub, cfg, seed, cb,
-                                        ec["curve_every"] if with_curves else 0)
+                    fitted, hist, extra = _fit(method, tau, teacher, tq, student, prior1, sub, cfg, seed, cb,
+                                               ec["curve_every"] if with_curves else 0, ops)
                     dt = time.perf_counter() - t0
                     res = metrics.evaluate(student, fitted, Xte, yte, num_samples=ec["samples"], seed=seed,
                                            teacher_probs=teacher_test)
-                    row = base | {"method": label, "tau": tau if tau is not None else "", "time_s": dt} | res
+                    row = base | {"method": label, "tau": tau if tau is not None else "", "time_s": dt} | extra | res
                     if method in VI_METHODS:
                         row["elbo"] = hist.elbo_end
                     ctx.record(row)
@@ -173,7 +192,8 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                                 "fraction": float(frac), "subsample_seed": seed}
                         pr = None
                         if method == "teacher_prior":  # the other VI methods ran under the fan-in prior
-                            pr = prior1.tempered(float(tau)) if tau not in (None, 1) else prior1
+                            t = extra["tau_chosen"]
+                            pr = prior1.tempered(float(t)) if t != 1 else prior1
                             pr.layout = student.layout
                         folder = ctx.save_model(
                             f"{sname}-f{frac:g}-{label.replace('(', '-').replace(')', '')}", student, fitted,
@@ -182,6 +202,37 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                             data=(sub.X, sub.y), prior=pr, idata_draws=cfg["save"]["idata_draws"])
                         if pr is not None:
                             pr.save(folder / "prior.pt")
+
+
+def validation_split(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:
+    """``ds`` with a seeded, stratified (for classes) ``fraction`` of its training split moved into the place of
+    the test split: train on the rest, evaluate on the held-out part; the real test split is dropped."""
+    import numpy as np
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must lie in (0, 1), got {fraction}")
+    g = np.random.default_rng(seed)
+    n = ds.X.shape[0]
+    if ds.num_classes:
+        y = ds.y.numpy()
+        parts = []
+        for c in range(ds.num_classes):
+            members = np.flatnonzero(y == c)
+            k = min(len(members) - 1, max(1, int(round(fraction * len(members))))) if len(members) > 1 else 0
+            parts.append(g.choice(members, size=k, replace=False))
+        val = np.sort(np.concatenate(parts))
+    else:
+        val = np.sort(g.choice(n, size=max(1, int(round(fraction * n))), replace=False))
+    mask = np.ones(n, dtype=bool)
+    mask[val] = False
+    tr, va = torch.as_tensor(np.flatnonzero(mask)), torch.as_tensor(val)
+    return Dataset(ds.X[tr], ds.y[tr], ds.X[va], ds.y[va], ds.name, ds.num_classes,
+                   ds.description + f"; validation split {fraction:g} of the training split (seed {seed}, "
+                   f"{len(va)} rows held out, metrics on them; test split unused)")
+
+
+def _tau_str(tau: float | str) -> str:
+    return tau if isinstance(tau, str) else f"{tau:g}"
 
 
 def _short(res: dict[str, Any]) -> str:
@@ -199,8 +250,9 @@ def _callback(ctx: SeedContext, net: MLP, Xte, yte, setting: str, method: str, e
     return cb
 
 
-def _fit(method: str, tau: float | None, teacher: MLP, tq, student: MLP, prior1, sub, cfg: dict[str, Any],
-         seed: int, cb, every: int):
+def _fit(method: str, tau: float | str | None, teacher: MLP, tq, student: MLP, prior1, sub, cfg: dict[str, Any],
+         seed: int, cb, every: int, ops) -> tuple[Any, Any, dict[str, Any]]:
+    """``(fitted posterior or weights, history, extra row columns)`` of one method."""
     sc, dc = cfg["student"], cfg["distill"]
     X, y = sub.X, sub.y
     bs = sc["batch_size"] or None
@@ -211,20 +263,30 @@ def _fit(method: str, tau: float | None, teacher: MLP, tq, student: MLP, prior1,
     point = {"steps": budget, "lr": dc["point_lr"], "seed": seed, "batch_size": bs, "callback": cb,
              "eval_every": every}
     if method == "teacher_prior":
+        extra: dict[str, Any] = {"tau_chosen": tau}
+        if tau == "evidence":  # chosen on the student's own training data (sub), never on evaluation data
+            tau, info = evidence_temperature(student, prior1, X, y, map_steps=sc["map_steps"], map_lr=sc["map_lr"],
+                                             seed=seed, batch_size=bs)
+            extra = {"tau_chosen": tau, "log_evidence": info["log_evidence"],
+                     "log_evidence_tau1": info["log_evidence_tau1"], "tau_at_bound": int(info["at_bound"])}
         prior = (prior1.tempered(float(tau)) if tau != 1 else prior1).to(X.device, X.dtype)
-        return fit_posterior(student, X, y, prior=prior, init="prior", **vi)
+        return (*fit_posterior(student, X, y, prior=prior, init="prior", **vi), extra)
+    if method == "reduced_posterior":
+        kw = {k: v for k, v in vi.items() if k not in ("map_steps", "map_lr", "steps")}
+        res = reduced_posterior(teacher, tq.to(dtype=torch.float64), student, X, y, ops=ops, steps=budget, **kw)
+        return res.posterior, res.history, {"log_evidence_change": res.info["log_evidence_change"]}
     if method == "standard_prior":
-        return baselines.standard_prior(student, X, y, **vi)
+        return (*baselines.standard_prior(student, X, y, **vi), {})
     if method == "standard_prior_cond_init":
-        return baselines.standard_prior_conditioned_init(student, X, y, start=prior1.mean.to(X.dtype), **vi)
+        return (*baselines.standard_prior_conditioned_init(student, X, y, start=prior1.mean.to(X.dtype), **vi), {})
     if method == "deterministic":
-        return baselines.deterministic(student, X, y, **point)
+        return (*baselines.deterministic(student, X, y, **point), {})
     if method == "kd":
         tp = metrics.predict(teacher, tq, X, num_samples=cfg["eval"]["samples"], seed=seed)
-        return baselines.knowledge_distillation(student, X, y, tp, gamma=dc["kd_gamma"],
-                                                temperature=dc["kd_temperature"], **point)
+        return (*baselines.knowledge_distillation(student, X, y, tp, gamma=dc["kd_gamma"],
+                                                  temperature=dc["kd_temperature"], **point), {})
     if method == "prune_finetune":
-        return baselines.prune_finetune(teacher, tq.mean, student, X, y, **point)
+        return (*baselines.prune_finetune(teacher, tq.mean, student, X, y, **point), {})
     raise ValueError(f"unknown method {method!r}")
 
 
