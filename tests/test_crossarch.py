@@ -111,3 +111,16 @@ def test_kd_laplace_fits_the_kd_point_then_covers_it():
         crossarch_kd(MLP([16, 3]), _w(MLP([16, 3])), student, X, y, steps=1)
     with pytest.raises(ValueError, match="'diag' or 'lowrank'"):
         kd_laplace(teacher, _w(teacher), student, X, y, kind="kron", w_kd=w)
+
+
+def test_kd_laplace_lowrank_adds_directions_to_the_diagonal_one():
+    """Low-rank + diagonal: the diagonal part is the diagonal Laplace's variance, the factor only adds variance."""
+    X, y = _data()
+    teacher = CNN((4, 4), [2], [3], pool=2)
+    student = MLP([16, 4, 3])
+    w_kd = _w(student, 4)
+    qd, _ = kd_laplace(teacher, _w(teacher), student, X, y, kind="diag", w_kd=w_kd)
+    ql, _ = kd_laplace(teacher, _w(teacher), student, X, y, kind="lowrank", rank=5, w_kd=w_kd)
+    assert torch.equal(ql.mean, w_kd) and ql.cov_factor.shape == (student.num_params, 5)
+    assert torch.allclose(ql.cov_diag, qd.variance, atol=0, rtol=1e-12)
+    assert bool((ql.variance >= qd.variance - 1e-15).all())
