@@ -739,9 +739,11 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.detach().sum()))
 
 
-def _guide_finite(g: GaussianGuide) -> bool:
+def _guide_finite(g: GaussianGuide | WhitenedGuide) -> bool:
     """The Gaussian the guide represents is finite (its parameters may be finite while exp(log scale) is not)."""
     with torch.no_grad():
+        if isinstance(g, WhitenedGuide):  # without the O(p^3) hand-back to the original coordinates
+            return g.finite()
         return all(_finite(t) for t in g.gaussian()._tensors().values())
 
 

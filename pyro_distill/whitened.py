@@ -382,6 +382,13 @@ class WhitenedGuide(PyroModule):
             return LowRankGaussian(self.loc, self.cov_factor, self.log_diag.exp(), layout=self.layout)
         return DiagGaussian(self.loc, self.log_scale.exp(), layout=self.layout)
 
+    def finite(self) -> bool:
+        """The represented Gaussian is finite: for ``mvn`` its whitened parameters are (``B`` is finite, so the
+        hand-back is too, barring overflow; no O(p^3) hand-back needed); otherwise the Gaussian's tensors."""
+        with torch.no_grad():
+            ts = [self.loc, self.scale_tril] if self.kind == "mvn" else list(self.gaussian()._tensors().values())
+            return all(bool(torch.isfinite(t.sum())) for t in ts)
+
     # ------------------------------------------------------------------ the step
     def sample_kl(self, num_particles: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_particles`` reparameterized draws ``[n, p]`` in the original coordinates and ``KL(q || prior)``."""

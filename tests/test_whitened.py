@@ -15,7 +15,7 @@ import torch
 from pyro_distill import whitened
 from pyro_distill.data import synthetic_classification
 from pyro_distill.gaussian import DenseGaussian, DiagGaussian, Gaussian, KronGaussian, LowRankGaussian, kron_index
-from pyro_distill.inference import elbo_terms, fit_posterior
+from pyro_distill.inference import DivergenceError, elbo_terms, fit_posterior
 from pyro_distill.nets import MLP
 from pyro_distill.whitened import WhitenedGuide, resolve_whiten, tril_matmul
 
@@ -247,3 +247,37 @@ def test_handed_back_gaussian_is_differentiable(problem, blocks, pk: str) -> Non
     root, M = g._root(), g.scale_tril.detach()
     Bs = root.rows(torch.eye(net.num_params, dtype=F64)).T  # B / s as a matrix
     torch.testing.assert_close(g.scale_tril.grad.tril(), torch.tril(2 * Bs.T @ Bs @ M), rtol=1e-8, atol=1e-10)
+
+
+class InfAfter(MLP):
+    """An MLP whose forward returns inf from its ``n``-th call on (a deliberately divergent net)."""
+
+    def __init__(self, *a, n: int, **kw):
+        super().__init__(*a, **kw)
+        self.n, self.calls = n, 0
+
+    def forward(self, w, x):
+        self.calls += 1
+        out = super().forward(w, x)
+        return out * float("inf") if self.calls >= self.n else out
+
+
+@pytest.mark.parametrize("pk", ["dense", "kron"])
+def test_nan_guard_hands_back_last_good_state_in_original_coordinates(problem, pk: str) -> None:
+    """The NaN guard under a whitened fit: DivergenceError at the step, the last good state is the DenseGaussian
+    (original coordinates) that the same number of clean steps hands back, exactly."""
+    net, X, y = problem
+    prior, start, k = make_prior(pk, net), make_q(net), 5
+    kw = dict(guide="mvn", prior=prior, init=start, lr=0.01, num_particles=4, seed=0)
+    bad = InfAfter([4, 6, 3], n=k + 2)  # one ELBO evaluation before the first step
+    with pytest.raises(DivergenceError, match=f"diverged at step {k}") as info:
+        fit_posterior(bad, X, y, steps=50, **kw)
+    err = info.value
+    assert err.step == k and len(err.history.elbo) == k and err.history.info["whiten"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ok, _ = fit_posterior(net, X, y, steps=k, **kw)
+    assert isinstance(err.last_good, DenseGaussian)
+    for name, t in ok._tensors().items():
+        torch.testing.assert_close(err.last_good._tensors()[name], t, rtol=0, atol=0)
+        assert torch.isfinite(t).all()
