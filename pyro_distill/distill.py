@@ -237,7 +237,11 @@ def evidence_temperature(net: BayesianNet, prior: Gaussian, X: torch.Tensor, y: 
     ``w``). Curvature (``structure="auto"``): the dense GGN when ``p <= dense_max`` (any prior structure: the
     prior's covariance is made dense, O(p^3) once); above that a diagonal GGN with a diagonal prior, and for a
     correlated (low-rank, Kronecker, dense) prior its diagonal surrogate ``N(mu, tau diag(S))`` -- recorded as
-    ``structure="diag-surrogate"``, an approximation that ignores the prior's correlations.
+    ``structure="diag-surrogate"``, an approximation that ignores the prior's correlations. With a diagonal GGN
+    the Newton-step term is unreliable (it can blow the evidence up), so that path scores MacKay's form instead,
+    the expansion point standing for every ``tau``'s MAP (``evidence.log_evidence(mode="laplace")``)::
+
+        log Z(tau) = l0 - 1/(2 tau) sum_i a_i^2 / s_i - 1/2 sum_i log(1 + tau s_i G_ii),   a = mu - m0.
 
     Why ``bounds`` start at 1 by default. The teacher's posterior already holds the teacher's data; when the
     student's data are those data (or a subset), the evidence is computed on data the prior has seen, and is
@@ -271,9 +275,39 @@ def evidence_temperature(net: BayesianNet, prior: Gaussian, X: torch.Tensor, y: 
     if kind == "diag" and not isinstance(scored, DiagGaussian):
         scored = DiagGaussian(scored.loc, scored.variance.sqrt(), layout=scored.layout)
         label = "diag-surrogate"
-    tau, info = optimize_temperature(quad, scored, bounds=bounds, grid=grid)
+    mode = "quadratic" if kind == "dense" else "laplace"
+    if mode == "quadratic":
+        tau, info = optimize_temperature(quad, scored, bounds=bounds, grid=grid)
+    else:
+        qd = _to_double(quad)
+        c = float(scored.mahalanobis(qd.m0.to(scored.loc)))
+        sg = (scored.variance * qd.G.to(scored.variance)).clamp_min(0)
+        l0 = float(qd.l0)
+
+        def f(log_tau: float) -> float:
+            t = math.exp(log_tau)
+            return l0 - 0.5 * c / t - 0.5 * float(torch.log1p(t * sg).sum())
+
+        tau, info = _maximize_log(f, bounds, grid)
     with torch.no_grad():
-        ev1 = float(log_evidence(_to_double(quad), scored)) if bounds[0] <= 1 <= bounds[1] else float("nan")
+        ev1 = float(log_evidence(_to_double(quad), scored, mode)) if bounds[0] <= 1 <= bounds[1] else float("nan")
     return tau, {"log_evidence": info["log_evidence"], "log_evidence_tau1": ev1, "at_bound": info["at_bound"],
-                 "structure": label, "map_steps": map_steps, "bounds": list(bounds)}
+                 "structure": label, "mode": mode, "map_steps": map_steps, "bounds": list(bounds)}
+
+
+def _maximize_log(f: Any, bounds: tuple[float, float], grid: int) -> tuple[float, dict[str, Any]]:
+    """Maximize ``f(log tau)`` over ``bounds``: a log-spaced grid, then golden section around its best point."""
+    xs = torch.linspace(math.log(bounds[0]), math.log(bounds[1]), grid, dtype=torch.float64).tolist()
+    vals = [f(x) for x in xs]
+    i = max(range(grid), key=vals.__getitem__)
+    a, b = xs[max(i - 1, 0)], xs[min(i + 1, grid - 1)]
+    gr = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        c, d = b - gr * (b - a), a + gr * (b - a)
+        if f(c) > f(d):
+            b = d
+        else:
+            a = c
+    best = max((f(0.5 * (a + b)), 0.5 * (a + b)), (vals[i], xs[i]))
+    return math.exp(best[1]), {"log_evidence": best[0], "at_bound": i in (0, grid - 1)}
 

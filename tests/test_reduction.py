@@ -19,6 +19,7 @@ from pyro_distill.distill import (
     savage_dickey,
     student_prior,
 )
+from pyro_distill.evidence import log_evidence, quadratic_model
 from pyro_distill.gaussian import DenseGaussian, DiagGaussian
 from pyro_distill.nets import MLP
 
@@ -158,8 +159,15 @@ def test_evidence_tau_at_a_map_point_and_through_distill(blr) -> None:
     t1, i1 = evidence_temperature(net, teacher_q, X, y, map_steps=200)
     assert i0["structure"] == "dense" and not i0["at_bound"]
     assert t1 == pytest.approx(t0, rel=1e-5)
-    td, _ = evidence_temperature(net, teacher_q, X, y, map_steps=0, structure="diag")  # diag GGN path runs
-    assert 1 <= td <= 1e3
+    # the diagonal-GGN path scores MacKay's form: its tau maximizes evidence.log_evidence(mode="laplace")
+    td, idd = evidence_temperature(net, teacher_q, X, y, map_steps=0, structure="diag", bounds=(1e-2, 1e3))
+    quad = quadratic_model(net, teacher_q.loc, X, y, "diag")
+    diag_q = DiagGaussian(teacher_q.loc, teacher_q.variance.sqrt())
+    ref = minimize_scalar(lambda lt: -float(log_evidence(quad, diag_q.tempered(math.exp(lt)), mode="laplace")),
+                          bounds=(math.log(1e-2), math.log(1e3)), method="bounded", options={"xatol": 1e-10})
+    assert idd["structure"] == "diag-surrogate" and idd["mode"] == "laplace"
+    assert math.log(td) == pytest.approx(ref.x, abs=1e-5)
+    assert idd["log_evidence"] == pytest.approx(-ref.fun, abs=1e-8)
     res = distill(net, teacher_q, net, X, y, ops=[], tau="evidence", steps=2, map_steps=5, num_particles=1)
     assert res.info["tau_rule"] == "evidence" and res.info["tau"] == pytest.approx(t0, rel=1e-5)
     with pytest.raises(ValueError, match="pass X and y"):
