@@ -1,4 +1,4 @@
-"""SVI in the prior's whitened coordinates: the KL to a dense (or low-rank) prior in O(p^2) per step.
+"""SVI in the prior's whitened coordinates: the KL to a dense, low-rank or Kronecker prior in O(p^2) per step.
 
 Under a prior ``N(mu, S_p)`` with a square root ``S_p = B B^T``, the dense guide is parameterized as
 ``w = mu + B v``, ``v ~ N(a, M M^T)`` (``M`` lower triangular), so that
@@ -11,7 +11,7 @@ costs O(p^2), where the KL against ``S_p`` in the original coordinates needs an 
 Square roots ``B``: a dense prior uses its Cholesky factor ``L_p`` (the fitted factor is ``L = L_p M``, lower
 triangular); a low-rank + diagonal prior ``W W^T + diag(d)`` uses the closed symmetric root
 ``B = D^{1/2} (I + Q diag(c) Q^T)`` with ``D^{-1/2} W = Q diag(sig) R^T`` (thin SVD), ``c = sqrt(1 + sig^2) - 1``
-(``B`` applied to a vector is O(p k)); a Kronecker prior (per block ``MN(M, A, B)``, diagonal remainder) uses
+(``B`` applied to a vector is O(p k)); a Kronecker prior (per block ``MN(mean, A, B)``, diagonal remainder) uses
 ``L_A Z L_B^T`` per block (``Z`` the block's whitened coordinates) and the remainder's standard deviations. For
 these two ``B M`` is not triangular in the flat order, so its lower-triangular factor is recovered by one QR
 when the Gaussian is handed back (O(p^3) once, not per step; the start is mapped the same way). A diagonal
@@ -240,7 +240,7 @@ class _KronRoot(_Root):
 def _root_buffers(prior: Gaussian, s: torch.Tensor) -> dict[str, torch.Tensor]:
     """The tensors of the prior's square root divided by ``s`` (kept as module buffers so ``.to`` moves them)."""
     if isinstance(prior, DenseGaussian):
-        return {"root_B": prior.scale_tril.detach() / s}
+        return {"root_B": torch.tril(prior.scale_tril.detach()) / s}  # the products read whole diagonal blocks
     if isinstance(prior, DiagGaussian):
         return {"root_sd": prior.scale.detach().abs() / s}
     if isinstance(prior, KronGaussian):
