@@ -129,6 +129,8 @@ def attempt(fn, *a, **kw) -> dict:
         return fn(*a, **kw)
     except torch.cuda.OutOfMemoryError:  # a CUDA out-of-memory error is this subclass of RuntimeError
         return {"oom": True}
+    except Exception as exc:  # noqa: BLE001 -- one failing case must not cost the rest of the run
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
     finally:
         _free()
 
@@ -136,6 +138,8 @@ def attempt(fn, *a, **kw) -> dict:
 def fmt(r: dict) -> str:
     if r.get("oom"):
         return "OOM"
+    if r.get("error"):
+        return f"failed: {r['error']}"
     if r.get("skipped"):
         return "skipped (deadline)"
     return f"{r['ms']:9.1f} ms/step, peak {r['peak_gb']:6.1f} GB"
@@ -199,7 +203,7 @@ def main() -> int:
                 break
             r = record(f"mvn p={net.num_params} {who}", attempt(fn, net, X, y, net.default_prior(torch.float32, dev),
                                                                 "mvn", 3))
-            if r.get("oom"):
+            if r.get("oom") or r.get("error"):
                 break
             best = net.num_params
         report["cases"][f"largest dense p {who}"] = best
@@ -262,7 +266,7 @@ def main() -> int:
 
         r = attempt(conditioning)
         report["cases"][f"condition dense p={sz['condition'][0]}"] = r
-        print(f"  condition dense p={sz['condition'][0]}: " + ("OOM" if r.get("oom") else
+        print(f"  condition dense p={sz['condition'][0]}: " + (fmt(r) if "ms" not in r else
               f"ours {r['ms']:.0f} ms, textbook Schur complement {r['textbook_ms']:.0f} ms, "
               f"peak {r['peak_gb']:.1f} GB"), flush=True)
 
