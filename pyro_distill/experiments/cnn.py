@@ -138,7 +138,9 @@ def _run_task(task: str, ds: Dataset, shape: tuple[int, int], cfg: dict[str, Any
         r = metrics.evaluate(net, q, Xte, yte, num_samples=S, seed=seed, teacher_probs=t_probs)
         ctx.record({"setting": setting, "method": method, "task": task, "time_s": seconds} | r | (extra or {}))
         ctx.log(f"{setting:>28s} {method:>18s}: acc {r['accuracy']:.3f} nll {r['nll']:.3f} "
-                f"agree {r.get('agreement', float('nan')):.3f} p={r['params']} ({seconds:.0f}s)")
+                f"agree {r.get('agreement', float('nan')):.3f}"
+                + (f" | linearized acc {r['accuracy_lin']:.3f} nll {r['nll_lin']:.3f}" if "nll_lin" in r else "")
+                + f" p={r['params']} ({seconds:.0f}s)")
 
     def timed(fn, *a, **k):
         t0 = time.perf_counter()

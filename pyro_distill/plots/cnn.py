@@ -18,6 +18,22 @@ from .style import display_name, dot_groups, fit_ylim, legend_outside, method_co
 __all__ = ["figures_for_run"]
 
 _BUDGET = re.compile(r"^(?P<task>\S+) extraction n=(?P<n>\d+)$")
+#: this kind's own method / query-source names: display name and tab10 colour (others: the shared style)
+_OWN = {"kd_laplace": ("KD-Laplace (Bayesian)", 1), "labels": ("MAP on true labels", 5),
+        "gaussian": ("Gaussian queries", 0), "other": ("other-image queries", 2),
+        "active": ("max-entropy queries", 3)}
+
+
+def _name(m: str) -> str:
+    return _OWN[m][0] if m in _OWN else display_name(m)
+
+
+def _color(m: str) -> Any:
+    if m in _OWN:
+        import matplotlib
+
+        return matplotlib.colormaps["tab10"](_OWN[m][1])
+    return method_color(m)
 
 
 def _mean_sd(v: list[float]) -> tuple[float, float]:
@@ -53,8 +69,8 @@ def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> l
         flat = [a for row in axes for a in row]
         for ax, s in zip(flat, settings):
             methods = list(dict.fromkeys(r["method"] for r in rows if r["setting"] == s))
-            series = {display_name(m): tuple([x] for x in _mean_sd(_vals(rows, s, m, "accuracy"))) for m in methods}
-            ends = dot_groups(ax, [""], series, {display_name(m): method_color(m) for m in methods})
+            series = {_name(m): tuple([x] for x in _mean_sd(_vals(rows, s, m, "accuracy"))) for m in methods}
+            ends = dot_groups(ax, [""], series, {_name(m): _color(m) for m in methods})
             task = s.split(" ", 1)[0]
             tv = [float(r["accuracy"]) for r in rows if r["setting"] == f"{task} teacher"
                   and r["method"] == ("transformer_teacher" if "transformer" in s else "cnn_teacher")]
@@ -86,9 +102,11 @@ def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> l
                     ms = [_mean_sd(_vals(rows, s, src, metric)) for _, s in budgets]
                     xs = [n for n, _ in budgets]
                     ax.errorbar(xs, [m for m, _ in ms], yerr=[sd for _, sd in ms], marker="o", capsize=2,
-                                label=src, color=method_color(src))
+                                label=_name(src), color=_color(src))
                     ends += [m for m, _ in ms]
                 ax.set_xscale("log")
+                ax.set_xticks(xs, [str(n) for n in xs])
+                ax.minorticks_off()
                 ax.set_xlabel("queries (labels for 'labels')")
                 ax.set_ylabel(f"test {metric}" + (" with teacher" if metric == "agreement" else ""))
                 ax.set_title(f"{task}: {metric}")
