@@ -144,13 +144,13 @@ def test_cli_fit_plan_distill_fit_prior_diagnose_and_arviz(tmp_path, capsys):
     import arviz as az
 
     m = tmp_path / "models"
-    small = ["--fraction", "0.1", "--steps", "5", "--map-steps", "20", "--idata-draws", "40"]
+    small = ["--fraction", "0.1", "--steps", "5", "--map-steps", "10", "--idata-draws", "20"]
     assert cli.main(["fit", "--data", "digits", "--sizes", "64,8,8,10", "--guide", "diag",
                      "--out", str(m / "teacher"), *small]) == 0
     assert cli.main(["plan", "--posterior", str(m / "teacher"), "--student", "64,4,10"]) == 0
     assert "selector: snr (the default, as in distill)" in capsys.readouterr().out
     assert cli.main(["distill", str(m / "teacher"), "--student", "64,4,10", "--out", str(m / "prior"),
-                     "--idata-draws", "40"]) == 0
+                     "--idata-draws", "20"]) == 0
     assert cli.main(["fit", "--data", "digits", "--prior", str(m / "prior"), "--guide", "diag",
                      "--out", str(m / "student"), *small]) == 0
     card = json.loads((m / "student" / "card.json").read_text())
@@ -159,17 +159,17 @@ def test_cli_fit_plan_distill_fit_prior_diagnose_and_arviz(tmp_path, capsys):
     assert "plan" in card and (m / "student" / "prior.pt").exists()
     capsys.readouterr()
     # the distill folder's posterior is its prior: one row for it, not two
-    assert cli.main(["diagnose", str(m / "prior"), "--against", str(m / "teacher"), "--draws", "40",
+    assert cli.main(["diagnose", str(m / "prior"), "--against", str(m / "teacher"), "--draws", "20",
                      "--no-figures", "--out", str(tmp_path / "d1")]) == 0
     rows = [ln.split()[0] for ln in capsys.readouterr().out.splitlines() if ln.startswith(("teacher", "prior"))]
     assert rows == ["teacher", "prior"]
-    assert cli.main(["diagnose", str(m / "student"), "--against", str(m / "teacher"), "--draws", "40",
+    assert cli.main(["diagnose", str(m / "student"), "--against", str(m / "teacher"), "--draws", "20",
                      "--no-figures", "--out", str(tmp_path / "d2")]) == 0
     out = capsys.readouterr().out
     assert "student prior" in out and "\nstudent " in out
     for name in ("teacher", "prior", "student"):
         idata = az.from_netcdf(m / name / "idata.nc")
-        assert idata.posterior.sizes["chain"] == 4 and idata.posterior.sizes["draw"] == 10
+        assert idata.posterior.sizes["chain"] == 4 and idata.posterior.sizes["draw"] == 5
         summ = az.summary(idata, kind="diagnostics")  # every block of the posterior group
         assert np.isfinite(summ["r_hat"].to_numpy()).all()
         assert summ.shape[0] == json.loads((m / name / "card.json").read_text())["p"]
