@@ -212,3 +212,16 @@ def test_pyro_distributions_as_prior_and_posterior(small):
     assert w.shape == (p,)
     with pytest.raises(ValueError, match="coordinates"):
         pd.fit_posterior(net, X, y, prior=dist.MultivariateNormal(torch.zeros(3), torch.eye(3)), steps=1)
+
+
+def test_each_fitting_phase_logs_one_line(small, caplog):
+    import logging
+
+    X, y, _, _ = small
+    with caplog.at_level(logging.INFO, logger="pyro_distill.inference"):
+        pd.fit_posterior(MLP([64, 4, 10]), X, y, guide="diag", steps=3, map_steps=4, progress=False)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "pyro_distill.inference"]
+    assert sum(m.startswith("MAP: 4 steps") for m in msgs) == 1
+    assert sum(m.startswith("Laplace start") for m in msgs) == 1
+    svi = [m for m in msgs if m.startswith("SVI[diag]: 3 steps")]
+    assert len(svi) == 1 and "ELBO" in svi[0] and "->" in svi[0]
