@@ -33,6 +33,7 @@ and at p=3.5k DiagLaplace and FullLaplace ``.fit`` (its DiagLaplace at p=55k onl
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import os
 import resource
@@ -99,8 +100,13 @@ def _status_kb(key: str) -> int:
 
 
 def measure(fn: Callable[[], Any]) -> tuple[float, float, Any]:
-    """(seconds, peak extra resident MB, result) of one call."""
+    """(seconds, peak extra resident MB, result) of one call. Freed heap memory is handed back to the OS first
+    (glibc ``malloc_trim``), so that memory the call reuses counts as growth of the resident set."""
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
