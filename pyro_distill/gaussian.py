@@ -3,6 +3,8 @@
 * :class:`DenseGaussian` ``N(m, L L^T)``                     exact, O(p^2) memory;
 * :class:`LowRankGaussian` ``N(m, W W^T + diag(d))``         O(p k) memory;
 * :class:`DiagGaussian` ``N(m, diag(s^2))``                  the uncorrelated case;
+* :class:`LowRankPrecisionGaussian` ``N(m, (diag(d) + F F^T)^{-1})``  low rank in PRECISION form (the
+  low-rank Laplace posterior), O(p k) memory;
 * :class:`KronGaussian` per block ``vec(U) ~ N(vec(M), B ⊗ A)``, block-diagonal, plus a diagonal remainder
   (KFAC): O(sum r^2 + c^2) memory; closed under conditioning / marginalizing whole rows, columns and blocks,
   and it refuses (:class:`StructureError`, naming ``to_dense()`` / ``to_lowrank(k)``) what it cannot do exactly.
@@ -53,6 +55,7 @@ __all__ = [
     "LowRankGaussian",
     "DiagGaussian",
     "KronGaussian",
+    "LowRankPrecisionGaussian",
     "NotPositiveDefiniteError",
     "StructureError",
     "kron_index",
@@ -374,6 +377,8 @@ class Gaussian(Distribution, ABC):
         if isinstance(d, Gaussian):
             return _with_layout(d, layout)
         if _KRON_PYRO is not None and isinstance(d, _KRON_PYRO):  # KronGaussian.to_pyro(): the structure itself
+            return _with_layout(d.gaussian, layout)
+        if _LRP_PYRO is not None and isinstance(d, _LRP_PYRO):  # LowRankPrecisionGaussian.to_pyro()
             return _with_layout(d.gaussian, layout)
         if not isinstance(d, Distribution):
             raise TypeError(
@@ -1438,9 +1443,279 @@ def _kron_pyro_class() -> type:
     return _KRON_PYRO
 
 
+# ============================================================================ low rank in precision form
+class LowRankPrecisionGaussian(Gaussian):
+    """``N(loc, Lam^{-1})`` with precision ``Lam = diag(d) + F F^T``, ``d = prec_diag > 0``, ``F = prec_factor``
+    ``[p, k]``: the low-rank Laplace structure (``F = U lam^{1/2}`` the top-k GGN eigenpairs, ``d`` keeping
+    ``diag(Lam)`` exact).
+
+    Its covariance ``D^{-1} - D^{-1} F C^{-1} F^T D^{-1}`` (Woodbury; ``C = I_k + F^T D^{-1} F`` the capacitance,
+    ``C >= I`` so its Cholesky factor is well conditioned) is a diagonal MINUS a low-rank term, which
+    :class:`LowRankGaussian` cannot hold. Everything goes through ``C``: O(p k^2) time, O(p k) memory, never a
+    ``p x p`` matrix unless asked (``covariance()``, ``precision()``, ``to_dense()``). Conditioning and
+    marginalizing are exact and stay in this structure; densities need no solve at all (``b^T Lam b``).
+    """
+
+    kind = "lowrank_precision"
+    arg_constraints = {"loc": constraints.real_vector, "prec_factor": constraints.independent(constraints.real, 2),
+                       "prec_diag": constraints.independent(constraints.positive, 1)}
+
+    def __init__(self, loc: torch.Tensor, prec_factor: torch.Tensor, prec_diag: torch.Tensor,
+                 layout: Layout | None = None, meta: dict | None = None, validate_args: bool = False):
+        super().__init__(loc, layout, meta, validate_args)
+        p = loc.shape[-1]
+        if prec_factor.dim() != 2 or prec_factor.shape[0] != p:
+            raise ValueError(f"prec_factor must be [{p}, k], got {tuple(prec_factor.shape)}")
+        if prec_diag.shape != (p,):
+            raise ValueError(f"prec_diag must be [{p}], got {tuple(prec_diag.shape)}")
+        self.prec_factor = prec_factor
+        self.prec_diag = prec_diag
+        if _checkable(loc, prec_factor, prec_diag):
+            _check_finite(self, "loc", loc, "pass a finite mean (a diverged fit? refit with a smaller lr)")
+            _check_finite(self, "prec_factor", prec_factor, "pass a finite factor (e.g. U * lam.clamp_min(0).sqrt())")
+            _check_positive(self, "prec_diag", prec_diag, "it holds the diagonal of a precision: clamp it, e.g. "
+                            "prec_diag.clamp_min(1e-6 * prior_precision_diagonal)")
+
+    @property
+    def rank(self) -> int:
+        return self.prec_factor.shape[-1]
+
+    def _repr_extra(self) -> str:
+        return f", rank={self.rank}"
+
+    def _capacitance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(D^{-1} F, L_C)`` with ``C = I_k + F^T D^{-1} F = L_C L_C^T``."""
+        F, d = self.prec_factor, self.prec_diag
+        Fd = F / d.unsqueeze(-1)
+        C = F.T @ Fd
+        C.diagonal().add_(1.0)
+        return Fd, torch.linalg.cholesky(C)
+
+    def _cov_factor(self) -> torch.Tensor:
+        """``T = D^{-1} F L_C^{-T}`` ``[p, k]``: the covariance is ``D^{-1} - T T^T``."""
+        Fd, Lc = self._capacitance()
+        return _tri_solve(Lc, Fd.T).T
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return 1.0 / self.prec_diag - (self._cov_factor() ** 2).sum(-1)
+
+    def precision_diagonal(self) -> torch.Tensor:
+        """``diag(Lam) = d + rowsum(F^2)`` in O(p k)."""
+        return self.prec_diag + (self.prec_factor**2).sum(-1)
+
+    def covariance(self) -> torch.Tensor:
+        T = self._cov_factor()
+        return torch.diag(1.0 / self.prec_diag) - T @ T.T
+
+    def precision(self) -> torch.Tensor:
+        return self.prec_factor @ self.prec_factor.T + torch.diag(self.prec_diag)
+
+    def _root(self, z: torch.Tensor) -> torch.Tensor:
+        """``z A^T`` for rows ``z`` ``[n, p]``, where ``A A^T = Lam^{-1}`` (a square root, p normals per draw).
+
+        With ``B = D^{-1/2} F`` and ``C = I + B^T B = L L^T``:
+        ``A = D^{-1/2} (I - B L^{-T} (L + I)^{-1} B^T)``. Proof: put ``H = -(L + I)^{-1}``; then
+        ``(I + B L^{-T} H B^T)(...)^T = I + B L^{-T} [H L + L^T H^T + H (L L^T - I) H^T] L^{-1} B^T`` and the
+        bracket is ``(I + H L)(I + H L)^T - H H^T - I = -I`` because ``I + H L = (L + I)^{-1} = -H``; so the
+        product is ``I - B C^{-1} B^T = (I + B B^T)^{-1}`` and ``A A^T = D^{-1/2} (I + B B^T)^{-1} D^{-1/2} =
+        Lam^{-1}``. The symmetric root ``D^{-1/2}(I + V((I + M)^{-1/2} - I) V^T)`` (``V R = B`` thin QR,
+        ``M = R R^T``) is another square root of the same matrix (the two differ by an orthogonal factor: same
+        distribution); this one needs neither a QR nor an eigendecomposition, whose gradients are NaN at a
+        rank-deficient ``F`` (the SVI guide starts at ``F = 0``).
+        """
+        F, d = self.prec_factor, self.prec_diag
+        isd = d.rsqrt()
+        B = F * isd.unsqueeze(-1)
+        C = B.T @ B
+        C.diagonal().add_(1.0)
+        L = torch.linalg.cholesky(C)
+        Lp = L + torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+        u = _tri_solve(Lp, (z @ B).T)  # (L + I)^{-1} B^T z, [k, n]
+        w = torch.linalg.solve_triangular(L.mT, u, upper=True)  # L^{-T} (L + I)^{-1} B^T z
+        return (z - (B @ w).T) * isd
+
+    def _factor_form(self):
+        # the covariance has no "A A^T + diag(e)" form with a thin A (it is diagonal MINUS low rank): this is the
+        # dense square root (p x p). The KLs with this structure as the first argument avoid it (_kl_special).
+        return self._root(torch.eye(self.dim, dtype=self.dtype, device=self.device)).T, None
+
+    def logdet(self) -> torch.Tensor:
+        _, Lc = self._capacitance()
+        return -(self.prec_diag.log().sum() + 2 * Lc.diagonal().log().sum())
+
+    def _quad(self, b):
+        return (self.prec_diag.unsqueeze(-1) * b**2).sum(0) + ((self.prec_factor.T @ b) ** 2).sum(0)
+
+    def _trace_inv(self, A, e):
+        # tr(Lam (A A^T + diag(e))) = sum d A^2 + ||F^T A||^2 + e . diag(Lam)
+        out = torch.zeros((), dtype=self.dtype, device=self.device)
+        if A is not None:
+            out = out + (self.prec_diag.unsqueeze(-1) * A**2).sum() + ((self.prec_factor.T @ A) ** 2).sum()
+        if e is not None:
+            out = out + (e * self.precision_diagonal()).sum()
+        return out
+
+    def _draw(self, n, generator):
+        return self.loc + self._root(self._eps(n, self.dim, generator=generator))
+
+    def _kl_special(self, other):
+        if isinstance(other, DiagGaussian):  # the generic path needs only this structure's variances
+            return None
+        # tr(S_o^{-1} S) with S = D^{-1} - T T^T: two trace terms of the other structure, O(p k^2) for the
+        # diagonal, low-rank and precision-form structures (dense and Kronecker: their own cost)
+        T = self._cov_factor()
+        tr = other._trace_inv(None, 1.0 / self.prec_diag) - other._trace_inv(T, None)
+        diff = (other.loc - self.loc).unsqueeze(-1)
+        maha = other._quad(diff).sum()
+        return 0.5 * (tr + maha - self.dim + other.logdet() - self.logdet())
+
+    def marginalize(self, keep):
+        """``N(m_K, (Lam/Lam_JJ)^{-1})`` over ``keep``; the Schur complement stays diagonal plus rank k:
+        ``Lam_KK - F_K F_J^T (D_J + F_J F_J^T)^{-1} F_J F_K^T = D_K + F_K (I + G_J)^{-1} F_K^T`` with
+        ``G_J = F_J^T D_J^{-1} F_J`` (Woodbury: ``F_J^T (D_J + F_J F_J^T)^{-1} F_J = G_J (I + G_J)^{-1}``), so the
+        new factor is ``F_K L^{-T}`` with ``L L^T = I + G_J``."""
+        K = _as_index(keep, self.dim)
+        J = _complement(K, self.dim).to(self.device)
+        K = K.to(self.device)
+        F, d = self.prec_factor, self.prec_diag
+        FK = F.index_select(0, K)
+        if J.numel():
+            FJ = F.index_select(0, J) * d[J].rsqrt().unsqueeze(-1)
+            C = FJ.T @ FJ
+            C.diagonal().add_(1.0)
+            Lc = cholesky_jitter(C, "capacitance of the marginalized coordinates")
+            FK = _tri_solve(Lc, FK.T).T
+        return LowRankPrecisionGaussian(self.loc[K], FK, d[K])
+
+    def _condition(self, I, K, v):
+        # Conditional precision Lam_KK = D_K + F_K F_K^T (exact, same structure); conditional mean
+        # m_K - Lam_KK^{-1} Lam_KI (v - m_I) with Lam_KI = F_K F_I^T and, by push-through,
+        # Lam_KK^{-1} F_K = D_K^{-1} F_K C_K^{-1}, C_K = I + F_K^T D_K^{-1} F_K.
+        F, d = self.prec_factor, self.prec_diag
+        FK, dK = F.index_select(0, K), d[K]
+        r = F.index_select(0, I).T @ (v - self.loc[I])
+        FdK = FK / dK.unsqueeze(-1)
+        C = FK.T @ FdK
+        C.diagonal().add_(1.0)
+        Lc = cholesky_jitter(C, "capacitance of the kept coordinates")
+        s = torch.cholesky_solve(r.unsqueeze(-1), Lc).squeeze(-1)
+        return LowRankPrecisionGaussian(self.loc[K] - FdK @ s, FK, dK)
+
+    def _scaled(self, c):
+        # covariance times c^2 = precision over c^2
+        return LowRankPrecisionGaussian(self.loc, self.prec_factor / c, self.prec_diag / c**2, self.layout, self.meta)
+
+    def _replace(self, **t):
+        d = self._tensors() | t
+        return LowRankPrecisionGaussian(**d, layout=self.layout, meta=self.meta)
+
+    def _tensors(self):
+        return {"loc": self.loc, "prec_factor": self.prec_factor, "prec_diag": self.prec_diag}
+
+    # ----------------------------------------------------------------- conversions
+    def to_dense(self) -> DenseGaussian:
+        """The same Gaussian as a :class:`DenseGaussian` (Cholesky of the p x p precision, then its inverse)."""
+        Lp = cholesky_jitter(0.5 * (self.precision() + self.precision().T), "precision")
+        return DenseGaussian.from_covariance(self.loc, torch.cholesky_inverse(Lp), layout=self.layout,
+                                             meta=self.meta)
+
+    def to_lowrank(self, k: int, iters: int = 8, oversample: int = 10, seed: int = 0) -> LowRankGaussian:
+        """A covariance-form :class:`LowRankGaussian`: the top-``k`` eigenpairs of the covariance as ``W``, plus a
+        diagonal that keeps the exact variance (``S - W W^T`` is PSD, so it is >= 0; clamped for round-off).
+
+        Exact eigenpairs for ``p <= 2048`` (dense ``eigh``); above, randomized subspace iteration (``iters``
+        steps, ``k + oversample`` columns, covariance products by Woodbury) -- approximate.
+        """
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"rank k must be a positive integer, got {k!r}")
+        p = self.dim
+        k = min(k, p)
+        if p <= 2048:
+            vals, vecs = torch.linalg.eigh(self.covariance())
+            vals, vecs = vals[-k:], vecs[:, -k:]
+        else:
+            T = self._cov_factor()
+            d = self.prec_diag
+
+            def S(X: torch.Tensor) -> torch.Tensor:
+                return X / d.unsqueeze(-1) - T @ (T.T @ X)
+
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            Q = torch.randn(p, min(p, k + oversample), generator=g, dtype=self.dtype, device=self.device)
+            for _ in range(iters):
+                Q = torch.linalg.qr(S(Q)).Q
+            vals, U = torch.linalg.eigh(Q.T @ S(Q))
+            vals, vecs = vals[-k:], Q @ U[:, -k:]
+        W = vecs * vals.clamp_min(0).sqrt()
+        var = self.variance
+        e = torch.maximum(var - (W**2).sum(-1), var * torch.finfo(self.dtype).eps)
+        return LowRankGaussian(self.loc, W, e, layout=self.layout, meta=self.meta)
+
+    def to_pyro(self):
+        """A Pyro distribution (``pyro_distill.gaussian.LowRankPrecisionNormal``) that samples and scores through
+        this structure, without a p x p matrix."""
+        return _lrp_pyro_class()(self)
+
+
+_LRP_PYRO: type | None = None
+
+
+def _lrp_pyro_class() -> type:
+    """The Pyro distribution class for :class:`LowRankPrecisionGaussian` (built on first use, like
+    ``KronMatrixNormal``: this module imports no Pyro)."""
+    global _LRP_PYRO
+    if _LRP_PYRO is None:
+        from pyro.distributions import TorchDistribution
+
+        class LowRankPrecisionNormal(TorchDistribution):
+            """A :class:`LowRankPrecisionGaussian` as a Pyro distribution (event shape ``[p]``): draws and log
+            densities go through the diagonal-plus-low-rank precision, never a p x p matrix."""
+
+            arg_constraints: dict = {}
+            support = constraints.real_vector
+            has_rsample = True
+
+            def __init__(self, gaussian: LowRankPrecisionGaussian, validate_args: bool | None = False):
+                self.gaussian = gaussian
+                super().__init__(torch.Size(), torch.Size([gaussian.dim]), validate_args=validate_args)
+
+            @property
+            def mean(self) -> torch.Tensor:
+                return self.gaussian.loc
+
+            @property
+            def variance(self) -> torch.Tensor:
+                return self.gaussian.variance
+
+            def rsample(self, sample_shape=_EMPTY_SHAPE) -> torch.Tensor:  # noqa: ANN001
+                return self.gaussian.rsample(sample_shape)
+
+            def sample(self, sample_shape=_EMPTY_SHAPE) -> torch.Tensor:  # noqa: ANN001
+                return self.gaussian.sample(sample_shape)
+
+            def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+                return self.gaussian.log_prob(value)
+
+            def entropy(self) -> torch.Tensor:
+                return self.gaussian.entropy()
+
+            def __repr__(self) -> str:
+                return f"LowRankPrecisionNormal({self.gaussian!r})"
+
+        LowRankPrecisionNormal.__module__, LowRankPrecisionNormal.__qualname__ = __name__, "LowRankPrecisionNormal"
+        register_kl(LowRankPrecisionNormal, Distribution)(lambda p, q: p.gaussian.kl(q))
+        register_kl(Distribution, LowRankPrecisionNormal)(lambda p, q: as_gaussian(p).kl(q.gaussian))
+        register_kl(LowRankPrecisionNormal, LowRankPrecisionNormal)(lambda p, q: p.gaussian.kl(q.gaussian))
+        _LRP_PYRO = LowRankPrecisionNormal
+    return _LRP_PYRO
+
+
 def __getattr__(name: str) -> Any:
     if name == "KronMatrixNormal":  # importable (and picklable) once Pyro is wanted
         return _kron_pyro_class()
+    if name == "LowRankPrecisionNormal":
+        return _lrp_pyro_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -1519,6 +1794,7 @@ def _plain_meta(meta: Any, key: str = "meta") -> Any:
 
 _KINDS: dict[str, type[Gaussian]] = {c.kind: c for c in (DenseGaussian, LowRankGaussian, DiagGaussian,
                                                              KronGaussian)}
+_KINDS[LowRankPrecisionGaussian.kind] = LowRankPrecisionGaussian
 
 
 def _with_layout(g: Gaussian, layout: Layout | None) -> Gaussian:
