@@ -29,7 +29,15 @@ from pyro.nn import PyroModule, PyroParam
 
 from . import checks
 from .arrays import as_data, as_prior
-from .gaussian import DenseGaussian, DiagGaussian, Gaussian, KronGaussian, LowRankGaussian, cholesky_jitter
+from .gaussian import (
+    DenseGaussian,
+    DiagGaussian,
+    Gaussian,
+    KronGaussian,
+    LowRankGaussian,
+    LowRankPrecisionGaussian,
+    cholesky_jitter,
+)
 from .nets.base import BayesianNet
 from .whitened import WhitenedGuide, resolve_whiten
 
@@ -44,7 +52,7 @@ __all__ = [
     "GUIDES",
 ]
 
-GUIDES = ("mvn", "lowrank", "diag", "kron")
+GUIDES = ("mvn", "lowrank", "diag", "kron", "lowrank_precision")
 log = logging.getLogger(__name__)
 
 
@@ -122,6 +130,12 @@ class GaussianGuide(PyroModule):
             self.row_tril = torch.nn.ParameterList([torch.nn.Parameter(L.detach().clone()) for L in init.row_tril])
             self.col_tril = torch.nn.ParameterList([torch.nn.Parameter(L.detach().clone()) for L in init.col_tril])
             self.rem_log_scale = PyroParam(init.rem_scale.detach().log().clone())
+        elif kind == "lowrank_precision":  # precision diag(d) + F F^T: the low-rank Laplace structure
+            if not isinstance(init, LowRankPrecisionGaussian):
+                raise ValueError("a lowrank_precision guide needs a LowRankPrecisionGaussian start "
+                                 "(laplace(..., kind='lowrank_precision') or cov_init='prior' builds one)")
+            self.prec_factor = PyroParam(init.prec_factor.detach().clone())
+            self.log_prec_diag = PyroParam(init.prec_diag.detach().log().clone())
         else:
             self.log_scale = PyroParam(init.variance.detach().sqrt().log().clone())
 
@@ -144,6 +158,8 @@ class GaussianGuide(PyroModule):
             return DenseGaussian(self.loc, self.scale_tril, layout=self.layout)
         if self.kind == "lowrank":
             return LowRankGaussian(self.loc, self.cov_factor, self.log_diag.exp(), layout=self.layout)
+        if self.kind == "lowrank_precision":
+            return LowRankPrecisionGaussian(self.loc, self.prec_factor, self.log_prec_diag.exp(), layout=self.layout)
         if self.kind == "kron":
             return KronGaussian(self.loc, self.kron_index, list(self.row_tril), list(self.col_tril),
                                 self.rem_log_scale.exp(), layout=self.layout)
@@ -353,19 +369,25 @@ def laplace(net: BayesianNet, X: torch.Tensor, w_map: torch.Tensor, prior: Gauss
     * ``"kron"``: per MLP layer, KFAC factors with the prior precision ``alpha`` (isotropic per layer) added by
       Martens-Grosse damping: ``Lam_t ~= (B_t + pi sqrt(alpha) I) ⊗ (A_t + sqrt(alpha) / pi I)`` with
       ``pi^2 = (tr B_t / r) / (tr A_t / c)``; see :func:`kron_laplace`.
+    * ``"lowrank_precision"``: precision ``diag(d) + F F^T`` (:class:`LowRankPrecisionGaussian`) with
+      ``F = U lam^{1/2}`` the top-``rank`` GGN eigenpairs and ``d`` keeping ``diag(Lam)`` exact; see
+      :func:`_lowrank_precision_laplace`.
 
     ``y`` masks padded targets of sequence models; ``ggn_op`` reuses a :class:`~pyro_distill.curvature.GGN`.
     """
     from .curvature import GGN
 
     kind = {"mvn": "dense"}.get(kind, kind)
-    if kind not in ("dense", "diag", "lowrank", "kron"):
-        raise ValueError(f"unknown Laplace structure {kind!r}; choose dense (mvn), diag, lowrank or kron")
+    if kind not in ("dense", "diag", "lowrank", "kron", "lowrank_precision"):
+        raise ValueError(f"unknown Laplace structure {kind!r}; choose dense (mvn), diag, lowrank, kron or "
+                         "lowrank_precision")
     w_map = w_map.detach()
     if kind == "kron":
         return kron_laplace(net, X, w_map, prior, noise_scale=noise_scale, y=y)
     op = ggn_op if ggn_op is not None else GGN(net, w_map, X, y, noise_scale=noise_scale)
     meta = {"source": f"laplace-{kind}"}
+    if kind == "lowrank_precision":
+        return _lowrank_precision_laplace(op, prior, w_map, rank, seed, net, meta)
     if kind == "dense":
         Lam = op.dense().double()
         Lam += prior.precision().to(device=Lam.device, dtype=torch.float64)
@@ -381,6 +403,27 @@ def laplace(net: BayesianNet, X: torch.Tensor, w_map: torch.Tensor, prior: Gauss
     if kind == "diag":
         return DiagGaussian(w_map.clone(), d.sqrt(), layout=net.layout, meta=meta)
     return _lowrank_laplace(op, prior, w_map, d, rank, seed, net, meta)
+
+
+def _lowrank_precision_laplace(op: Any, prior: Gaussian, w_map: torch.Tensor, rank: int, seed: int,
+                               net: BayesianNet, meta: dict[str, Any]) -> LowRankPrecisionGaussian:
+    """Precision ``Lam ~= diag(d) + F F^T``: ``F = U lam^{1/2}`` over the top-``rank`` GGN eigenpairs (Lanczos,
+    one GGN product per step), ``d = diag(G) - rowsum(F^2) + diag(P0)`` so that ``diag(Lam)`` is exact. The prior
+    enters through its diagonal (exact for a diagonal prior; a non-diagonal ``P0`` loses its off-diagonal).
+
+    ``diag(G) - rowsum(F^2) = diag(G - U lam U^T) >= 0`` in exact arithmetic (the remainder is PSD), so the clamp
+    at ``1e-6 diag(P0)`` only absorbs round-off (with ``rank = p`` the difference is 0 +- eps |G|) and keeps
+    ``d > 0``.
+    """
+    k = max(1, min(int(rank), w_map.shape[-1]))
+    lam, U = op.eigh_topk(k, seed=seed)
+    F = U * lam.clamp_min(0).sqrt()  # the GGN is PSD: negative eigenvalues are round-off
+    p0 = _precision_diagonal(prior).to(w_map)
+    d = torch.maximum(op.diagonal().to(w_map) - (F**2).sum(-1) + p0, p0 * 1e-6)
+    ei = getattr(op, "eig_info", {})
+    info = dict(meta, rank=k, lam_max=float(lam.max()), lam_min=float(lam.min()),
+                lanczos_iterations=int(ei.get("iterations", 0)), eig_residual=float(ei.get("residual", 0.0)))
+    return LowRankPrecisionGaussian(w_map.clone(), F.to(w_map.dtype), d, layout=net.layout, meta=info)
 
 
 def _precision_diagonal(prior: Gaussian) -> torch.Tensor:
@@ -605,7 +648,8 @@ def fit_posterior(
     history = FitHistory()
     history.info.update(guide=guide, steps=steps, lr=lr, num_particles=num_particles, p=net.num_params,
                         N=X.shape[0], dtype=str(dtype))
-    kind = {"mvn": "dense", "lowrank": "lowrank", "diag": "diag", "kron": "kron"}[guide]
+    kind = {"mvn": "dense", "lowrank": "lowrank", "diag": "diag", "kron": "kron",
+            "lowrank_precision": "lowrank_precision"}[guide]
     N = X.shape[0]
 
     # ---- phase 1-2: starting Gaussian
@@ -615,6 +659,10 @@ def fit_posterior(
         start = init.to(device, dtype)
         if guide == "lowrank" and not isinstance(start, LowRankGaussian):
             start = _to_lowrank(start, rank, seed or 0)
+        if guide == "lowrank_precision" and not isinstance(start, LowRankPrecisionGaussian):
+            # the start's variances as a diagonal precision, zero factor (its correlations are not kept)
+            start = LowRankPrecisionGaussian(start.loc, torch.zeros(start.dim, rank, dtype=start.dtype,
+                                                                    device=start.device), 1.0 / start.variance)
         if guide == "kron" and not isinstance(start, KronGaussian):
             raise ValueError(f"guide='kron' needs a KronGaussian init, got a {start.kind} Gaussian; pass a Kronecker "
                              "start or choose the guide of the start's structure")
@@ -647,7 +695,10 @@ def fit_posterior(
     start.layout = net.layout
 
     # ---- phase 3: SVI
-    whitened = resolve_whiten(whiten, guide, prior)
+    if guide == "lowrank_precision" and whiten is True:
+        raise ValueError("whiten=True with guide 'lowrank_precision': no whitened form of the precision-form guide "
+                         "exists (its KL is already O(p k^2)); use whiten='auto' or False")
+    whitened = resolve_whiten(whiten, guide, prior) if guide != "lowrank_precision" else False
     history.info["whiten"] = whitened
     g = WhitenedGuide(start, prior, guide) if whitened else GaussianGuide(start, guide)
     g.to(device)
@@ -770,6 +821,9 @@ def _shrunk_prior_start(prior: Gaussian, w0: torch.Tensor, kind: str, rank: int,
         rows = [torch.eye(i.shape[0], dtype=w0.dtype, device=w0.device) * s[i].max() for i in blocks]
         return KronGaussian.from_blocks(w0.detach().clone(), [(i, r, c) for i, r, c in zip(blocks, rows, eye)], s,
                                         layout=net.layout)
+    if kind == "lowrank_precision":  # precision 1/(0.01 var): a zero factor is a valid start in precision form
+        F = torch.zeros(w0.shape[-1], rank, dtype=w0.dtype, device=w0.device)
+        return LowRankPrecisionGaussian(w0.detach().clone(), F, 1.0 / s**2, layout=net.layout)
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(w0.shape[-1], rank, generator=g, dtype=w0.dtype).to(w0.device)
     W = W * (0.1 * s.unsqueeze(-1) / math.sqrt(rank))

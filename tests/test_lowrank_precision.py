@@ -253,3 +253,62 @@ def test_mlp_surgery_equals_surgery_on_dense(bias: bool) -> None:
         assert s_q.layout == s_net.layout and s_q.dim == s_net.num_params
         torch.testing.assert_close(s_q.loc, s_qd.loc, atol=1e-9, rtol=1e-9)
         torch.testing.assert_close(s_q.covariance(), s_qd.covariance(), atol=1e-9, rtol=1e-9)
+
+
+# ============================================================================ Laplace and the SVI guide
+@pytest.fixture(scope="module")
+def problem():
+    from pyro_distill.inference import ggn
+
+    g = torch.Generator().manual_seed(0)
+    net = MLP([3, 4, 3])  # p = 31
+    X = torch.randn(30, 3, generator=g, dtype=D)
+    y = torch.randint(0, 3, (30,), generator=g)
+    w = torch.randn(net.num_params, generator=g, dtype=D) * 0.5
+    prior = net.default_prior(D)
+    Lam = ggn(net, w, X) + prior.precision()
+    return net, X, y, w, prior, Lam
+
+
+def test_laplace_lowrank_precision_full_rank_equals_dense_laplace(problem) -> None:
+    from pyro_distill.inference import laplace
+
+    net, X, _, w, prior, Lam = problem
+    q = laplace(net, X, w, prior, "lowrank_precision", rank=net.num_params)
+    assert isinstance(q, LowRankPrecisionGaussian) and q.rank == net.num_params and q.layout == net.layout
+    qd = laplace(net, X, w, prior, "dense")
+    torch.testing.assert_close(q.covariance(), qd.covariance(), atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(q.precision(), Lam, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(q.loc, w, rtol=0, atol=0)
+
+
+def test_laplace_lowrank_precision_keeps_the_exact_precision_diagonal(problem) -> None:
+    from pyro_distill.inference import ggn, laplace
+
+    net, X, _, w, prior, Lam = problem
+    q = laplace(net, X, w, prior, "lowrank_precision", rank=5)
+    assert q.rank == 5
+    torch.testing.assert_close(q.precision_diagonal(), Lam.diagonal(), atol=1e-10, rtol=1e-10)
+    # F F^T is the GGN's best rank-5 part: G - F F^T is PSD with the remaining eigenvalues
+    G = ggn(net, w, X)
+    ev = torch.linalg.eigvalsh(G)
+    torch.testing.assert_close(torch.linalg.eigvalsh(q.prec_factor @ q.prec_factor.T)[-5:], ev[-5:],
+                               atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("cov_init", ["laplace", "prior"])
+def test_lowrank_precision_guide_fits(problem, cov_init) -> None:
+    from pyro_distill.inference import GUIDES, GaussianGuide, fit_posterior
+
+    net, X, y, _, _, _ = problem
+    assert "lowrank_precision" in GUIDES
+    q, h = fit_posterior(net, X, y, guide="lowrank_precision", steps=40, map_steps=100, lr=5e-3, cov_init=cov_init,
+                         rank=4, num_particles=4, seed=0)
+    assert isinstance(q, LowRankPrecisionGaussian) and q.layout == net.layout and q.rank == 4
+    assert math.isfinite(h.elbo_end) and h.elbo_end >= h.elbo_start - 1.0
+    guide = GaussianGuide(q, "lowrank_precision")
+    names = {n.removesuffix("_unconstrained") for n, _ in guide.named_parameters()}
+    assert names == {"loc", "prec_factor", "log_prec_diag"}
+    r = guide.gaussian()
+    torch.testing.assert_close(r.covariance(), q.covariance(), atol=1e-12, rtol=1e-12)
+    assert r.prec_factor.requires_grad
