@@ -9,7 +9,9 @@ from torch.func import jacrev
 
 from pyro_distill.curvature import GGN, kfac, kfac_block_dense, kfac_indices, lanczos, output_hessian_sqrt
 from pyro_distill.data.sequences import PAD, dates
+from pyro_distill.layout import Layout
 from pyro_distill.nets import MLP, AttentionRNN, Transformer
+from pyro_distill.nets.base import BayesianNet
 
 D = torch.float64
 
@@ -112,6 +114,43 @@ def test_mask_drops_padding_positions():
     masked, full = GGN(net, w, X, y).diagonal(), GGN(net, w, X).diagonal()
     assert bool((full >= masked - 1e-12).all()) and float((full - masked).sum()) > 0
     assert torch.allclose(full, _reference(net, w, X).diagonal(), atol=1e-10)
+
+
+class _Direct(BayesianNet):
+    """A family that reads ``w`` by slicing it directly, not through ``layout.unflatten``."""
+
+    likelihood = "categorical"
+
+    def __init__(self):
+        self.layout = Layout([("weight", (2, 3)), ("bias", (2,))])
+
+    @property
+    def num_outputs(self) -> int:
+        return 2
+
+    def forward(self, w, x):
+        W = w[..., :6].reshape(*w.shape[:-1], 2, 3)
+        return torch.tanh(torch.matmul(x, W.transpose(-1, -2)) + w[..., 6:].unsqueeze(-2))
+
+    def config(self):
+        return {"type": "_Direct"}
+
+    def prior_scales(self):
+        return torch.ones(8, dtype=D)
+
+
+def test_generic_path_per_block_gradients_and_its_flat_fallback():
+    net, w, X, _ = _transformer_case()
+    op = GGN(net, w, X)
+    assert torch.allclose(op.diagonal(), _reference(net, w, X).diagonal(), atol=1e-10)
+    assert op._blocks_checked  # the transformer reads w through its Layout: gradients per block
+    net = _Direct()
+    w = torch.randn(8, generator=torch.Generator().manual_seed(6), dtype=D)
+    X = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=D)
+    op = GGN(net, w, X)
+    G = _reference(net, w, X)
+    assert torch.allclose(op.diagonal(), G.diagonal(), atol=1e-12) and torch.allclose(op.dense(), G, atol=1e-12)
+    assert op._blocks_checked is False  # detected, and the flat path used
 
 
 def test_float32_follows_w():
