@@ -52,9 +52,12 @@ def resolve_whiten(whiten: bool | str, guide: str, prior: Gaussian) -> bool:
     if whiten == "auto":
         if guide == "mvn":
             return isinstance(prior, (DenseGaussian, LowRankGaussian, KronGaussian))
-        return isinstance(prior, DenseGaussian)
+        return guide in ("diag", "lowrank") and isinstance(prior, DenseGaussian)
     if not isinstance(whiten, bool):
         raise ValueError(f"whiten must be True, False or 'auto', got {whiten!r}")
+    if whiten and guide not in ("mvn", "diag", "lowrank"):
+        raise ValueError(f"whiten=True with guide {guide!r}: only the mvn, diag and lowrank guides have a whitened "
+                         "step; use whiten='auto' or False")
     if whiten and not isinstance(prior, (DenseGaussian, LowRankGaussian, KronGaussian, DiagGaussian)):
         raise ValueError(f"whiten=True under a {type(prior).__name__} prior: no square root of it is implemented; "
                          "use whiten=False")

@@ -166,6 +166,9 @@ def test_resolve_whiten_rules(problem) -> None:
     assert resolve_whiten("auto", "diag", dense) and resolve_whiten("auto", "lowrank", dense)
     assert not resolve_whiten("auto", "mvn", diag) and not resolve_whiten("auto", "lowrank", low)
     assert resolve_whiten(True, "mvn", diag) and not resolve_whiten(False, "mvn", dense)
+    assert not resolve_whiten("auto", "kron", dense) and not resolve_whiten("auto", "lowrank_precision", dense)
+    with pytest.raises(ValueError, match="only the mvn, diag and lowrank guides"):
+        resolve_whiten(True, "kron", dense)
     with pytest.raises(ValueError, match="would not keep the guide's structure"):
         resolve_whiten(True, "lowrank", low)
     with pytest.raises(ValueError, match="'auto'"):
