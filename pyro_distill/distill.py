@@ -27,7 +27,7 @@ from .inference import FitHistory, fit_map, fit_posterior
 from .nets.base import BayesianNet
 
 __all__ = ["DistillResult", "student_prior", "distill", "savage_dickey", "model_reduction", "reduced_posterior",
-           "evidence_temperature", "EVIDENCE_TAU_BOUNDS"]
+           "evidence_temperature", "EVIDENCE_TAU_BOUNDS", "divided_prior"]
 
 #: the search range of ``tau="evidence"`` (see :func:`evidence_temperature` for why it starts at 1)
 EVIDENCE_TAU_BOUNDS = (1.0, 1e3)
@@ -311,3 +311,51 @@ def _maximize_log(f: Any, bounds: tuple[float, float], grid: int) -> tuple[float
     best = max((f(0.5 * (a + b)), 0.5 * (a + b)), (vals[i], xs[i]))
     return math.exp(best[1]), {"log_evidence": best[0], "at_bound": i in (0, grid - 1)}
 
+
+
+# ============================================================================ dividing the overlap out
+def divided_prior(net: BayesianNet, prior: Gaussian, X: torch.Tensor, y: torch.Tensor,
+                  floor: float | None = None, dense_max: int = 4000) -> tuple[DenseGaussian, dict[str, Any]]:
+    """The teacher-derived ``prior`` with the student's own data divided out: ``prior / p(y | X, w)``.
+
+    ``prior`` (the conditioned teacher posterior) already holds ``(X, y)`` when they are (part of) the teacher's
+    data. With the log-likelihood's quadratic model at the prior mean ``m`` (value, gradient ``g``, GGN ``G``),
+    the likelihood is a Gaussian factor with natural parameters ``(g + G m, G)``; dividing it out of
+    ``N(m, S)`` subtracts them::
+
+        Lambda = S^{-1} - G,      eta = S^{-1} m - (g + G m),      mean = Lambda^{-1} eta.
+
+    Exact for Bayesian linear regression (it returns the prior the posterior came from); for a network, and
+    whenever the teacher saw the data in a different way, ``Lambda`` can lose positive definiteness: its
+    eigenvalues are clipped from below at ``floor`` (default: the smallest precision of the student's fan-in
+    prior, the weakest prior the student would have had without a teacher). Dense only (``p <= dense_max``).
+    Returns the prior and ``{"clipped": number of clipped eigenvalues, "floor": floor}``.
+    """
+    from .evidence import quadratic_model
+
+    X, y = as_data(X, y)
+    if net.num_params > dense_max:
+        raise ValueError(f"divided_prior works densely: p={net.num_params} > dense_max={dense_max}; use a smaller "
+                         "student or raise dense_max")
+    if prior.dim != net.num_params:
+        raise ValueError(f"the prior has {prior.dim} coordinates, the network p={net.num_params}")
+    p64 = prior.to(dtype=torch.float64)
+    dtype = X.dtype if X.is_floating_point() else torch.float64
+    quad = quadratic_model(net, prior.loc.detach().to(X.device, dtype), X, y, "dense")
+    G = quad.G.to(p64.loc)
+    g = quad.grad.to(p64.loc)
+    m = p64.loc
+    P = p64.precision()
+    Lam = P - G
+    Lam = 0.5 * (Lam + Lam.T)
+    eta = P @ m - (g + G @ m)
+    if floor is None:
+        floor = float((1 / net.default_prior(torch.float64).variance).min())
+    evals, V = torch.linalg.eigh(Lam)
+    clipped = int((evals < floor).sum())
+    evals = evals.clamp_min(floor)
+    cov = (V / evals) @ V.T
+    mean = cov @ eta
+    out = DenseGaussian.from_covariance(mean, 0.5 * (cov + cov.T), layout=prior.layout,
+                                        meta=dict(prior.meta) | {"divided": True, "clipped": clipped})
+    return out, {"clipped": clipped, "floor": floor}

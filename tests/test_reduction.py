@@ -207,7 +207,7 @@ steps = 3
 [distill]
 taus = [1.0, "evidence"]
 fractions = [1.0]
-methods = ["teacher_prior", "reduced_posterior", "deterministic"]
+methods = ["teacher_prior", "reduced_posterior", "divided_prior", "deterministic"]
 [eval]
 samples = 10
 curve_every = 0
@@ -217,10 +217,35 @@ methods = []
     d = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
     rows = {r["method"]: r for r in read_rows(d / "metrics.csv")}
     assert set(rows) == {"teacher", "teacher_prior(tau=1)", "teacher_prior(tau=evidence)", "reduced_posterior",
-                         "deterministic"}
+                         "divided_prior", "deterministic"}
     assert all(r["eval_split"] == "validation" for r in rows.values())
     assert rows["teacher"]["n_train"] == 80  # 20 of the 100 training rows held out (stratified, rounded per class)
     ev = rows["teacher_prior(tau=evidence)"]
     assert ev["tau"] == "evidence" and 1 <= ev["tau_chosen"] <= 1e3 and ev["log_evidence"] >= ev["log_evidence_tau1"]
     assert rows["teacher_prior(tau=1)"]["tau_chosen"] == 1
     assert math.isfinite(rows["reduced_posterior"]["log_evidence_change"])
+    assert rows["divided_prior"]["clipped_eigenvalues"] >= 0 and math.isfinite(rows["divided_prior"]["nll"])
+
+
+def test_divided_prior_recovers_the_prior_of_a_conjugate_posterior(blr) -> None:
+    """Dividing the data's likelihood out of the exact posterior gives back the prior (mean and covariance);
+    dividing out data the posterior never saw (twice the data) clips the precision and stays positive definite."""
+    from pyro_distill.distill import divided_prior
+
+    net, X, y, Phi = blr
+    p = net.num_params
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(p, p, generator=g, dtype=D) / p**0.5
+    p0 = DenseGaussian.from_covariance(torch.randn(p, generator=g, dtype=D), A @ A.T + 0.5 * torch.eye(p, dtype=D))
+    P0 = p0.precision()
+    P = Phi.T @ Phi / S_NOISE**2 + P0
+    cov = torch.linalg.inv(P)
+    q = DenseGaussian.from_covariance(cov @ (Phi.T @ y / S_NOISE**2 + P0 @ p0.loc), 0.5 * (cov + cov.T),
+                                      layout=net.layout)
+    out, info = divided_prior(net, q, X, y, floor=1e-12)
+    assert info["clipped"] == 0
+    torch.testing.assert_close(out.loc, p0.loc, atol=1e-8, rtol=0)
+    torch.testing.assert_close(out.covariance(), p0.covariance(), atol=1e-8, rtol=0)
+    X2, y2 = torch.cat([X, X, X]), torch.cat([y, y, y])
+    over, info2 = divided_prior(net, q, X2, y2)
+    assert info2["clipped"] > 0 and bool((torch.linalg.eigvalsh(over.precision()) >= info2["floor"] * 0.999).all())

@@ -7,7 +7,9 @@ at every temperature ``tau`` (numbers >= 1, or ``"evidence"``: chosen per seed a
 Laplace evidence on its own training data, :func:`~pyro_distill.distill.evidence_temperature`, recorded as
 ``tau_chosen``), by ``reduced_posterior`` (Bayesian model reduction: the conditioned teacher posterior as the SVI
 start under the student's own fan-in prior, ``map_steps + steps`` SVI steps, no MAP; its Savage-Dickey log
-evidence change recorded as ``log_evidence_change``) and every baseline, with the same budget of optimizer steps
+evidence change recorded as ``log_evidence_change``), by ``divided_prior`` (optional, issue 13: the student's own
+data divided out of the conditioned teacher posterior, precision clipped to stay positive definite; not in the
+default method list) and every baseline, with the same budget of optimizer steps
 (``map_steps + steps``), and evaluate all on the test split. Fraction 1 is the paper's setting
 (teacher and student on the same data). The test split is only used for reporting, never for choices.
 
@@ -27,15 +29,17 @@ import torch
 from .. import baselines, metrics
 from ..data import digits, subsample, synthetic_classification, synthetic_regression
 from ..data.tabular import Dataset
-from ..distill import evidence_temperature, reduced_posterior, student_prior
+from ..distill import divided_prior, evidence_temperature, reduced_posterior, student_prior
 from ..inference import fit_posterior
 from ..nets.mlp import MLP
 from .core import SeedContext, register_kind
 
 __all__ = ["DEFAULTS", "run_seed", "load_data"]
 
-VI_METHODS = ("teacher_prior", "reduced_posterior", "standard_prior", "standard_prior_cond_init")
-ALL_METHODS = ("teacher_prior", "reduced_posterior") + baselines.METHODS
+VI_METHODS = ("teacher_prior", "reduced_posterior", "divided_prior", "standard_prior", "standard_prior_cond_init")
+ALL_METHODS = ("teacher_prior", "reduced_posterior") + baselines.METHODS + ("divided_prior",)
+#: the Bayesian distillation methods: run for every student and fraction (the baselines only where asked)
+OURS = ("teacher_prior", "reduced_posterior", "divided_prior")
 
 DEFAULTS: dict[str, Any] = {
     "data": {
@@ -60,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "distill": {
         "taus": [1.0, 10.0, 100.0],
         "fractions": [0.05, 0.1, 0.25, 1.0],
-        "methods": list(ALL_METHODS),
+        "methods": list(ALL_METHODS[:-1]),
         "baseline_students": [],     # students that get the baselines (empty: all)
         "baseline_fractions": [],    # fractions at which the baselines run (empty: all)
         "student_fractions": {},     # student name -> its fractions (default: all of distill.fractions)
@@ -165,7 +169,7 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
             with_curves = ec["curve_every"] > 0 and _in(frac, ec["curve_fractions"])
             run_baselines = _in(sname, dc["baseline_students"]) and _in(frac, dc["baseline_fractions"])
             for method in dc["methods"]:
-                if method not in ("teacher_prior", "reduced_posterior") and not run_baselines:
+                if method not in OURS and not run_baselines:
                     continue
                 if method == "kd" and reg:
                     continue  # KD matches class probabilities; not defined here for regression
@@ -184,8 +188,9 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                         row["elbo"] = hist.elbo_end
                     ctx.record(row)
                     ctx.log(f"{setting} {label}: {_short(res)} ({dt:.0f}s)")
-                    if method in VI_METHODS and _in(method, cfg["save"]["methods"]) and \
-                            _in(frac, cfg["save"]["fractions"]):
+                    # (divided_prior is not saved: its prior is rebuilt from the data, not stored here)
+                    if method in VI_METHODS and method != "divided_prior" and \
+                            _in(method, cfg["save"]["methods"]) and _in(frac, cfg["save"]["fractions"]):
                         # the card carries a data spec, the plan and (as prior.pt) the prior, so that
                         # `pyro-distill diagnose` can rebuild the data and add the student-prior row
                         spec = {"name": cfg["data"]["name"], "split_seed": cfg["data"]["split_seed"],
@@ -271,6 +276,10 @@ def _fit(method: str, tau: float | str | None, teacher: MLP, tq, student: MLP, p
                      "log_evidence_tau1": info["log_evidence_tau1"], "tau_at_bound": int(info["at_bound"])}
         prior = (prior1.tempered(float(tau)) if tau != 1 else prior1).to(X.device, X.dtype)
         return (*fit_posterior(student, X, y, prior=prior, init="prior", **vi), extra)
+    if method == "divided_prior":  # the student's own data divided out of the conditioned teacher posterior
+        prior, info = divided_prior(student, prior1, X, y)
+        return (*fit_posterior(student, X, y, prior=prior.to(X.device, X.dtype), init="prior", **vi),
+                {"clipped_eigenvalues": info["clipped"]})
     if method == "reduced_posterior":
         kw = {k: v for k, v in vi.items() if k not in ("map_steps", "map_lr", "steps")}
         res = reduced_posterior(teacher, tq.to(dtype=torch.float64), student, X, y, ops=ops, steps=budget, **kw)
