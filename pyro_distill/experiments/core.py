@@ -405,7 +405,8 @@ def _worker_init(parent_pid: int | None = None, poll_s: float = 1.0) -> None:
     (``os.getppid()`` no longer the parent: reparented after a SIGKILL), so no orphan keeps computing."""
     import torch
 
-    torch.set_num_threads(1)
+    # the thread policy of the CLI (pyro_distill.cli.thread_count): --threads / $PYRO_DISTILL_THREADS, else one
+    torch.set_num_threads(int(os.environ.get("PYRO_DISTILL_THREADS") or 1))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if parent_pid is None:
         return
