@@ -89,6 +89,8 @@ def apply_thread_policy(threads: int | None = None) -> int:
     n, _ = thread_count(threads)
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    if threads is not None:  # experiment workers (other processes) follow an explicit --threads too
+        os.environ[THREADS_ENV] = str(n)
     return n
 
 
