@@ -453,6 +453,8 @@ def _precision_mv(prior: Gaussian, v: torch.Tensor) -> torch.Tensor:
         Lc = prior._capacitance_tril()
         t = torch.cholesky_solve((W.T @ (v / dd)).unsqueeze(-1), Lc).squeeze(-1)
         return v / dd - (W @ t) / dd
+    if isinstance(prior, LowRankPrecisionGaussian):  # (diag(d) + F F^T) v: no solve at all
+        return prior.prec_diag * v + prior.prec_factor @ (prior.prec_factor.T @ v)
     return prior.precision() @ v
 
 

@@ -312,3 +312,12 @@ def test_lowrank_precision_guide_fits(problem, cov_init) -> None:
     r = guide.gaussian()
     torch.testing.assert_close(r.covariance(), q.covariance(), atol=1e-12, rtol=1e-12)
     assert r.prec_factor.requires_grad
+
+
+def test_as_a_prior_its_precision_products_need_no_dense_matrix() -> None:
+    from pyro_distill.inference import _precision_diagonal, _precision_mv
+
+    q = make()
+    v = torch.randn(q.dim, generator=torch.Generator().manual_seed(4), dtype=D)
+    torch.testing.assert_close(_precision_mv(q, v), q.precision() @ v, **TOL)
+    torch.testing.assert_close(_precision_diagonal(q), q.precision().diagonal(), **TOL)
