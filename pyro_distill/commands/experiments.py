@@ -12,7 +12,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="apply the file's [quick] overrides (a smoke run)")
     p.add_argument("--runs", default="runs", help="root of run directories (default: runs)")
     p.add_argument("--models", default="models", help="root of saved models (default: models)")
-    p.add_argument("--workers", type=int, default=None, help="parallel seed processes (default: from the file)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parallel seed processes; with --engine ray and no --address, the CPUs of the local Ray "
+                        "instance (default: from the file)")
+    p.add_argument("--engine", choices=["local", "ray"], default=None,
+                   help="where the seeds run: local (a process pool, the default) or ray (Ray tasks; needs "
+                        "pip install -e '.[ray]') (default: the file's engine, else local)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --engine ray: the cluster to join, 'auto' (this machine ran `ray start`) or "
+                        "ray://HOST:10001; default: the file's address, else a local Ray instance")
     p.add_argument("--overwrite", action="store_true",
                    help="let seeds replace model folders that already exist under <models>/NAME-<timestamp>/")
     p.set_defaults(func=_run)
@@ -34,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         run_dir = run(args.config, quick=args.quick, runs_root=args.runs, models_root=args.models,
-                      workers=args.workers, overwrite=args.overwrite)
+                      workers=args.workers, overwrite=args.overwrite, engine=args.engine, address=args.address)
     except (RunError, StorageError) as exc:
         print(f"pyro-distill run: {exc}", file=sys.stderr)
         return 1

@@ -80,7 +80,10 @@ HEARTBEAT_S = 15.0
 STALE_S = 180.0
 
 #: top-level keys every experiment file may have, whatever its kind
-RESERVED_KEYS = {"name": str, "kind": str, "seeds": (int, list), "workers": int, "quick": dict, "description": str}
+RESERVED_KEYS = {"name": str, "kind": str, "seeds": (int, list), "workers": int, "quick": dict, "description": str,
+                 "engine": str, "address": str}
+#: where the seeds run: ``local`` (a process pool on this machine) or ``ray`` (pyro_distill.experiments.ray_engine)
+ENGINES = ("local", "ray")
 
 MetricRow = dict[str, Any]
 #: numeric row columns that describe a setting rather than measure it (left out of summary.md)
@@ -246,7 +249,8 @@ def resolve_config(raw: dict[str, Any], quick: bool = False, source: str = "<con
         cfg = _merge(kind.defaults, _deep_update(body, qbody), "")
     top = {k: raw[k] for k in RESERVED_KEYS if k in raw and k != "quick"}
     if quick:
-        top.update({k: quick_tab[k] for k in ("seeds", "workers", "description") if k in quick_tab})
+        top.update({k: quick_tab[k] for k in ("seeds", "workers", "description", "engine", "address")
+                    if k in quick_tab})
     name = str(top.get("name", Path(source).stem))
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ConfigError(f"{source}: experiment name {name!r} must be a plain folder name")
@@ -260,8 +264,22 @@ def resolve_config(raw: dict[str, Any], quick: bool = False, source: str = "<con
     workers = top.get("workers", min(len(seed_list), os.cpu_count() or 1))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"{source}: 'workers' must be a positive integer, got {workers!r}")
+    engine, address = top.get("engine", "local"), top.get("address", "")
+    _check_engine(engine, address, source)
     return {"name": name, "kind": kind.name, "description": top.get("description", ""), "seeds": seed_list,
-            "workers": min(workers, len(seed_list)), "quick": bool(quick)} | cfg
+            "workers": min(workers, len(seed_list)), "quick": bool(quick), "engine": engine,
+            "address": address} | cfg
+
+
+def _check_engine(engine: Any, address: Any, source: str) -> None:
+    if engine not in ENGINES:
+        raise ConfigError(f"{source}: 'engine' must be one of {list(ENGINES)}, got {engine!r}")
+    if not isinstance(address, str):
+        raise ConfigError(f"{source}: 'address' must be a string (a Ray address: 'auto', 'HOST:6379' or "
+                          f"'ray://HOST:10001'), got {address!r}")
+    if address and engine != "ray":
+        raise ConfigError(f"{source}: 'address' = {address!r} is a Ray cluster address; set engine = \"ray\" "
+                          "(CLI: --engine ray) or remove it")
 
 
 def _deep_update(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -516,21 +534,109 @@ def _terminate_pool(ex: ProcessPoolExecutor) -> None:
             pass
 
 
+# ============================================================================ engines (the executor seam)
+#: one unit of work: the arguments of :func:`_run_one` (kind, module, cfg, seed, run_dir, models_dir, echo, overwrite)
+Task = tuple
+
+
+class Engine:
+    """Where the tasks of a run execute. :meth:`results` yields one result dict (see :func:`_run_one`) per task as
+    it finishes, in any order; :meth:`abort` stops everything still running (interrupt); :meth:`close` releases
+    the engine after the last result. A task that fails is a result with ``status = "failed"``, never an
+    exception: exceptions out of :meth:`results` end the run as interrupted."""
+
+    name = "engine"
+
+    def results(self, tasks: list[Task], started: Callable[[int], None]) -> Any:  # Iterator[dict[str, Any]]
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Stop every task still running (called on SIGTERM / Ctrl-C / an error in the driver)."""
+
+    def close(self) -> None:
+        """Release the engine's resources after a run whose every task has reported."""
+
+
+class LocalEngine(Engine):
+    """Seeds in ``workers`` spawned processes of this machine (one torch thread each, each exiting when this
+    process dies); ``workers = 1`` runs them one after another in this process."""
+
+    name = "local"
+
+    def __init__(self, workers: int):
+        self.workers = int(workers)
+        self.pool: ProcessPoolExecutor | None = None
+
+    def results(self, tasks: list[Task], started: Callable[[int], None]) -> Any:
+        if self.workers == 1:
+            for a in tasks:
+                started(a[3])
+                yield _run_one(*a)
+            return
+        self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
+                                        initializer=_worker_init, initargs=(os.getpid(),))
+        futs = {self.pool.submit(_run_one, *a): a[3] for a in tasks}
+        for fut in as_completed(futs):
+            try:
+                res = fut.result()
+            except Exception as exc:  # the worker process itself died
+                res = _failed(futs[fut], f"{type(exc).__name__}: {exc}")
+            yield res
+
+    def abort(self) -> None:
+        if self.pool is not None:
+            _terminate_pool(self.pool)
+            self.pool = None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+
+def make_engine(name: str, workers: int, address: str = "", echo: bool = True, **options: Any) -> Engine:
+    """The engine called ``name`` (:data:`ENGINES`): ``local`` (process pool), ``ray`` (``address``: a cluster
+    to join; empty: a local Ray instance with ``workers`` CPUs; ``options``: e.g. ``max_retries``)."""
+    if name == "local":
+        return LocalEngine(workers)
+    if name == "ray":
+        from .ray_engine import RayEngine  # imports ray only now: the local engine never needs it
+
+        return RayEngine(workers=workers, address=address, echo=echo, **options)
+    raise ConfigError(f"unknown engine {name!r}; choose one of {list(ENGINES)}")
+
+
+def _failed(seed: int, error: str) -> dict[str, Any]:
+    """The result of a task that returned nothing (its worker died, or the engine lost it)."""
+    return {"seed": seed, "status": "failed", "error": error, "rows": [], "curves": [], "models": [], "time_s": 0.0}
+
+
 def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os.PathLike = "runs",
         models_root: str | os.PathLike = "models", workers: int | None = None, echo: bool = True,
-        overwrite: bool = False) -> Path:
+        overwrite: bool = False, engine: str | None = None, address: str | None = None,
+        engine_options: dict[str, Any] | None = None) -> Path:
     """Run an experiment file; returns the new run directory ``runs_root/NAME/<timestamp>/``.
 
-    Seeds run in ``workers`` spawned processes (one torch thread each; ``workers=1`` runs in this
-    process). A failed seed does not stop the others; :class:`RunError` is raised at the end, after
-    the summary of the seeds that finished has been written (:class:`pyro_distill.store.StorageError`
-    instead when a seed failed for a full disk or a read-only folder). ``runs_root`` and ``models_root``
-    are checked writable before anything runs. ``overwrite`` lets a seed replace model folders that
-    already exist under ``models_root/NAME-<timestamp>/`` (otherwise that is an error before any fit).
+    Each seed is one task of the ``engine`` (default: the file's ``engine``, else ``local``): ``local`` runs
+    them in ``workers`` spawned processes (one torch thread each; ``workers=1`` runs in this process);
+    ``ray`` runs them as Ray tasks (one CPU, one torch thread each) on the cluster at ``address`` (default: the
+    file's ``address``; empty: a local Ray instance with ``workers`` CPUs), a task whose worker died retried
+    (``engine_options``: ``max_retries``). The run folder is filled the same way by both: rows, curves and
+    summary rewritten as each seed finishes. A failed seed does not stop the others; :class:`RunError` is
+    raised at the end, after the summary of the seeds that finished has been written
+    (:class:`pyro_distill.store.StorageError` instead when a seed failed for a full disk or a read-only
+    folder). ``runs_root`` and ``models_root`` are checked writable before anything runs. ``overwrite`` lets a
+    seed replace model folders that already exist under ``models_root/NAME-<timestamp>/`` (otherwise that is an
+    error before any fit).
     """
     cfg = load_config(config_path, quick=quick)
     if workers is not None:
         cfg["workers"] = max(1, min(int(workers), len(cfg["seeds"])))
+    if engine is not None:
+        cfg["engine"] = engine
+    if address is not None:
+        cfg["address"] = address
+    _check_engine(cfg["engine"], cfg["address"], "run()")
     kind = _get_kind(cfg["kind"])
     check_writable(runs_root, what="runs folder")
     check_writable(models_root, what="models folder")
@@ -544,6 +650,7 @@ def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os
     atomic_write_text(run_dir / "config.source.toml", Path(config_path).read_text())
     status = _Status(run_dir, {"status": "running", "started": datetime.now(UTC).isoformat(), "quick": quick,
                                "pid": os.getpid(), "host": socket.gethostname(), "heartbeat_s": HEARTBEAT_S,
+                               "engine": cfg["engine"], "address": cfg["address"],
                                "seeds": {str(s): "pending" for s in cfg["seeds"]}, "errors": {},
                                "python": sys.version.split()[0]})
     results: list[dict[str, Any]] = []
@@ -552,33 +659,35 @@ def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os
             for s in cfg["seeds"]]
     status.start()
     old_handlers = _install_signals()
+    eng: Engine | None = None
+    bar = None
+
+    def started(seed: int) -> None:
+        with status.lock:
+            status.data["seeds"][str(seed)] = "running"
+        status.write()
+
     try:
-        if cfg["workers"] == 1:
-            for a in args:
-                with status.lock:
-                    status.data["seeds"][str(a[3])] = "running"
-                status.write()
-                res = _run_one(*a)
-                results.append(res)
-                _note(status, res)
-        else:
-            ex = ProcessPoolExecutor(max_workers=cfg["workers"], mp_context=get_context("spawn"),
-                                     initializer=_worker_init, initargs=(os.getpid(),))
-            try:
-                futs = {ex.submit(_run_one, *a): a[3] for a in args}
-                for fut in as_completed(futs):
-                    try:
-                        res = fut.result()
-                    except Exception as exc:  # the worker process itself died
-                        res = {"seed": futs[fut], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
-                               "rows": [], "curves": [], "models": [], "time_s": 0.0}
-                    results.append(res)
-                    _note(status, res)
-            except BaseException:
-                _terminate_pool(ex)
-                raise
-            ex.shutdown(wait=True)
+        eng = make_engine(cfg["engine"], cfg["workers"], cfg["address"], echo=echo, **(engine_options or {}))
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(args), unit="task", desc=f"{cfg['name']} [{eng.name}]", disable=not echo,
+                   file=sys.stderr)
+        for res in eng.results(args, started):
+            # one result per seed: a seed reported twice (a task retried after its first result) keeps the last
+            results[:] = [r for r in results if r["seed"] != res["seed"]] + [res]
+            _note(status, res)
+            _write_tables(status.run_dir, cfg_out, results, partial=True)
+            bar.update(1)
+        eng.close()
     except BaseException as exc:  # KeyboardInterrupt, SIGTERM/SIGHUP included: mark, write what finished, re-raise
+        if eng is not None:
+            try:
+                eng.abort()
+            except Exception as aerr:  # noqa: BLE001 - the run is being marked interrupted whatever happens here
+                print(f"pyro-distill run: stopping the {eng.name} engine: {aerr}", file=sys.stderr)
+        if bar is not None:
+            bar.close()
         status.close()
         status.data["status"] = "interrupted"
         status.data["interrupted_by"] = str(exc) if isinstance(exc, _Terminated) else type(exc).__name__
@@ -590,6 +699,7 @@ def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os
         if isinstance(exc, _Terminated):
             raise KeyboardInterrupt(f"run {run_dir} interrupted by {exc}") from None
         raise
+    bar.close()
     status.close()
     _restore_signals(old_handlers)
     failed = [r for r in results if r["status"] != "complete"]
@@ -610,15 +720,16 @@ def _note(status: _Status, res: dict[str, Any]) -> None:
         status.data["seeds"][str(res["seed"])] = res["status"]
         if res["error"]:
             status.data["errors"][str(res["seed"])] = res["error"]
+        else:
+            status.data["errors"].pop(str(res["seed"]), None)
+        if res.get("attempt", 1) > 1:  # the engine retried the task (its worker died)
+            status.data.setdefault("attempts", {})[str(res["seed"])] = res["attempt"]
     status.write()
 
 
 def _finish(status: _Status, cfg: dict[str, Any], results: list[dict[str, Any]], elapsed: float) -> None:
     run_dir = status.run_dir
     results = sorted(results, key=lambda r: cfg["seeds"].index(r["seed"]))
-    rows = [r for res in results for r in res["rows"]]
-    curves = [c for res in results for c in res["curves"]]
-    cols = _columns(rows)
     models_dir = Path(cfg["models_dir"])
     try:  # no empty model folders: a run (or seed) that saved nothing leaves no models/NAME-<timestamp>/
         if models_dir.is_dir() and not any(models_dir.iterdir()):
@@ -631,15 +742,29 @@ def _finish(status: _Status, cfg: dict[str, Any], results: list[dict[str, Any]],
         status.data["seed_time_s"] = {str(r["seed"]): round(r["time_s"], 1) for r in results}
         status.data["models"] = [m for r in results for m in r["models"]]
     try:
+        _write_tables(run_dir, cfg, results)
+    finally:
+        status.write()  # the final state, even when a table could not be written
+
+
+def _write_tables(run_dir: Path, cfg: dict[str, Any], results: list[dict[str, Any]], partial: bool = False) -> None:
+    """metrics.csv/.json, curves.csv and summary.md/.json of the seeds in ``results`` (in the config's seed
+    order, whatever order they finished in). ``partial``: a refresh while the run goes on, so a reader sees each
+    seed as soon as it finishes; a failed refresh (full disk) is left to the final write to report."""
+    results = sorted(results, key=lambda r: cfg["seeds"].index(r["seed"]))
+    rows = [r for res in results for r in res["rows"]]
+    curves = [c for res in results for c in res["curves"]]
+    try:
         atomic_write_text(run_dir / "metrics.json", json.dumps(rows, indent=1))
-        atomic_write_text(run_dir / "metrics.csv", _to_csv(rows, cols))
+        atomic_write_text(run_dir / "metrics.csv", _to_csv(rows, _columns(rows)))
         atomic_write_text(run_dir / "curves.csv", _to_csv(curves, _CURVE_COLS))
         summ = summarize(rows)
         atomic_write_text(run_dir / "summary.json", json.dumps(summ, indent=1))
         atomic_write_text(run_dir / "summary.md", summary_markdown(summ, title=f"{cfg['name']} ({run_dir.name})",
                                                                   seeds=len(results)))
-    finally:
-        status.write()  # the final state, even when a table could not be written
+    except Exception:  # noqa: BLE001 - a refresh never stops a run; the final write raises what it meets
+        if not partial:
+            raise
 
 
 # ============================================================================ tables

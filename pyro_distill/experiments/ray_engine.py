@@ -1,0 +1,146 @@
+"""The ``ray`` engine of the experiment runner: each seed of a run is one Ray task (one CPU, one torch thread).
+
+``ray.init(address=...)``: without an address a local Ray instance with ``workers`` CPUs (no dashboard, quiet
+logging) that lives as long as the run; with ``"auto"`` (the cluster this machine joined with ``ray start``) or
+``"ray://HOST:10001"`` (Ray Client) it joins an existing cluster and leaves it running. When Ray is already
+initialised in this process (a notebook, a test), that instance is used and left running.
+
+The driver (this process) keeps the run folder: results come back through Ray's object store and are written by
+:func:`pyro_distill.experiments.core.run` exactly as the local engine's are; each task also writes its own
+``seeds/seed<k>/`` files and model folders, so on a multi-node cluster ``runs/`` and ``models/`` should be one
+shared filesystem mounted at the same path on every node (otherwise those per-seed files stay on the worker nodes;
+metrics.csv and the summary on the driver are complete either way).
+
+Fault tolerance: a task whose worker process dies (killed, out of memory, node lost) is re-run by Ray up to
+``max_retries`` times; the driver receives one result per task, so each seed's rows appear once. A retried
+attempt finds ``seeds/seed<k>/attempt`` left by the one before and may replace the model folders that attempt
+saved. A task that raises is a failed seed with its error (``status.json`` ``errors``), like the local engine's;
+the other seeds go on.
+
+Nothing here imports Ray at module level: ``import ray`` happens when a ray engine is made.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .core import ConfigError, Engine, Task, _failed, _run_one
+
+__all__ = ["RayEngine", "DEFAULT_MAX_RETRIES", "import_ray"]
+
+#: times Ray re-runs a task whose worker died (not a task that raised: that is a failed seed)
+DEFAULT_MAX_RETRIES = 3
+
+
+def import_ray() -> Any:
+    """``ray``, or an error that says how to install it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ConfigError("engine = \"ray\" needs Ray: pip install -e \".[ray]\" (or pip install ray); "
+                          f"or run with --engine local ({exc})") from None
+    return ray
+
+
+def _task(args: Task, sys_path: list[str]) -> dict[str, Any]:
+    """One seed on a Ray worker: one torch thread, the driver's import path (so kinds registered from a script
+    or a test module import here too), the attempt counted in ``seeds/seed<k>/attempt``."""
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    for p in sys_path:
+        if p and p not in sys.path and os.path.isdir(p):
+            sys.path.append(p)
+    kind, module, cfg, seed, run_dir, models_dir, echo, overwrite = args
+    marker = Path(run_dir) / "seeds" / f"seed{seed}" / "attempt"
+    try:
+        attempt = int(marker.read_text()) + 1
+    except (OSError, ValueError):
+        attempt = 1
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(attempt))
+    # a retry may replace the model folders its dead attempt saved (they are this seed's own, in this run's folder)
+    res = _run_one(kind, module, cfg, seed, run_dir, models_dir, echo, overwrite or attempt > 1)
+    res["attempt"] = attempt
+    return res
+
+
+class RayEngine(Engine):
+    """Seeds as Ray tasks (see the module docstring). ``workers``: CPUs of the local instance started when
+    ``address`` is empty (ignored when joining a cluster: the cluster's CPUs bound the parallelism);
+    ``max_retries``: re-runs of a task whose worker died; ``echo``: forward the workers' log lines."""
+
+    name = "ray"
+
+    def __init__(self, workers: int, address: str = "", echo: bool = True,
+                 max_retries: int = DEFAULT_MAX_RETRIES):
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ConfigError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+        self.ray = import_ray()
+        self.workers, self.address, self.echo, self.max_retries = int(workers), address, echo, max_retries
+        self.owns = False  # True when this engine started (and so must stop) the Ray instance
+        self.pending: list[Any] = []
+        self.init_s = 0.0
+
+    def start(self) -> None:
+        """``ray.init`` unless Ray is already up in this process (then that instance is used as it is)."""
+        ray = self.ray
+        if ray.is_initialized():
+            return
+        t0 = time.perf_counter()
+        kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": self.echo,
+                              "logging_level": logging.ERROR}
+        if self.address:
+            kw["address"] = self.address
+        else:
+            kw["num_cpus"] = self.workers
+        try:
+            ray.init(**kw)
+        except ConnectionError as exc:
+            raise ConfigError(f"could not join the Ray cluster at address {self.address!r}: {exc}; start one "
+                              "with `ray start --head` (see README, Ray), or leave --address out for a local "
+                              "instance") from None
+        self.owns = True
+        self.init_s = time.perf_counter() - t0
+
+    def results(self, tasks: list[Task], started: Any) -> Any:
+        ray = self.ray
+        self.start()
+        remote = ray.remote(_task).options(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)
+        sys_path = [p for p in sys.path if p]
+        refs = {remote.remote(a, sys_path): a[3] for a in tasks}
+        self.pending = list(refs)
+        while self.pending:
+            # a timeout, so that SIGTERM / Ctrl-C reach this (main) thread's handlers within a second
+            ready, self.pending = ray.wait(self.pending, num_returns=1, timeout=1.0)
+            for ref in ready:
+                try:
+                    res = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # the task raised past _run_one (a BaseException)
+                    cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                    res = _failed(refs[ref], f"{type(cause).__name__}: {cause}")
+                except ray.exceptions.RayError as exc:  # its worker died more than max_retries times, or lost
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    res = _failed(refs[ref], f"{type(exc).__name__} after {self.max_retries} retries: {first}")
+                yield res
+
+    def abort(self) -> None:
+        """Cancel the tasks still pending or running (their workers are killed), then stop an own instance."""
+        for ref in self.pending:
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - already finished or gone
+                pass
+        self.pending = []
+        self.close()
+
+    def close(self) -> None:
+        if self.owns:
+            self.ray.shutdown()
+            self.owns = False
