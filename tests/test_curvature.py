@@ -153,6 +153,46 @@ def test_generic_path_per_block_gradients_and_its_flat_fallback():
     assert op._blocks_checked is False  # detected, and the flat path used
 
 
+class _Pairable(BayesianNet):
+    """A small tanh network over its Layout whose ``forward`` broadcasts inputs ``[B, 1, d]`` against weights
+    ``[B, p]`` (paired inputs), with a Gaussian likelihood."""
+
+    likelihood = "gaussian"
+    noise_scale = 0.5
+
+    def __init__(self):
+        self.layout = Layout([("w1", (4, 3)), ("b1", (4,)), ("w2", (2, 4))])
+
+    @property
+    def num_outputs(self) -> int:
+        return 2
+
+    def forward(self, w, x):
+        P = self.layout.unflatten(w)
+        h = torch.tanh(torch.matmul(x, P["w1"].transpose(-1, -2)) + P["b1"].unsqueeze(-2))
+        return torch.matmul(h, P["w2"].transpose(-1, -2))
+
+    def config(self):
+        return {"type": "_Pairable"}
+
+    def prior_scales(self):
+        return torch.ones(self.layout.size, dtype=D)
+
+
+def test_paired_inputs_give_per_example_gradients_in_one_pass():
+    net = _Pairable()
+    w = torch.randn(net.layout.size, generator=torch.Generator().manual_seed(8), dtype=D)
+    X = torch.randn(7, 3, generator=torch.Generator().manual_seed(9), dtype=D)
+    op = GGN(net, w, X)
+    G = _reference(net, w, X)
+    assert torch.allclose(op.diagonal(), G.diagonal(), atol=1e-12) and torch.allclose(op.dense(), G, atol=1e-12)
+    assert op._paired_checked
+    tf, wt, Xt, _ = _transformer_case()
+    op = GGN(tf, wt, Xt)
+    op.diagonal()
+    assert op._paired_checked is False  # its forward takes [N, T, F] inputs only: the vmap-over-vjp path
+
+
 def test_float32_follows_w():
     net, w, X, _ = _mlp_case()
     op = GGN(net, w.float(), X)
