@@ -122,7 +122,9 @@ def plot_ppc(idatas: Mapping[str, az.InferenceData], path: str | os.PathLike, ti
         if not discrete:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                az.plot_ppc(idata, ax=axes[0][j], num_pp_samples=50, legend=j == 0, textsize=style.FONT["small"])
+                n_pp = int(idata.posterior_predictive.sizes["chain"] * idata.posterior_predictive.sizes["draw"])
+                az.plot_ppc(idata, ax=axes[0][j], num_pp_samples=min(50, n_pp), legend=j == 0,
+                            textsize=style.FONT["small"])
             axes[0][j].set_title(textwrap.fill(name, 34), fontsize=style.FONT["small"])
             continue
         yobs = idata.observed_data["y"].values
@@ -165,8 +167,8 @@ def plot_khat(idatas: Mapping[str, az.InferenceData], path: str | os.PathLike, t
         kc = np.minimum(k, K_CLIP)  # a few huge k (broad posteriors) would flatten every other panel
         ax.scatter(np.arange(k.size), kc, s=4, c=np.where(k > 0.7, "C3", np.where(k > 0.5, "C1", "C0")))
         if (k > K_CLIP).any():
-            ax.text(0.02, 0.95, f"{(k > K_CLIP).sum()} points with k > {K_CLIP:g} drawn at {K_CLIP:g}",
-                    transform=ax.transAxes, fontsize=7, va="top")
+            ax.text(0.02, K_CLIP * 1.08, f"{(k > K_CLIP).sum()} points with k > {K_CLIP:g} drawn at {K_CLIP:g}",
+                    transform=ax.get_yaxis_transform(), fontsize=style.FONT["small"] - 1, va="bottom")
         for h, c in ((0.5, "C1"), (0.7, "C3")):
             ax.axhline(h, color=c, lw=0.8, ls="--")
         try:
@@ -178,6 +180,6 @@ def plot_khat(idatas: Mapping[str, az.InferenceData], path: str | os.PathLike, t
                      fontsize=style.FONT["small"])
         ax.set_xlabel("observation")
         ax.set_ylabel("PSIS-LOO Pareto k")
-        ax.set_ylim(min(-0.05, float(np.nanmin(kc)) - 0.05), K_CLIP * 1.05)
+        ax.set_ylim(min(-0.05, float(np.nanmin(kc)) - 0.05), K_CLIP * 1.2)  # room above the clip line for the note
     fig.suptitle(title or "Pareto k diagnostics")
     return _save(fig, path)
