@@ -48,12 +48,12 @@ CROSS_METHODS = ("kd", "kd_laplace", "labels")
 EXTRACTION_SOURCES = ("gaussian", "other", "active", "labels")
 
 _FIT = {"guide": "diag", "rank": 10, "map_steps": 1000, "steps": 300, "lr": 5e-3, "map_lr": 1e-2,
-        "num_particles": 4, "batch_size": 256}
+        "num_particles": 4, "batch_size": 256, "elbo_eval_particles": 8}
 
 DEFAULTS: dict[str, Any] = {
     "tasks": list(TASKS),
     "data": {"test_size": 0.2, "split_seed": 0, "dtype": "float32",
-             "fashion_dir": "", "fashion_max_train": 3000, "fashion_max_test": 2000},
+             "fashion_dir": "", "fashion_max_train": 3000, "fashion_max_test": 1000},
     # per task: conv widths and dense widths of teacher and student (same kernels and pooling)
     "digits": {"teacher": {"channels": [8, 16], "dense": [32, 10]}, "student": {"channels": [4, 8], "dense": [16, 10]},
                "mlp_hidden": [32]},
@@ -68,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "crossarch": {"methods": list(CROSS_METHODS), "gamma": 0.5, "temperature": 2.0, "laplace": "lowrank", "rank": 10,
                   "lr": 1e-2},
     "extraction": {"budgets": [250, 1000, 4000], "sources": list(EXTRACTION_SOURCES), "rounds": 4, "pool_factor": 10,
-                   "pool_size": 6000, "steps": 800, "lr": 1e-2, "batch_size": 256, "oracle_samples": 20},
+                   "pool_size": 6000, "steps": 800, "lr": 1e-2, "batch_size": 256, "oracle_samples": 10},
     "eval": {"samples": 100},
 }
 
@@ -107,7 +107,7 @@ def _check(cfg: dict[str, Any]) -> None:
 def _vi(fc: dict[str, Any], seed: int) -> dict[str, Any]:
     return {"guide": fc["guide"], "rank": fc["rank"], "steps": fc["steps"], "map_steps": fc["map_steps"],
             "lr": fc["lr"], "map_lr": fc["map_lr"], "num_particles": fc["num_particles"],
-            "batch_size": fc["batch_size"] or None, "seed": seed}
+            "batch_size": fc["batch_size"] or None, "seed": seed, "elbo_eval_particles": fc["elbo_eval_particles"]}
 
 
 def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
@@ -201,7 +201,8 @@ def _run_task(task: str, ds: Dataset, shape: tuple[int, int], cfg: dict[str, Any
     pairs.append(("cnn->mlp", teacher, tq, mlp, tp_test))
     for name, tnet, tqq, snet, t_test in pairs:
         setting = f"{task} {name}"
-        t_train = teacher_predictive(tnet, tqq, X, "flat", shape, num_samples=S, seed=seed)
+        t_train = tp_train if tnet is teacher else teacher_predictive(tnet, tqq, X, "flat", shape, num_samples=S,
+                                                                        seed=seed)
         kd_kw = {"gamma": cc["gamma"], "temperature": cc["temperature"], "image_shape": shape, "fmt": "flat",
                  "teacher_probs": t_train, "steps": budget, "lr": cc["lr"], "seed": seed, "batch_size": bs}
         w_kd = None
