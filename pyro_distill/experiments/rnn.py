@@ -17,7 +17,14 @@ Per task (``dates``: attention matters; ``digit_sum``: it matters little) and se
 Optional controls: ``vi_conditioned_prior_tempered`` (as 1, the prior's covariance multiplied by
 ``student.prior_temperature``), ``vi_marginal_prior`` (as 1 with the teacher's plain marginal over the
 kept coordinates: no conditioning shift, the copied mean) and ``deterministic_attention`` (the teacher's
-architecture trained like 4: the same-budget answer to "does attention matter on this task?").
+architecture trained like 4: the same-budget answer to "does attention matter on this task?") and
+``reduced_posterior`` (issue 13, Bayesian model reduction: SVI from the conditioned teacher posterior, mean and
+covariance, under the student's own fan-in prior; the Savage-Dickey log evidence change of removing the attention
+is the row's ``log_evidence_change``).
+
+``student.fractions`` (default ``[1.0]``): the students train on a seeded random fraction of the teacher's
+training sequences (1 = the same data, the setting name is the task's; otherwise ``"<task> frac=<f>"``); the
+teacher always sees all of them.
 
 Curves: validation token NLL and exact match at the mean weights every ``eval.every`` steps, step 0
 included (does the conditioned / copied student start lower?). Final metrics on the test split:
@@ -35,6 +42,7 @@ from typing import Any
 import torch
 
 from ..data.sequences import PAD, SeqTask, exact_match, sequence_task, token_accuracy
+from ..distill import reduced_posterior
 from ..gaussian import Gaussian
 from ..inference import fit_map, fit_posterior
 from ..nets.attention_rnn import AttentionRNN
@@ -44,7 +52,7 @@ from .core import SeedContext, register_kind
 __all__ = ["DEFAULTS", "METHODS", "run_seed", "evaluate_seq", "make_figures"]
 
 METHODS = ("vi_conditioned_prior", "vi_standard_prior", "teacher_init", "deterministic", "kd",
-           "vi_conditioned_prior_tempered", "vi_marginal_prior", "deterministic_attention")
+           "vi_conditioned_prior_tempered", "vi_marginal_prior", "deterministic_attention", "reduced_posterior")
 
 DEFAULTS: dict[str, Any] = {
     "tasks": ["dates", "digit_sum"],
@@ -59,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "teacher": {"map_steps": 800, "steps": 400, "lr": 1e-3, "factor_lr": 1e-4, "map_lr": 1e-2, "num_particles": 1,
                 "rank": 10},
     "student": {"steps": 800, "lr": 1e-2, "svi_lr": 1e-2, "factor_lr": 1e-3, "num_particles": 1, "rank": 10,
-                "prior_temperature": 100.0, "tempered_start": "prior"},
+                "prior_temperature": 100.0, "tempered_start": "prior", "fractions": [1.0]},
     "kd": {"gamma": 0.5, "temperature": 2.0, "teacher_samples": 8},
     "eval": {"every": 100, "samples": 8},
 }
@@ -198,67 +206,90 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
     keep = op.keep(teacher)
     w_copy = q_t.loc[keep].clone()
 
-    def curve_cb(method: str, net: AttentionRNN):
+    def curve_cb(method: str, net: AttentionRNN, where: str = setting):
         def cb(step: int, w: torch.Tensor) -> None:
             if step % every and step != 0:
                 return
             wl = w.loc if isinstance(w, Gaussian) else w
-            ctx.curve(setting, method, step, "val_nll_tok", _point_nll(net, wl, Xv, yv))
-            ctx.curve(setting, method, step, "val_exact_match", float(exact_match(net.decode(wl, Xv), yv)))
+            ctx.curve(where, method, step, "val_nll_tok", _point_nll(net, wl, Xv, yv))
+            ctx.curve(where, method, step, "val_exact_match", float(exact_match(net.decode(wl, Xv), yv)))
         return cb
 
     gs = torch.Generator().manual_seed(20_000 + seed)
     w_rand = student.init_weights(gs, dtype)
     kd_probs = None
-    for method in cfg["methods"]:
-        net = teacher if method == "deterministic_attention" else student
-        cb = curve_cb(method, net)
-        t0 = time.perf_counter()
-        pc = None  # the prior a VI student is fitted under (None: the default)
-        if method in ("vi_conditioned_prior", "vi_conditioned_prior_tempered", "vi_marginal_prior"):
-            pc = {"vi_conditioned_prior": prior_c,
-                  "vi_conditioned_prior_tempered": prior_c.tempered(S["prior_temperature"]),
-                  "vi_marginal_prior": q_t.marginalize(keep)}[method]
-            pc.layout = student.layout
-            # q starts at its prior; with tempered_start = "conditioned" the tempered student starts at the
-            # untempered conditional instead (the teacher's own, much smaller, covariance)
-            start = prior_c if (method == "vi_conditioned_prior_tempered"
-                                and S["tempered_start"] == "conditioned") else pc
-            cb(0, start.loc)
-            q, _ = fit_posterior(student, X, y, guide="lowrank", prior=pc, init=start, steps=S["steps"],
-                                 lr=S["svi_lr"], factor_lr=S["factor_lr"], num_particles=S["num_particles"],
-                                 batch_size=B, seed=seed,
-                                 dtype=dtype, callback=lambda s, qq, cb=cb: cb(s, qq), eval_every=every,
-                                 elbo_eval_particles=2)
-        elif method == "vi_standard_prior":
-            start = w_rand
-            cb(0, start)
-            q, _ = fit_posterior(student, X, y, guide="lowrank", init=w_rand, map_steps=0, cov_init="prior",
-                                 rank=S["rank"], steps=S["steps"], lr=S["svi_lr"], factor_lr=S["factor_lr"],
-                                 num_particles=S["num_particles"],
-                                 batch_size=B, seed=seed, dtype=dtype, callback=lambda s, qq, cb=cb: cb(s, qq),
-                                 eval_every=every, elbo_eval_particles=2)
-        elif method in ("teacher_init", "deterministic", "deterministic_attention"):
-            start = {"teacher_init": w_copy, "deterministic": w_rand, "deterministic_attention": w0}[method]
-            cb(0, start)
-            q, _ = fit_map(net, X, y, init=start, steps=S["steps"], lr=S["lr"], batch_size=B, seed=seed,
-                           callback=cb, eval_every=every)
-        else:  # kd
-            if kd_probs is None:
-                kd_probs = _predictive_probs(teacher, q_t, X, cfg["kd"]["teacher_samples"], seed)
-            cb(0, w_rand)
-            q = _kd_fit(student, X, y, kd_probs, w_rand, S["steps"], S["lr"], B, cfg["kd"]["gamma"],
-                        cfg["kd"]["temperature"], seed, cb)
-        fit_s = time.perf_counter() - t0
-        res = evaluate_seq(net, q, Xte, yte, E["samples"], seed)
-        v0 = _point_nll(net, start.loc if isinstance(start, Gaussian) else start, Xv, yv)
-        ctx.record({"setting": setting, "method": method, **res, "p": net.num_params, "val_nll_start": v0,
-                    "fit_s": fit_s})
-        ctx.log(f"{setting}: {method} {res} start val NLL {v0:.3f} ({fit_s:.0f} s)")
-        if cfg["save_models"] and isinstance(q, Gaussian):
-            ctx.save_model(f"{setting}-{method}", net, q, {"task": setting, "role": method,
-                                                                 "surgery": op.to_dict()},
-                           data=(X, y), prior=pc, idata_draws=cfg["idata_draws"])
+    fractions = S["fractions"]
+    if any(not 0 < f <= 1 for f in fractions):
+        raise ValueError(f"student.fractions must lie in (0, 1], got {fractions}")
+    for frac in fractions:
+        # the students' training data: a seeded random fraction of the teacher's (1: the same data)
+        idx = None if frac == 1 else torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[
+            : max(1, round(frac * len(X)))].sort().values
+        Xs, ys = (X, y) if idx is None else (X[idx], y[idx])
+        fsetting = setting if frac == 1 else f"{setting} frac={frac:g}"
+        for method in cfg["methods"]:
+            net = teacher if method == "deterministic_attention" else student
+            cb = curve_cb(method, net, fsetting)
+            t0 = time.perf_counter()
+            pc = None  # the prior a VI student is fitted under (None: the default)
+            extra: dict[str, Any] = {}
+            if method in ("vi_conditioned_prior", "vi_conditioned_prior_tempered", "vi_marginal_prior"):
+                pc = {"vi_conditioned_prior": prior_c,
+                      "vi_conditioned_prior_tempered": prior_c.tempered(S["prior_temperature"]),
+                      "vi_marginal_prior": q_t.marginalize(keep)}[method]
+                pc.layout = student.layout
+                # q starts at its prior; with tempered_start = "conditioned" the tempered student starts at the
+                # untempered conditional instead (the teacher's own, much smaller, covariance)
+                start = prior_c if (method == "vi_conditioned_prior_tempered"
+                                    and S["tempered_start"] == "conditioned") else pc
+                cb(0, start.loc)
+                q, _ = fit_posterior(student, Xs, ys, guide="lowrank", prior=pc, init=start, steps=S["steps"],
+                                     lr=S["svi_lr"], factor_lr=S["factor_lr"], num_particles=S["num_particles"],
+                                     batch_size=B, seed=seed,
+                                     dtype=dtype, callback=lambda s, qq, cb=cb: cb(s, qq), eval_every=every,
+                                     elbo_eval_particles=2)
+            elif method == "vi_standard_prior":
+                start = w_rand
+                cb(0, start)
+                q, _ = fit_posterior(student, Xs, ys, guide="lowrank", init=w_rand, map_steps=0, cov_init="prior",
+                                     rank=S["rank"], steps=S["steps"], lr=S["svi_lr"], factor_lr=S["factor_lr"],
+                                     num_particles=S["num_particles"],
+                                     batch_size=B, seed=seed, dtype=dtype, callback=lambda s, qq, cb=cb: cb(s, qq),
+                                     eval_every=every, elbo_eval_particles=2)
+            elif method in ("teacher_init", "deterministic", "deterministic_attention"):
+                start = {"teacher_init": w_copy, "deterministic": w_rand, "deterministic_attention": w0}[method]
+                cb(0, start)
+                q, _ = fit_map(net, Xs, ys, init=start, steps=S["steps"], lr=S["lr"], batch_size=B, seed=seed,
+                               callback=cb, eval_every=every)
+            elif method == "reduced_posterior":
+                # Bayesian model reduction: the conditioned teacher posterior as the start, the student's own
+                # fan-in prior as the prior (pc stays None)
+                start = prior_c
+                cb(0, start.loc)
+                red = reduced_posterior(teacher, q_t, student, Xs, ys, ops=[op], guide="lowrank", steps=S["steps"],
+                                        lr=S["svi_lr"], factor_lr=S["factor_lr"], num_particles=S["num_particles"],
+                                        batch_size=B, seed=seed, dtype=dtype,
+                                        callback=lambda s, qq, cb=cb: cb(s, qq), eval_every=every,
+                                        elbo_eval_particles=2)
+                q = red.posterior
+                extra = {"log_evidence_change": red.info["log_evidence_change"]}
+            else:  # kd
+                if kd_probs is None:
+                    kd_probs = _predictive_probs(teacher, q_t, X, cfg["kd"]["teacher_samples"], seed)
+                kd_sub = kd_probs if idx is None else kd_probs[idx]
+                cb(0, w_rand)
+                q = _kd_fit(student, Xs, ys, kd_sub, w_rand, S["steps"], S["lr"], B, cfg["kd"]["gamma"],
+                            cfg["kd"]["temperature"], seed, cb)
+            fit_s = time.perf_counter() - t0
+            res = evaluate_seq(net, q, Xte, yte, E["samples"], seed)
+            v0 = _point_nll(net, start.loc if isinstance(start, Gaussian) else start, Xv, yv)
+            ctx.record({"setting": fsetting, "method": method, "fraction": float(frac), "n_train": len(Xs), **res,
+                        "p": net.num_params, "val_nll_start": v0, "fit_s": fit_s} | extra)
+            ctx.log(f"{fsetting}: {method} {res} start val NLL {v0:.3f} ({fit_s:.0f} s)")
+            if cfg["save_models"] and isinstance(q, Gaussian):
+                ctx.save_model(f"{fsetting.replace(' ', '-')}-{method}", net, q,
+                               {"task": setting, "role": method, "surgery": op.to_dict(), "fraction": float(frac)},
+                               data=(Xs, ys), prior=pc, idata_draws=cfg["idata_draws"])
 
 
 register_kind("rnn_attention", DEFAULTS, run_seed)
