@@ -282,23 +282,31 @@ class GGN:
             self._paired_checked = ok
         return self._paired_checked
 
-    def _paired_rows(self, sl: slice) -> torch.Tensor:
-        """Per-example sqrt-factor gradients from one paired forward pass and one backward pass per (group,
-        factor column): ``[B * groups * K, p]`` in the same (example, group, column) order as the other paths."""
+    def _paired_grads(self, sl: slice) -> Iterator[tuple[int, int, tuple[torch.Tensor, ...]]]:
+        """Per-example sqrt-factor gradients from one paired forward pass and one backward pass per (group g,
+        factor column c): yields ``(g, c, per-block gradients [B, *block])``."""
         with torch.enable_grad():
             out, leaves = self._paired_forward(self.X[sl])
             B = out.shape[0]
             R = self._sqrt(out.detach(), self._mask(sl)).reshape(B, self.groups, self.C, -1)
             nc = R.shape[-1]
             out_g = out.reshape(B, self.groups, self.C)
-            rows = torch.empty(B, self.groups, nc, self.p, dtype=self.dtype, device=self.device)
             for g in range(self.groups):
                 for c in range(nc):
                     cot = torch.zeros_like(out_g)
                     cot[:, g] = R[:, g, :, c]
                     last = g == self.groups - 1 and c == nc - 1
-                    grads = torch.autograd.grad(out_g, leaves, cot, retain_graph=not last)
-                    rows[:, g, c] = torch.cat([t.reshape(B, -1) for t in grads], -1)
+                    yield g, c, torch.autograd.grad(out_g, leaves, cot, retain_graph=not last)
+
+    def _paired_rows(self, sl: slice) -> torch.Tensor:
+        """:meth:`_paired_grads` as rows ``[B * groups * K, p]`` in (example, group, column) order."""
+        rows = None
+        for g, c, grads in self._paired_grads(sl):
+            if rows is None:
+                B = grads[0].shape[0]
+                nc = self._sqrt(torch.zeros(1, self.C, dtype=self.dtype, device=self.device), None).shape[-1]
+                rows = torch.empty(B, self.groups, nc, self.p, dtype=self.dtype, device=self.device)
+            torch.cat([t.reshape(t.shape[0], -1) for t in grads], -1, out=rows[:, g, c])
         return rows.reshape(-1, self.p)
 
     def _sqrt_mlp(self, sl: slice) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -377,6 +385,14 @@ class GGN:
                 d += _mlp_diag(self.net, self.w, self.X[sl], lambda out: self._sqrt(out, None))
             return d
         d = torch.zeros(self.p, dtype=self.dtype, device=self.device)
+        if self._paired_ok():  # square per block as the gradients come, without a row matrix
+            dP = self.net.layout.unflatten(d)  # views into d
+            B = max(1, min(self.N, _BUDGET // max(1, self.p)))
+            for sl in self._slices(B):
+                for _, _, grads in self._paired_grads(sl):
+                    for name, t in zip(self.net.layout.names, grads):
+                        dP[name] += t.square().sum(0)
+            return d
         for rows in self._factor_rows(_BUDGET // self.p):
             d += rows.square().sum(0)
         return d
