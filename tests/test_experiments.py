@@ -158,7 +158,9 @@ def test_mlp_kind_runs_every_method_and_figures(tmp_path):
 
     idata = load_idata(run_models / "both-f0.5-teacher_prior-tau=10-seed0")
     n_half = next(r["n_train"] for r in rows if r["setting"] == "both frac=0.5")  # the stratified half
-    assert idata.posterior.sizes["draw"] == 40 and idata.attrs["num_observations"] == n_half < 80
+    # 40 independent draws of q, split into 4 chains x 10 for ArviZ (diagnostics.chain_split)
+    assert (idata.posterior.sizes["chain"], idata.posterior.sizes["draw"]) == (4, 10)
+    assert idata.attrs["num_observations"] == n_half < 80
     assert load_idata(run_models / "teacher-seed0").attrs["num_observations"] == 80
     net, q, card = load_model(tmp_path / "models" / models[0] / "teacher-seed0")
     assert net.sizes == [4, 6, 6, 3] and card["seed"] == 0
