@@ -34,7 +34,7 @@ import torch
 from .arrays import as_data, as_tensor
 from .baselines import knowledge_distillation
 from .gaussian import Gaussian
-from .inference import FitHistory, _lowrank_laplace, _precision_diagonal
+from .inference import FitHistory, laplace
 from .nets.base import BayesianNet
 from .predictions import predictive
 
@@ -229,13 +229,8 @@ def kd_laplace(teacher: BayesianNet, teacher_q: Gaussian | torch.Tensor, student
     w = w_kd.to(dtype)
     pr = (prior if prior is not None else student.default_prior(dtype, Xs.device)).to(Xs.device, dtype)
     op = KDGGN(student, w, Xs, gamma=gamma, temperature=temperature)
-    d = 1.0 / (op.diagonal().clamp_min(0) + _precision_diagonal(pr).to(w))
-    meta = {"source": f"kd-laplace-{kind}", "gamma": gamma, "temperature": temperature}
-    if kind == "diag":
-        from .gaussian import DiagGaussian
-
-        q = DiagGaussian(w.clone(), d.sqrt(), layout=student.layout, meta=meta)
-    else:
-        q = _lowrank_laplace(op, pr, w, d, rank, int(kd_kwargs.get("seed", 0)), student, meta)
-    hist.info["laplace"] = {"kind": kind, "rank": rank if kind == "lowrank" else 0}
+    q = laplace(student, Xs, w, pr, kind=kind, rank=rank, seed=int(kd_kwargs.get("seed", 0)), ggn_op=op)
+    q.meta = dict(getattr(q, "meta", None) or {}) | {"source": f"kd-laplace-{kind}", "gamma": gamma,
+                                                      "temperature": temperature}
+    hist.info["laplace"] = {"kind": kind, "rank": rank if kind == "lowrank" else 0}  # through inference.laplace
     return q, hist
