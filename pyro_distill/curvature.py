@@ -344,12 +344,24 @@ class GGN:
         network that reads ``w`` other than through ``layout.unflatten``; then the flat path is used."""
         if getattr(self, "_blocks_checked", None) is None:
             xb = self.X[:1]
-            try:
-                out, vjp_b = self._block_vjp(xb)
-                _, vjp_f = vjp(self._f(slice(0, 1)), self.w)
-                u = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-                u = u.to(dtype=out.dtype, device=out.device)
-                gb, gf = vjp_b(u), vjp_f(u)[0]
+            net2, lay = self._block_net()
+            names = self.net.layout.names
+            try:  # plain autograd here: the first torch.func call of a process costs seconds
+                with torch.enable_grad():
+                    parts = self.net.layout.unflatten(self.w)
+                    leaves = [parts[n].clone().requires_grad_(True) for n in names]
+                    lay.parts = dict(zip(names, leaves))
+                    try:
+                        out = net2.forward(self.w, xb)
+                    finally:
+                        lay.parts = None
+                    u = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+                    u = u.to(dtype=out.dtype, device=out.device)
+                    gb = torch.autograd.grad(out, leaves, u, allow_unused=True)
+                    gb = torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1)
+                                    for g, t in zip(gb, leaves)])
+                    wl = self.w.clone().requires_grad_(True)
+                    (gf,) = torch.autograd.grad(self.net.forward(wl, xb), wl, u)
                 ok = bool(torch.allclose(gb, gf, rtol=1e-4, atol=1e-6 * float(gf.abs().max()) + 1e-30))
             except Exception:  # noqa: BLE001 - any failure of the adapter means: use the flat path
                 ok = False
