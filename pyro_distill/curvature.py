@@ -81,8 +81,14 @@ class GGN:
 
     ``y`` only matters for sequence outputs with padding (AttentionRNN): target positions with the padding
     label contribute nothing; without ``y`` every position counts. ``noise_scale`` overrides the network's
-    Gaussian noise std. ``chunk`` is the number of examples per pass (default: from a ~128 MB budget).
+    Gaussian noise std. ``chunk`` is the number of examples per product pass (default: from a budget).
     Device and dtype follow ``w``; float inputs ``X`` are cast to ``w``'s dtype.
+
+    The sqrt-factor gradients behind :meth:`diagonal` and :meth:`dense` come, by family, from: the MLP's closed
+    form; a paired forward pass (when the family's ``forward`` evaluates ``x`` ``[B, 1, ...]`` against ``w``
+    ``[B, p]`` example by weight copy: one backward pass per factor column, probed once on two examples); or
+    ``vmap`` over ``vjp`` per chunk of a few examples. Where the family reads ``w`` only through
+    ``layout.unflatten`` (checked once) gradients are taken per Layout block.
 
     >>> G = GGN(net, w_map, X)                              # doctest: +SKIP
     >>> G.mv(v); G.mm(V); G.diagonal(); G.dense(); G.eigh_topk(50)   # doctest: +SKIP
