@@ -3,8 +3,10 @@
 An experiment *kind* (MLP distillation, attention RNN, transformer, ...) registers itself with
 :func:`register_kind`: its full nested dict of allowed keys with defaults, and a function that runs one
 seed. The runner validates a TOML file against those defaults (an unknown key is an error naming the
-key and the allowed ones), resolves ``--quick`` overrides, runs every seed in its own process
-(spawn context, one torch thread each) and writes, atomically::
+key and the allowed ones), resolves ``--quick`` overrides, runs every seed as one task of an *engine*
+(:class:`Engine`; ``engine = "local"``: spawned processes of this machine, one torch thread each; ``"ray"``: Ray
+tasks on a local instance or a cluster, :mod:`.ray_engine`) and writes, atomically, the same files whatever the
+engine (the tables rewritten as each seed finishes)::
 
     runs/NAME/<timestamp>/
         config.json          the resolved configuration (defaults + file + quick overrides)
@@ -72,6 +74,10 @@ __all__ = [
     "RESERVED_KEYS",
     "HEARTBEAT_S",
     "STALE_S",
+    "ENGINES",
+    "Engine",
+    "LocalEngine",
+    "make_engine",
 ]
 
 #: seconds between two heartbeats written into a running run's status.json
