@@ -14,7 +14,13 @@ the conditioned prior; the same student is then trained by
   (the student may have fewer heads, so maps are averaged over heads before matching);
 
 and ``conditioned_prior`` evaluates the conditioned prior itself, untrained. Every method gets the same
-number of optimizer steps (``map_steps + steps``). Figures: :func:`make_figures`.
+number of optimizer steps (``map_steps + steps``). Issue 13 adds ``vi_conditioned_evidence`` (as
+``vi_conditioned``, the prior's covariance times ``tau`` chosen by the student's Laplace evidence on its own
+training data, :func:`~pyro_distill.distill.evidence_temperature`; ``tau_chosen`` in the row) and
+``reduced_posterior`` (Bayesian model reduction: ``map_steps + steps`` SVI steps from the conditioned teacher
+posterior under the student's own fan-in prior; ``log_evidence_change`` in the row), and ``student.fractions``
+(default ``[1.0]``): the students train on a seeded, stratified fraction of the training split (setting
+``"<student> frac=<f>"`` below 1), the teacher on all of it. Figures: :func:`make_figures`.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 from .. import metrics
 from ..baselines import deterministic, knowledge_distillation, standard_prior
 from ..data.token_tasks import digits_sequences, match_task
+from ..distill import evidence_temperature, reduced_posterior
 from ..inference import fit_posterior
 from ..nets.transformer import Transformer
 from ..surgery import apply
@@ -36,7 +43,8 @@ from .core import SeedContext, register_kind
 
 __all__ = ["run_seed", "DEFAULTS", "tinybert", "make_figures"]
 
-METHODS = ("conditioned_prior", "vi_conditioned", "vi_standard", "deterministic", "kd", "tinybert")
+METHODS = ("conditioned_prior", "vi_conditioned", "vi_standard", "deterministic", "kd", "tinybert",
+           "vi_conditioned_evidence", "reduced_posterior")
 
 DEFAULTS: dict[str, Any] = {
     "task": "digits",           # "digits" (8 rows x 8 pixels) or "match" (marked-token matching)
@@ -47,13 +55,13 @@ DEFAULTS: dict[str, Any] = {
     # student name -> {"heads": [...], "ffn": [...]}
     "students": {},
     "selector": "evidence",
-    "methods": list(METHODS),
+    "methods": list(METHODS[:6]),
     "guide": "lowrank",
     "rank": 10,
     "batch_size": 128,
     "num_particles": 4,
     "teacher": {"map_steps": 1000, "steps": 400, "lr": 5e-3, "map_lr": 1e-2},
-    "student": {"map_steps": 600, "steps": 400, "lr": 5e-3, "map_lr": 1e-2},
+    "student": {"map_steps": 600, "steps": 400, "lr": 5e-3, "map_lr": 1e-2, "fractions": [1.0]},
     "kd": {"gamma": 0.5, "temperature": 2.0},
     "tinybert": {"beta_hidden": 1.0, "beta_attn": 1.0},
     "eval_samples": 100,
@@ -110,6 +118,19 @@ def tinybert(student: Transformer, X: torch.Tensor, y: torch.Tensor, teacher_fea
         if callback is not None and eval_every and (step + 1) % eval_every == 0:
             callback(step + 1, w.detach())
     return w.detach()
+
+
+def _stratified(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded, per-class ``fraction`` of the rows (at least one per class)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"student.fractions must lie in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for c in torch.unique(y):
+        members = (y == c).nonzero().reshape(-1)
+        k = max(1, round(fraction * members.numel()))
+        parts.append(members[torch.randperm(members.numel(), generator=g)[:k]])
+    return torch.cat(parts).sort().values
 
 
 def _teacher_block_map(plan) -> list[int]:
@@ -172,40 +193,69 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
         ctx.log(f"{name}: {plan}".replace("\n", " "))
         _, prior = apply(plan, teacher, q_t)
         prior = prior.to(dtype=X.dtype)
-        extra = {"plan": [repr(op) for op in plan]}
         methods = cfg["methods"]
-        if "conditioned_prior" in methods:
-            ev(student, prior.loc, name, "conditioned_prior", extra)
-        if "vi_conditioned" in methods:
-            q, _ = fit_posterior(student, X, y, prior=prior, init="prior", steps=sc["steps"], lr=sc["lr"],
-                                 map_steps=sc["map_steps"], map_lr=sc["map_lr"], seed=seed,
-                                 callback=curve_cb(student, name, "vi_conditioned"), eval_every=every, **fit_kw)
-            ev(student, q, name, "vi_conditioned", extra | {"kl_to_prior": float(q.kl(prior))})
-            if cfg["save_models"]:
-                ctx.save_model(f"transformer-{name}", student, q, {"plan": plan.to_dict()}, data=(X, y),
-                               prior=prior, idata_draws=cfg["idata_draws"])
-        if "vi_standard" in methods:
-            q, _ = standard_prior(student, X, y, steps=sc["steps"], lr=sc["lr"], map_steps=sc["map_steps"],
-                                  map_lr=sc["map_lr"], seed=seed, callback=curve_cb(student, name, "vi_standard"),
-                                  eval_every=every, **fit_kw)
-            ev(student, q, name, "vi_standard")
-        if "deterministic" in methods:
-            w, _ = deterministic(student, X, y, steps=budget, lr=sc["map_lr"], seed=seed,
-                                 batch_size=cfg["batch_size"], callback=curve_cb(student, name, "deterministic"),
-                                 eval_every=every)
-            ev(student, w, name, "deterministic")
-        if "kd" in methods:
-            w, _ = knowledge_distillation(student, X, y, tp_train, gamma=cfg["kd"]["gamma"],
-                                          temperature=cfg["kd"]["temperature"], steps=budget, lr=sc["map_lr"],
-                                          seed=seed, batch_size=cfg["batch_size"],
-                                          callback=curve_cb(student, name, "kd"), eval_every=every)
-            ev(student, w, name, "kd")
-        if "tinybert" in methods:
-            w = tinybert(student, X, y, tfeat, _teacher_block_map(plan), steps=budget, lr=sc["map_lr"],
-                         beta_hidden=cfg["tinybert"]["beta_hidden"], beta_attn=cfg["tinybert"]["beta_attn"],
-                         batch_size=cfg["batch_size"], seed=seed, callback=curve_cb(student, name, "tinybert"),
-                         eval_every=every)
-            ev(student, w, name, "tinybert")
+        for frac in sc["fractions"]:
+            # the students' training data: a seeded stratified fraction of the teacher's (1: the same data)
+            idx = None if frac == 1 else _stratified(y, frac, seed)
+            Xs, ys = (X, y) if idx is None else (X[idx], y[idx])
+            tp_sub = tp_train if idx is None else tp_train[idx]
+            tf_sub = tfeat if idx is None else {
+                "hidden": [h[idx] for h in tfeat["hidden"]],
+                "attn": [None if a is None else a[idx] for a in tfeat["attn"]]}
+            sname = name if frac == 1 else f"{name} frac={frac:g}"
+            fx = {"fraction": float(frac), "n_train": len(Xs)}
+            extra = {"plan": [repr(op) for op in plan]} | fx
+            if "conditioned_prior" in methods:
+                ev(student, prior.loc, sname, "conditioned_prior", extra)
+            if "vi_conditioned" in methods:
+                q, _ = fit_posterior(student, Xs, ys, prior=prior, init="prior", steps=sc["steps"], lr=sc["lr"],
+                                     map_steps=sc["map_steps"], map_lr=sc["map_lr"], seed=seed,
+                                     callback=curve_cb(student, sname, "vi_conditioned"), eval_every=every, **fit_kw)
+                ev(student, q, sname, "vi_conditioned", extra | {"kl_to_prior": float(q.kl(prior))})
+                if cfg["save_models"]:
+                    ctx.save_model(f"transformer-{sname.replace(' ', '-')}", student, q, {"plan": plan.to_dict()},
+                                   data=(Xs, ys), prior=prior, idata_draws=cfg["idata_draws"])
+            if "vi_conditioned_evidence" in methods:  # issue 13: tau chosen by the student's evidence on (Xs, ys)
+                tau, info = evidence_temperature(student, prior, Xs, ys, map_steps=sc["map_steps"],
+                                                 map_lr=sc["map_lr"], seed=seed, batch_size=cfg["batch_size"])
+                pt = prior.tempered(tau) if tau != 1 else prior
+                q, _ = fit_posterior(student, Xs, ys, prior=pt, init="prior", steps=sc["steps"], lr=sc["lr"],
+                                     map_steps=sc["map_steps"], map_lr=sc["map_lr"], seed=seed,
+                                     callback=curve_cb(student, sname, "vi_conditioned_evidence"), eval_every=every,
+                                     **fit_kw)
+                ev(student, q, sname, "vi_conditioned_evidence",
+                   extra | {"kl_to_prior": float(q.kl(pt)), "tau_chosen": tau, "log_evidence": info["log_evidence"],
+                            "log_evidence_tau1": info["log_evidence_tau1"], "tau_at_bound": int(info["at_bound"]),
+                            "evidence_structure": info["structure"]})
+            if "reduced_posterior" in methods:  # issue 13: conditioned posterior as the start, own fan-in prior
+                red = reduced_posterior(teacher, q_t, student, Xs, ys, ops=plan, guide=cfg["guide"],
+                                        steps=budget, lr=sc["lr"], seed=seed,
+                                        callback=curve_cb(student, sname, "reduced_posterior"), eval_every=every,
+                                        **{k: v for k, v in fit_kw.items() if k not in ("guide", "cov_init")})
+                ev(student, red.posterior, sname, "reduced_posterior",
+                   extra | {"log_evidence_change": red.info["log_evidence_change"]})
+            if "vi_standard" in methods:
+                q, _ = standard_prior(student, Xs, ys, steps=sc["steps"], lr=sc["lr"], map_steps=sc["map_steps"],
+                                      map_lr=sc["map_lr"], seed=seed, callback=curve_cb(student, sname, "vi_standard"),
+                                      eval_every=every, **fit_kw)
+                ev(student, q, sname, "vi_standard", fx)
+            if "deterministic" in methods:
+                w, _ = deterministic(student, Xs, ys, steps=budget, lr=sc["map_lr"], seed=seed,
+                                     batch_size=cfg["batch_size"], callback=curve_cb(student, sname, "deterministic"),
+                                     eval_every=every)
+                ev(student, w, sname, "deterministic", fx)
+            if "kd" in methods:
+                w, _ = knowledge_distillation(student, Xs, ys, tp_sub, gamma=cfg["kd"]["gamma"],
+                                              temperature=cfg["kd"]["temperature"], steps=budget, lr=sc["map_lr"],
+                                              seed=seed, batch_size=cfg["batch_size"],
+                                              callback=curve_cb(student, sname, "kd"), eval_every=every)
+                ev(student, w, sname, "kd", fx)
+            if "tinybert" in methods:
+                w = tinybert(student, Xs, ys, tf_sub, _teacher_block_map(plan), steps=budget, lr=sc["map_lr"],
+                             beta_hidden=cfg["tinybert"]["beta_hidden"], beta_attn=cfg["tinybert"]["beta_attn"],
+                             batch_size=cfg["batch_size"], seed=seed, callback=curve_cb(student, sname, "tinybert"),
+                             eval_every=every)
+                ev(student, w, sname, "tinybert", fx)
 
 
 register_kind("transformer", DEFAULTS, run_seed)
