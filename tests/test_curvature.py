@@ -189,8 +189,9 @@ def test_paired_inputs_give_per_example_gradients_in_one_pass():
     assert op._paired_checked
     tf, wt, Xt, _ = _transformer_case()
     op = GGN(tf, wt, Xt)
-    op.diagonal()
-    assert op._paired_checked is False  # its forward takes [N, T, F] inputs only: the vmap-over-vjp path
+    Gt = _reference(tf, wt, Xt)
+    assert torch.allclose(op.diagonal(), Gt.diagonal(), atol=1e-12)
+    assert op._paired_checked is (tf.embedding == "patch")  # patch inputs pair with weights; token ids do not
 
 
 def test_float32_follows_w():

@@ -163,9 +163,12 @@ class Transformer(BayesianNet):
 
     # ------------------------------------------------------------------ the function
     def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embedding input, valid-position mask [N, T]) with clear errors for wrong shapes."""
+        """(embedding input, valid-position mask [..., N, T]) with clear errors for wrong shapes.
+
+        Patch inputs may carry leading dims ``[..., N, T, F]`` that broadcast against the weights' (one input
+        set per weight vector: the curvature module's per-example products use this)."""
         if self.embedding == "patch":
-            if x.dim() != 3 or x.shape[-1] != self.input_dim:
+            if x.dim() < 3 or x.shape[-1] != self.input_dim:
                 raise ValueError(f"patch inputs must be [N, T, {self.input_dim}] (NaN rows = padding), "
                                  f"got {tuple(x.shape)}")
             mask = ~torch.isnan(x).any(-1)
@@ -184,24 +187,24 @@ class Transformer(BayesianNet):
         return (h - mu) / torch.sqrt(var + self.eps) * (1 + gain[..., None, None, :]) + bias[..., None, None, :]
 
     def _run(self, w: torch.Tensor, x: torch.Tensor, collect: bool = False):
-        T = x.shape[1]
-        if T > self.max_len:
-            raise ValueError(f"sequences have length {T} but max_len={self.max_len}; rebuild with a larger max_len")
         P = self.layout.unflatten(w)
         xin, mask = self._inputs(x)
+        T = mask.shape[-1]
+        if T > self.max_len:
+            raise ValueError(f"sequences have length {T} but max_len={self.max_len}; rebuild with a larger max_len")
         if self.embedding == "patch":
-            h = torch.einsum("ntf,...df->...ntd", xin.to(w.dtype), P["embed.weight"])
+            h = torch.einsum("...ntf,...df->...ntd", xin.to(w.dtype), P["embed.weight"])
             h = h + P["embed.bias"][..., None, None, :]
         else:
             h = P["embed.table"][..., xin, :]
         if self.pooling == "cls":
             cls = P["cls"][..., None, None, :].expand(*h.shape[:-2], 1, self.d_model)
             h = torch.cat([cls, h], -2)
-            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], -1)
+            mask = torch.cat([torch.ones_like(mask[..., :1]), mask], -1)
         if bool((~mask).all(-1).any()):
             raise ValueError("a sequence has no valid position (all padding); drop it or use pooling='cls'")
         h = h + P["pos"][..., None, : h.shape[-2], :]
-        keymask = ~mask[:, None, None, :]  # [N, 1, 1, T]: True = padded key
+        keymask = ~mask[..., :, None, None, :]  # [..., N, 1, 1, T]: True = padded key
         attn_maps: list[torch.Tensor | None] = []
         hidden: list[torch.Tensor] = [h]
         for b, (H, has_ffn) in enumerate(zip(self.heads, self.ffn)):
