@@ -677,8 +677,10 @@ def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os
         eng = make_engine(cfg["engine"], cfg["workers"], cfg["address"], echo=echo, **(engine_options or {}))
         from tqdm import tqdm
 
-        bar = tqdm(total=len(args), unit="task", desc=f"{cfg['name']} [{eng.name}]", disable=not echo,
-                   file=sys.stderr)
+        from ..inference import _auto_progress  # a bar only on a terminal, none in CI or when piped
+
+        bar = tqdm(total=len(args), unit="task", desc=f"{cfg['name']} [{eng.name}]",
+                   disable=not (echo and _auto_progress(None)), file=sys.stderr)
         for res in eng.results(args, started):
             # one result per seed: a seed reported twice (a task retried after its first result) keeps the last
             results[:] = [r for r in results if r["seed"] != res["seed"]] + [res]
