@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,18 @@ def _task(args: Task, sys_path: list[str]) -> dict[str, Any]:
     return res
 
 
+def _unwrapped(fn: Any, *args: Any, **kw: Any) -> Any:
+    """``fn(*args, **kw)``; an interrupt (SIGTERM's handler, Ctrl-C) raised inside Ray's compiled calls comes out
+    as a SystemError caused by it: re-raise the interrupt itself, so the run is marked with its real cause."""
+    try:
+        return fn(*args, **kw)
+    except SystemError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, BaseException) and not isinstance(cause, Exception):
+            raise cause from None
+        raise
+
+
 class RayEngine(Engine):
     """Seeds as Ray tasks (see the module docstring). ``workers``: CPUs of the local instance started when
     ``address`` is empty (ignored when joining a cluster: the cluster's CPUs bound the parallelism);
@@ -100,12 +114,20 @@ class RayEngine(Engine):
             kw["address"] = self.address
         else:
             kw["num_cpus"] = self.workers
+        # ray.init installs its own SIGTERM handler (it exits the driver): put the runner's back, so that SIGTERM
+        # marks the run interrupted and cancels the tasks, as with the local engine
+        sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None), signal.SIGINT) if s is not None]
+        saved = {s: signal.getsignal(s) for s in sigs} if threading.current_thread() is threading.main_thread() else {}
         try:
             ray.init(**kw)
         except ConnectionError as exc:
             raise ConfigError(f"could not join the Ray cluster at address {self.address!r}: {exc}; start one "
                               "with `ray start --head` (see README, Ray), or leave --address out for a local "
                               "instance") from None
+        finally:
+            for sig, handler in saved.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
         self.owns = True
         self.init_s = time.perf_counter() - t0
 
@@ -118,10 +140,10 @@ class RayEngine(Engine):
         self.pending = list(refs)
         while self.pending:
             # a timeout, so that SIGTERM / Ctrl-C reach this (main) thread's handlers within a second
-            ready, self.pending = ray.wait(self.pending, num_returns=1, timeout=1.0)
+            ready, self.pending = _unwrapped(ray.wait, self.pending, num_returns=1, timeout=1.0)
             for ref in ready:
                 try:
-                    res = ray.get(ref)
+                    res = _unwrapped(ray.get, ref)
                 except ray.exceptions.RayTaskError as exc:  # the task raised past _run_one (a BaseException)
                     cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                     res = _failed(refs[ref], f"{type(cause).__name__}: {cause}")
