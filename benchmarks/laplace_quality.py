@@ -25,7 +25,7 @@ from pyro_distill.evidence import optimize_prior
 from pyro_distill.inference import fit_map, laplace
 from pyro_distill.nets import MLP
 
-STRUCTURES = ("dense", "diag", "lowrank", "kron")
+STRUCTURES = ("dense", "diag", "lowrank", "lowrank_precision", "kron")
 
 
 def _split(seed: int):

@@ -17,11 +17,12 @@ __version__ = "0.1.0"
 
 #: submodules reachable as attributes (``pd.data``, ``pd.metrics``, ...)
 _SUBMODULES = ("data", "gaussian", "metrics", "nets", "surgery", "diagnostics", "baselines", "inference", "store",
-               "predictions")
+               "predictions", "curvature", "evidence", "crossarch", "extraction")
 #: public name -> the module that defines it
 _NAMES = {
     "DenseGaussian": ".gaussian", "DiagGaussian": ".gaussian", "Gaussian": ".gaussian",
-    "LowRankGaussian": ".gaussian", "KronGaussian": ".gaussian",
+    "LowRankGaussian": ".gaussian", "KronGaussian": ".gaussian", "LowRankPrecisionGaussian": ".gaussian",
+    "GGN": ".curvature", "reduced_posterior": ".distill",
     "fit_map": ".inference", "fit_posterior": ".inference", "laplace": ".inference", "predictive": ".predictions",
     "Layout": ".layout",
     "apply": ".surgery", "plan": ".surgery",
@@ -30,7 +31,7 @@ _NAMES = {
 __all__ = [
     "data", "gaussian", "metrics", "nets", "surgery", "Layout", "Gaussian", "DenseGaussian", "LowRankGaussian",
     "DiagGaussian", "fit_map", "fit_posterior", "laplace", "predictive", "distill", "plan", "apply", "__version__",
-    "KronGaussian",
+    "KronGaussian", "LowRankPrecisionGaussian", "GGN", "reduced_posterior", "curvature", "evidence", "predictions",
 ]
 
 
