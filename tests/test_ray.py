@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,48 @@ def test_nothing_imports_ray_unless_asked():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _sleepy_seed(cfg, seed, ctx):
+    ctx.seed_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.seed_dir / "pid").write_text(str(os.getpid()))
+    time.sleep(cfg["train"]["sleep"])
+
+
+register_kind("ray_sleepy", {"train": {"sleep": 120.0}}, _sleepy_seed)
+
+
+def test_sigterm_marks_a_ray_run_interrupted_and_kills_its_tasks(tmp_path):
+    """SIGTERM to the driver while both seeds sleep in Ray workers: the run is marked interrupted by SIGTERM, as a
+    local run is, and the workers running the seeds are gone (force-cancelled). Last in the file: it kills the
+    module's two warm workers."""
+    p = _toml(tmp_path, 'name = "slow"\nkind = "ray_sleepy"\nseeds = 2\nengine = "ray"\n')
+    pids: list[int] = []
+
+    def terminate_when_running() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(pids) < 2:
+            pids[:] = [int(t) for f in tmp_path.glob("runs/slow/*/seeds/seed*/pid") if (t := f.read_text())]
+            time.sleep(0.1)
+        if len(pids) == 2:  # only while the run (and so its SIGTERM handler) is live
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_running, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt, match="interrupted by received SIGTERM"):
+        run(p, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
+    assert len(pids) == 2
+    d = next((tmp_path / "runs" / "slow").iterdir())
+    s = run_state(d)
+    assert s["state"] == "interrupted" and s["interrupted_by"] == "received SIGTERM"
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(q) for q in pids):
+        time.sleep(0.2)
+    assert not [q for q in pids if _alive(q)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
