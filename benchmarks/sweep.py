@@ -222,8 +222,8 @@ def main() -> None:
             est = size_full(cfg, full, loc)
             cpu = est["cpu_s_per_seed"] * args.full_seeds
             print(f"full config (extrapolated from the quick cells, a low estimate): {est['cells']} cells per seed, "
-                  f"~{est['cpu_s_per_seed'] / 60:.0f} CPU-min per seed task; a {args.full_seeds}-seed sweep: "
-                  f"{args.full_seeds} tasks, ~{cpu / 3600:.2f} CPU-hours"
+                  f"~{est['cpu_s_per_seed'] / 60:.1f} CPU-min per seed task; a {args.full_seeds}-seed sweep: "
+                  f"{args.full_seeds} tasks, ~{cpu / 3600:.3f} CPU-hours"
                   + (f" (cells without a quick measurement left out: {est['unmeasured_cells']})"
                      if est["unmeasured_cells"] else ""))
     print(f"load after: {os.getloadavg()[0]:.2f}")
