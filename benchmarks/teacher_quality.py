@@ -52,7 +52,7 @@ def _evaluate(score, net, q, X, samples: int, seed: int) -> dict[str, dict[str, 
             for m in ("mc", "linearized")}
 
 
-def _family(name: str, quick: bool, seed: int) -> None:
+def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool) -> None:
     if name == "transformer":
         cfg = core.load_config(ROOT / "experiments" / "transformer.toml", quick=quick)
         from pyro_distill.experiments.transformer import _data
@@ -99,14 +99,19 @@ def _family(name: str, quick: bool, seed: int) -> None:
     print(f"evidence-tuned prior precisions (per layer, diagonal GGN): log evidence {info['log_evidence_start']:.1f}"
           f" -> {info['log_evidence']:.1f} in {t_ev:.1f}s")
     starts = {}
-    for pname, prior in (("fan-in", fan_in), ("evidence", tuned)):
-        t0 = time.perf_counter()
-        q_lap = laplace(net, X, w, prior, kind="lowrank", rank=rank, seed=seed, y=y)
-        t_lap = time.perf_counter() - t0
-        starts[pname] = q_lap
-        for m, r in _evaluate(score, net, q_lap, Xv, samples, seed).items():
-            rows.append((f"Laplace low-rank (rank {rank}), {pname} prior:{m}", r, t_lap))
-    for cov_init, start in (("laplace (evidence prior)", starts["evidence"]), ("prior", None)):
+    for kind in structures:
+        for pname, prior in (("fan-in", fan_in), ("evidence", tuned)):
+            t0 = time.perf_counter()
+            q_lap = laplace(net, X, w, prior, kind=kind, rank=rank, seed=seed, y=y)
+            t_lap = time.perf_counter() - t0
+            starts[kind, pname] = q_lap
+            label = f"Laplace {kind}" + (f" (rank {rank})" if kind == "lowrank" else "")
+            for m, r in _evaluate(score, net, q_lap, Xv, samples, seed).items():
+                rows.append((f"{label}, {pname} prior:{m}", r, t_lap))
+    if not svi:
+        _report(name, rows)
+        return
+    for cov_init, start in (("laplace (evidence prior)", starts["lowrank", "evidence"]), ("prior", None)):
         t0 = time.perf_counter()
         if start is not None:
             q, _ = fit_posterior(net, X, y, guide="lowrank", init=start, prior=tuned, rank=rank, seed=seed, **svi_kw)
@@ -124,12 +129,14 @@ def main() -> None:
     ap.add_argument("--families", default="transformer,rnn")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="the experiments' [quick] budgets")
+    ap.add_argument("--structures", default="lowrank", help="Laplace structures, e.g. lowrank,dense,diag")
+    ap.add_argument("--no-svi", action="store_true", help="skip the low-rank SVI refinements")
     a = ap.parse_args()
     torch.set_num_threads(1)
     print(f"load {os.getloadavg()[0]:.2f} at start, one torch thread")
     for seed in range(a.seeds):
         for fam in a.families.split(","):
-            _family(fam.strip(), a.quick, seed)
+            _family(fam.strip(), a.quick, seed, a.structures.split(","), not a.no_svi)
 
 
 if __name__ == "__main__":
