@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         apply_thread_policy(args.threads)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+    except (ValueError, OSError, KeyError) as exc:  # OSError: store.StorageError (full disk, read-only folder)
         print(f"pyro-distill {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
