@@ -150,8 +150,8 @@ idata_draws = 0
 def test_ray_and_local_engines_write_identical_metrics(tmp_path):
     """The digits MLP (tiny budget), 2 seeds, on the local engine and on Ray (2 CPUs), one torch thread per task:
     every metrics column but the wall times is equal exactly, and so are the learning curves and the saved
-    teachers. The local engine runs the seeds in this process (``workers = 1``: the same ``_run_one`` as its
-    pool workers, without two more process start-ups on a busy machine)."""
+    teachers. Both engines run each seed in a fresh worker process (``workers = 2``): a seed run inside the test
+    process could see state left by other test files in the same pytest worker (seen once under ``-n 2``)."""
     import torch
 
     from pyro_distill.store import load_model
@@ -159,7 +159,7 @@ def test_ray_and_local_engines_write_identical_metrics(tmp_path):
     p = _toml(tmp_path, DIGITS_TOML, "digits_tiny")
     assert torch.get_num_threads() == 1  # tests/conftest.py
     d_local = run(p, runs_root=tmp_path / "local", models_root=tmp_path / "mlocal", echo=False, engine="local",
-                  workers=1)
+                  workers=2)
     d_ray = run(p, runs_root=tmp_path / "ray", models_root=tmp_path / "mray", echo=False, engine="ray")
     local, remote = read_rows(d_local / "metrics.csv"), read_rows(d_ray / "metrics.csv")
     assert len(local) == 2 * (1 + 2 + 2) and {r["seed"] for r in local} == {0, 1}
