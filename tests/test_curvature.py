@@ -192,6 +192,10 @@ def test_paired_inputs_give_per_example_gradients_in_one_pass():
     Gt = _reference(tf, wt, Xt)
     assert torch.allclose(op.diagonal(), Gt.diagonal(), atol=1e-12)
     assert op._paired_checked is (tf.embedding == "patch")  # patch inputs pair with weights; token ids do not
+    rnn, wr, Xr, yr = _rnn_case()
+    op = GGN(rnn, wr, Xr, yr)
+    assert torch.allclose(op.diagonal(), _reference(rnn, wr, Xr, yr).diagonal(), atol=1e-12)
+    assert op._paired_checked  # packed token inputs [B, 1, L] pair with weight batches [B, p]
 
 
 def test_float32_follows_w():

@@ -148,14 +148,17 @@ class AttentionRNN(BayesianNet):
 
     # ------------------------------------------------------------------ pieces
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(source tokens ``[N, S]``, decoder input tokens ``[N, T]``) from the packed input."""
+        """(source tokens ``[N, S]``, decoder input tokens ``[N, T]``) from the packed input.
+
+        Leading dims ``[..., N, L]`` broadcast against the weights' (one input set per weight vector: the curvature
+        module's per-example products use this)."""
         if x.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"AttentionRNN inputs are token ids (long), got dtype {x.dtype}; "
                              "build them with pyro_distill.data.sequences")
-        if x.dim() != 2 or x.shape[-1] <= self.src_len:
+        if x.dim() < 2 or x.shape[-1] <= self.src_len:
             raise ValueError(f"packed input must be [N, src_len + T] with src_len={self.src_len} and T >= 1, "
                              f"got shape {tuple(x.shape)}")
-        return x[:, : self.src_len], x[:, self.src_len :]
+        return x[..., : self.src_len], x[..., self.src_len :]
 
     @staticmethod
     def _gru(gi: torch.Tensor, h: torch.Tensor, W_hh: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
@@ -170,9 +173,15 @@ class AttentionRNN(BayesianNet):
 
     @staticmethod
     def _embed(table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """``table [..., V, E]`` at ``tokens [N, L]`` -> ``[..., N, L, E]``."""
-        N, L = tokens.shape
-        return table[..., tokens.reshape(-1), :].reshape(*table.shape[:-2], N, L, table.shape[-1])
+        """``table [..., V, E]`` at ``tokens [N, L]`` -> ``[..., N, L, E]`` (tokens with leading dims are paired
+        with the table's: ``[B, N, L]`` against ``[B, V, E]``)."""
+        if tokens.dim() == 2:
+            N, L = tokens.shape
+            return table[..., tokens.reshape(-1), :].reshape(*table.shape[:-2], N, L, table.shape[-1])
+        batch = torch.broadcast_shapes(table.shape[:-2], tokens.shape[:-2])
+        N, L, E = tokens.shape[-2], tokens.shape[-1], table.shape[-1]
+        idx = tokens.expand(*batch, N, L).reshape(*batch, N * L, 1).expand(*batch, N * L, E)
+        return table.expand(*batch, *table.shape[-2:]).gather(-2, idx).reshape(*batch, N, L, E)
 
     def encode(self, parts: dict[str, torch.Tensor], src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                                    torch.Tensor]:
@@ -184,14 +193,14 @@ class AttentionRNN(BayesianNet):
         xe = self._embed(parts["src_emb"], src)
         gi = torch.matmul(xe, parts["enc.W_ih"].transpose(-1, -2).unsqueeze(-3)) + parts["enc.b_ih"][..., None, None, :]
         batch = gi.shape[:-3]
-        h = gi.new_zeros(*batch, src.shape[0], self.hidden)
+        h = gi.new_zeros(*batch, src.shape[-2], self.hidden)
         states = []
-        for j in range(src.shape[1]):
+        for j in range(src.shape[-1]):
             h = self._gru(gi[..., j, :], h, parts["enc.W_hh"], parts["enc.b_hh"])
             states.append(h)
         Hs = torch.stack(states, -2)
-        idx = (lengths - 1).view(-1, 1, 1).expand(-1, 1, self.hidden)
-        last = Hs.gather(-2, idx.expand(*batch, *idx.shape)).squeeze(-2)
+        idx = (lengths - 1)[..., None, None].expand(*lengths.shape, 1, self.hidden)
+        last = Hs.gather(-2, idx.expand(*batch, *idx.shape[-3:])).squeeze(-2)
         return Hs, mask, last
 
     def _weights(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -221,7 +230,7 @@ class AttentionRNN(BayesianNet):
         W_o = parts["out.weight"].transpose(-1, -2)
         b_o = parts["out.bias"].unsqueeze(-2)
         logits, attns, tokens = [], [], []
-        tok = torch.full((src.shape[0],), self.bos, dtype=torch.long, device=src.device)
+        tok = torch.full(src.shape[:-1], self.bos, dtype=torch.long, device=src.device)
         for t in range(steps):
             if self.uniform_context:
                 ctx, gc = ctx_fixed, gc_fixed
@@ -263,7 +272,7 @@ class AttentionRNN(BayesianNet):
     def forward(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits ``[..., N, T, Vt]`` for weights ``w [..., p]`` and packed input ``x``."""
         src, tgt_in = self.split(x)
-        return self._decode(w, src, tgt_in, tgt_in.shape[1])
+        return self._decode(w, src, tgt_in, tgt_in.shape[-1])
 
     def attention(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Teacher-forced attention weights ``[..., N, T, S]`` (uniform ``1/T_valid`` for the student)."""
