@@ -1392,54 +1392,61 @@ class KronGaussian(Gaussian):
 
 
 _KRON_PYRO: type | None = None
+_LRP_PYRO: type | None = None
+
+
+def _pyro_wrapper(name: str, what: str) -> type:
+    """A Pyro distribution class ``name`` (event shape ``[p]``) around one of this module's structures: draws,
+    log densities and entropy go through the structure itself, never a p x p matrix; KLs against it registered.
+    Built on first use (this module imports no Pyro); named so that it pickles (module ``__getattr__``)."""
+    from pyro.distributions import TorchDistribution
+
+    class _Wrapper(TorchDistribution):
+        arg_constraints: dict = {}
+        support = constraints.real_vector
+        has_rsample = True
+
+        def __init__(self, gaussian: Gaussian, validate_args: bool | None = False):
+            self.gaussian = gaussian
+            super().__init__(torch.Size(), torch.Size([gaussian.dim]), validate_args=validate_args)
+
+        @property
+        def mean(self) -> torch.Tensor:
+            return self.gaussian.loc
+
+        @property
+        def variance(self) -> torch.Tensor:
+            return self.gaussian.variance
+
+        def rsample(self, sample_shape=_EMPTY_SHAPE) -> torch.Tensor:  # noqa: ANN001
+            return self.gaussian.rsample(sample_shape)
+
+        def sample(self, sample_shape=_EMPTY_SHAPE) -> torch.Tensor:  # noqa: ANN001
+            return self.gaussian.sample(sample_shape)
+
+        def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+            return self.gaussian.log_prob(value)
+
+        def entropy(self) -> torch.Tensor:
+            return self.gaussian.entropy()
+
+        def __repr__(self) -> str:
+            return f"{type(self).__name__}({self.gaussian!r})"
+
+    _Wrapper.__name__ = _Wrapper.__qualname__ = name
+    _Wrapper.__module__ = __name__
+    _Wrapper.__doc__ = f"A :class:`{what}` as a Pyro distribution (event shape ``[p]``), without a p x p matrix."
+    register_kl(_Wrapper, Distribution)(lambda p, q: p.gaussian.kl(q))
+    register_kl(Distribution, _Wrapper)(lambda p, q: as_gaussian(p).kl(q.gaussian))
+    register_kl(_Wrapper, _Wrapper)(lambda p, q: p.gaussian.kl(q.gaussian))
+    return _Wrapper
 
 
 def _kron_pyro_class() -> type:
-    """The Pyro distribution class for :class:`KronGaussian` (built on first use: this module imports no Pyro)."""
+    """The Pyro distribution class for :class:`KronGaussian` (``KronMatrixNormal``)."""
     global _KRON_PYRO
     if _KRON_PYRO is None:
-        from pyro.distributions import TorchDistribution
-
-        class KronMatrixNormal(TorchDistribution):
-            """A :class:`KronGaussian` as a Pyro distribution (event shape ``[p]``): draws and log densities
-            go through the Kronecker factors, never a p x p matrix."""
-
-            arg_constraints: dict = {}
-            support = constraints.real_vector
-            has_rsample = True
-
-            def __init__(self, gaussian: KronGaussian, validate_args: bool | None = False):
-                self.gaussian = gaussian
-                super().__init__(torch.Size(), torch.Size([gaussian.dim]), validate_args=validate_args)
-
-            @property
-            def mean(self) -> torch.Tensor:
-                return self.gaussian.loc
-
-            @property
-            def variance(self) -> torch.Tensor:
-                return self.gaussian.variance
-
-            def rsample(self, sample_shape=_EMPTY_SHAPE) -> torch.Tensor:  # noqa: ANN001
-                return self.gaussian.rsample(sample_shape)
-
-            def sample(self, sample_shape=_EMPTY_SHAPE) -> torch.Tensor:  # noqa: ANN001
-                return self.gaussian.sample(sample_shape)
-
-            def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-                return self.gaussian.log_prob(value)
-
-            def entropy(self) -> torch.Tensor:
-                return self.gaussian.entropy()
-
-            def __repr__(self) -> str:
-                return f"KronMatrixNormal({self.gaussian!r})"
-
-        KronMatrixNormal.__module__, KronMatrixNormal.__qualname__ = __name__, "KronMatrixNormal"
-        register_kl(KronMatrixNormal, Distribution)(lambda p, q: p.gaussian.kl(q))
-        register_kl(Distribution, KronMatrixNormal)(lambda p, q: as_gaussian(p).kl(q.gaussian))
-        register_kl(KronMatrixNormal, KronMatrixNormal)(lambda p, q: p.gaussian.kl(q.gaussian))
-        _KRON_PYRO = KronMatrixNormal
+        _KRON_PYRO = _pyro_wrapper("KronMatrixNormal", "KronGaussian")
     return _KRON_PYRO
 
 
@@ -1658,56 +1665,11 @@ class LowRankPrecisionGaussian(Gaussian):
         return _lrp_pyro_class()(self)
 
 
-_LRP_PYRO: type | None = None
-
-
 def _lrp_pyro_class() -> type:
-    """The Pyro distribution class for :class:`LowRankPrecisionGaussian` (built on first use, like
-    ``KronMatrixNormal``: this module imports no Pyro)."""
+    """The Pyro distribution class for :class:`LowRankPrecisionGaussian` (``LowRankPrecisionNormal``)."""
     global _LRP_PYRO
     if _LRP_PYRO is None:
-        from pyro.distributions import TorchDistribution
-
-        class LowRankPrecisionNormal(TorchDistribution):
-            """A :class:`LowRankPrecisionGaussian` as a Pyro distribution (event shape ``[p]``): draws and log
-            densities go through the diagonal-plus-low-rank precision, never a p x p matrix."""
-
-            arg_constraints: dict = {}
-            support = constraints.real_vector
-            has_rsample = True
-
-            def __init__(self, gaussian: LowRankPrecisionGaussian, validate_args: bool | None = False):
-                self.gaussian = gaussian
-                super().__init__(torch.Size(), torch.Size([gaussian.dim]), validate_args=validate_args)
-
-            @property
-            def mean(self) -> torch.Tensor:
-                return self.gaussian.loc
-
-            @property
-            def variance(self) -> torch.Tensor:
-                return self.gaussian.variance
-
-            def rsample(self, sample_shape=_EMPTY_SHAPE) -> torch.Tensor:  # noqa: ANN001
-                return self.gaussian.rsample(sample_shape)
-
-            def sample(self, sample_shape=_EMPTY_SHAPE) -> torch.Tensor:  # noqa: ANN001
-                return self.gaussian.sample(sample_shape)
-
-            def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-                return self.gaussian.log_prob(value)
-
-            def entropy(self) -> torch.Tensor:
-                return self.gaussian.entropy()
-
-            def __repr__(self) -> str:
-                return f"LowRankPrecisionNormal({self.gaussian!r})"
-
-        LowRankPrecisionNormal.__module__, LowRankPrecisionNormal.__qualname__ = __name__, "LowRankPrecisionNormal"
-        register_kl(LowRankPrecisionNormal, Distribution)(lambda p, q: p.gaussian.kl(q))
-        register_kl(Distribution, LowRankPrecisionNormal)(lambda p, q: as_gaussian(p).kl(q.gaussian))
-        register_kl(LowRankPrecisionNormal, LowRankPrecisionNormal)(lambda p, q: p.gaussian.kl(q.gaussian))
-        _LRP_PYRO = LowRankPrecisionNormal
+        _LRP_PYRO = _pyro_wrapper("LowRankPrecisionNormal", "LowRankPrecisionGaussian")
     return _LRP_PYRO
 
 
