@@ -11,11 +11,11 @@ Cases (float32, weights drawn from the fan-in prior: the cost does not depend on
   (10,000), Lanczos (and ``--lobpcg``);
 * ``kfac``       -- KFAC factors, MLP [784,64,64,10] on ``--n-kfac`` random inputs (60,000).
 
-"old" is the jacrev implementation of ``inference.ggn`` before issue 11, copied here verbatim so the
-comparison survives its replacement. It is slow (84.8 s and 673 s for the two diagonals when the issue was
-filed), so by default it runs on the first ``--old-n`` rows (``--old-n-tf`` for the transformer) and its time
-is scaled linearly to the full data, marked ``~`` (its cost is linear in N over whole chunks, so at least one
-of its chunks runs: 414 rows for the transformer, 36 for the p=55k MLP); ``--old-full``
+"old" is the jacrev implementation ``inference.ggn`` (unchanged since before issue 11; kept in ``inference`` as
+the reference implementation that tests compare with). It is slow (84.8 s and 673 s for the two diagonals when
+the issue was filed), so by default it runs on the first ``--old-n`` rows (``--old-n-tf`` for the transformer)
+and its time is scaled linearly to the full data, marked ``~`` (its cost is linear in N over whole chunks, so at
+least one of its chunks runs: 414 rows for the transformer, 36 for the p=55k MLP); ``--old-full``
 runs it on everything. Peak memory: the resident-set high-water mark (Linux VmHWM, reset before each case via
 ``/proc/self/clear_refs``) minus the resident set before the case. ``--no-old`` skips the old code and
 compares with the issue's measurements instead (other load: indicative only). The load (``uptime``) is
@@ -50,44 +50,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from pyro_distill.curvature import GGN, kfac  # noqa: E402
+from pyro_distill.inference import ggn as inference_ggn  # noqa: E402
 from pyro_distill.nets import MLP, Transformer  # noqa: E402
 
 CASES = ("diag-mlp", "diag-tf", "dense", "topk", "kfac")
 
 
-# ============================================================================ the old implementation (verbatim)
-def _old_output_jacobian_chunks(net, w, X, chunk):
-    """Yield (outputs [B, C], jacobian [B, C, p]) over chunks of the data."""
-    from torch.func import jacrev
-
-    for a in range(0, X.shape[0], chunk):
-        xb = X[a : a + chunk]
-        out = net.forward(w, xb)
-        J = jacrev(lambda ww, xb=xb: net.forward(ww, xb))(w)
-        yield out.detach(), J.detach()
-
-
-def old_ggn(net, w: torch.Tensor, X: torch.Tensor, diag_only: bool = False, noise_scale=None) -> torch.Tensor:
-    """``inference.ggn`` as of commit 72be193 (before issue 11): full jacrev per chunk."""
-    p = w.shape[-1]
-    G = torch.zeros(p, dtype=w.dtype, device=w.device) if diag_only else torch.zeros(p, p, dtype=w.dtype,
-                                                                                       device=w.device)
-    C = net.num_outputs
-    chunk = max(1, int(2e7 // max(1, C * p)))
-    for out, J in _old_output_jacobian_chunks(net, w, X, chunk):
-        if net.likelihood == "categorical":
-            pi = torch.softmax(out, -1)
-            Jw = (pi.sqrt().unsqueeze(-1) * J).reshape(-1, p)
-            V = torch.einsum("bc,bcp->bp", pi, J)
-            if diag_only:
-                G += (Jw**2).sum(0) - (V**2).sum(0)
-            else:
-                G += Jw.T @ Jw - V.T @ V
-        else:
-            s2 = float(net.noise_scale if noise_scale is None else noise_scale) ** 2
-            Jf = J.reshape(-1, p)
-            G += ((Jf**2).sum(0) if diag_only else Jf.T @ Jf) / s2
-    return G
+# ============================================================================ the old implementation
+#: the jacrev GGN of ``inference`` before issue 11, kept there as the reference implementation (full Jacobians)
+old_ggn = inference_ggn
 
 
 # ============================================================================ measuring
