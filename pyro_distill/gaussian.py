@@ -1693,14 +1693,15 @@ _TMP_RE = re.compile(r"^\.(?P<name>.+)\.pd-(?P<pid>\d+)-[^/]*\.tmp$")
 _LEGACY_TMP_RE = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a writer of a temporary file, a run's driver)."""
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
@@ -1716,7 +1717,7 @@ def _clean_stale_tmp(path: Path) -> None:
         if not e.name.endswith(".tmp") or not e.is_file(follow_symlinks=False):
             continue
         m = _TMP_RE.match(e.name)
-        stale = (not _pid_alive(int(m["pid"]))) if m else bool(
+        stale = (not pid_alive(int(m["pid"]))) if m else bool(
             (lm := _LEGACY_TMP_RE.match(e.name)) and lm["name"] == path.name)
         if stale:
             try:

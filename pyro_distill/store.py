@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import gaussian as gmod
-from .gaussian import Gaussian
+from .gaussian import Gaussian, pid_alive
 from .nets.base import BayesianNet, net_from_config
 
 __all__ = ["save_model", "load_model", "atomic_write_text", "fingerprint", "check_writable", "clean_stale_temps",
@@ -139,7 +139,7 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         return removed
     for e in entries:
         m = _TMP_RE.match(e.name)
-        if not m or not e.is_file(follow_symlinks=False) or _pid_alive(int(m["pid"])):
+        if not m or not e.is_file(follow_symlinks=False) or pid_alive(int(m["pid"])):
             continue
         try:
             os.unlink(e.path)
@@ -147,18 +147,6 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
         except OSError:
             pass
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
 
 
 def fingerprint(path: str | os.PathLike) -> str:

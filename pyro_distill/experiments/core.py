@@ -57,7 +57,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from ..store import StorageError, atomic_write_text, check_writable, storage_error
+from ..store import StorageError, atomic_write_text, check_writable, pid_alive, storage_error
 
 __all__ = [
     "register_kind",
@@ -866,16 +866,6 @@ def summary_markdown(summary: list[dict[str, Any]], title: str = "", seeds: int 
     return "\n".join(lines) + "\n"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 def _age_s(iso: Any) -> float | None:
     try:
         t = datetime.fromisoformat(str(iso))
@@ -902,7 +892,7 @@ def run_state(run_dir: str | os.PathLike) -> dict[str, Any]:
         pid, host = s.get("pid"), s.get("host")
         age = _age_s(s.get("heartbeat") or s.get("started"))
         limit = max(STALE_S, 4 * float(s.get("heartbeat_s") or HEARTBEAT_S))
-        if isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid):
+        if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
             state, s["died_because"] = "died", f"its process {pid} on {host} is gone"
         elif age is not None and age > limit:
             state, s["died_because"] = "died", f"no heartbeat for {age:.0f} s (limit {limit:.0f} s)"
