@@ -52,7 +52,8 @@ def _evaluate(score, net, q, X, samples: int, seed: int) -> dict[str, dict[str, 
             for m in ("mc", "linearized")}
 
 
-def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool) -> None:
+def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
+            scales: list[float] = ()) -> None:
     if name == "transformer":
         cfg = core.load_config(ROOT / "experiments" / "transformer.toml", quick=quick)
         from pyro_distill.experiments.transformer import _data
@@ -108,6 +109,9 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool)
             label = f"Laplace {kind}" + (f" (rank {rank})" if kind == "lowrank" else "")
             for m, r in _evaluate(score, net, q_lap, Xv, samples, seed).items():
                 rows.append((f"{label}, {pname} prior:{m}", r, t_lap))
+            for c in scales if pname == "fan-in" else ():  # the covariance scaled by c (a "cold" posterior)
+                P = predictive(net, q_lap.tempered(c), Xv, method="linearized", num_samples=samples, seed=seed)
+                rows.append((f"{label} x {c:g}, {pname} prior:linearized", score(P), t_lap))
     if not svi:
         _report(name, rows)
         return
@@ -131,12 +135,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the experiments' [quick] budgets")
     ap.add_argument("--structures", default="lowrank", help="Laplace structures, e.g. lowrank,dense,diag")
     ap.add_argument("--no-svi", action="store_true", help="skip the low-rank SVI refinements")
+    ap.add_argument("--cov-scales", default="", help="also score each fan-in Laplace with its covariance x c, "
+                    "e.g. 0.3,0.1,0.03")
     a = ap.parse_args()
     torch.set_num_threads(1)
     print(f"load {os.getloadavg()[0]:.2f} at start, one torch thread")
     for seed in range(a.seeds):
         for fam in a.families.split(","):
-            _family(fam.strip(), a.quick, seed, a.structures.split(","), not a.no_svi)
+            scales = [float(c) for c in a.cov_scales.split(",") if c]
+            _family(fam.strip(), a.quick, seed, a.structures.split(","), not a.no_svi, scales)
 
 
 if __name__ == "__main__":
