@@ -49,8 +49,9 @@ import threading
 import time
 import tomllib
 import traceback
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing import get_context
@@ -78,6 +79,9 @@ __all__ = [
     "Engine",
     "LocalEngine",
     "make_engine",
+    "TaskSpec",
+    "TaskContext",
+    "run_task",
 ]
 
 #: seconds between two heartbeats written into a running run's status.json
@@ -108,25 +112,39 @@ class RunError(RuntimeError):
 class _Kind:
     name: str
     defaults: dict[str, Any]
-    run_seed: Callable[[dict, int, SeedContext], None]
+    run_seed: Callable[[dict, int, SeedContext], None] | None
     module: str
+    units: Any = None
 
 
 _KINDS: dict[str, _Kind] = {}
 
 
-def register_kind(name: str, defaults: dict[str, Any], run_seed: Callable[[dict, int, SeedContext], None]) -> None:
+def register_kind(name: str, defaults: dict[str, Any], run_seed: Callable[[dict, int, SeedContext], None] | None = None,
+                  units: Any = None) -> None:
     """Make experiment files with ``kind = name`` runnable.
 
     ``defaults`` is the full nested dict of allowed keys (tables are dicts) with their default values;
-    an EMPTY dict default is a free-form table (any keys). ``run_seed(cfg, seed, ctx)`` runs one seed of
-    the resolved config ``cfg`` and reports through ``ctx`` (:class:`SeedContext`). It must be a
-    module-level function: seeds run in spawned processes, which import ``run_seed.__module__``.
+    an EMPTY dict default is a free-form table (any keys). Either or both of:
+
+    * ``units``: the kind's task units (e.g. :class:`pyro_distill.experiments.protocol.Protocol`), an object with
+      ``teacher(cfg, seed, ctx) -> (payload, cells)`` (once per seed; ``cells`` have ``index`` >= 1 and ``name``)
+      and ``cell(cfg, cell, payload, ctx)`` (one student x setting x method); ``payload.part(cell)``, when defined,
+      is what one cell needs. The runner schedules the teachers first, then each seed's cells as soon as its
+      teacher is done, in parallel on its engine;
+    * ``run_seed(cfg, seed, ctx)``: one whole seed in one task (the compatibility path for kinds without units).
+
+    Both report through ``ctx`` (:class:`SeedContext`). They must be module-level objects: tasks run in spawned
+    processes, which import the module that registered the kind.
     """
     clash = set(defaults) & set(RESERVED_KEYS)
     if clash:
         raise ValueError(f"kind {name!r}: defaults may not redefine the reserved keys {sorted(clash)}")
-    _KINDS[name] = _Kind(name, copy.deepcopy(defaults), run_seed, run_seed.__module__)
+    if run_seed is None and units is None:
+        raise ValueError(f"kind {name!r}: register a run_seed function or task units")
+    # the module a spawned worker imports to find the kind: the run_seed's, else the caller's (it registers the kind)
+    module = run_seed.__module__ if run_seed is not None else sys._getframe(1).f_globals.get("__name__", "")
+    _KINDS[name] = _Kind(name, copy.deepcopy(defaults), run_seed, module, units)
 
 
 def kinds() -> dict[str, dict[str, Any]]:
@@ -267,13 +285,15 @@ def resolve_config(raw: dict[str, Any], quick: bool = False, source: str = "<con
     if not seed_list or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seed_list) or \
             len(set(seed_list)) != len(seed_list):
         raise ConfigError(f"{source}: 'seeds' must give at least one distinct non-negative integer, got {seeds!r}")
-    workers = top.get("workers", min(len(seed_list), os.cpu_count() or 1))
+    # a kind with task units runs a seed's cells in parallel: its workers are not bounded by the number of seeds
+    n_tasks_max = len(seed_list) if kind.units is None else 1 << 30
+    workers = top.get("workers", min(n_tasks_max, os.cpu_count() or 1))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"{source}: 'workers' must be a positive integer, got {workers!r}")
     engine, address = top.get("engine", "local"), top.get("address", "")
     _check_engine(engine, address, source)
     return {"name": name, "kind": kind.name, "description": top.get("description", ""), "seeds": seed_list,
-            "workers": min(workers, len(seed_list)), "quick": bool(quick), "engine": engine,
+            "workers": min(workers, n_tasks_max), "quick": bool(quick), "engine": engine,
             "address": address} | cfg
 
 
@@ -392,33 +412,113 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _run_one(kind_name: str, module: str, cfg: dict[str, Any], seed: int, run_dir: str, models_dir: str,
-             echo: bool, overwrite: bool = False) -> dict[str, Any]:
-    """Run one seed (in a worker process or in-process); returns its rows, curves and status."""
-    if module and kind_name not in _KINDS:
-        importlib.import_module(module)
-    kind = _get_kind(kind_name)
-    ctx = SeedContext(seed, cfg, Path(run_dir), Path(models_dir), echo=echo, overwrite=overwrite)
+class TaskContext(SeedContext):
+    """The :class:`SeedContext` of one task unit (a teacher or a cell) of a seed: its rows and curves are flushed to
+    ``seeds/seed<k>/tasks/task<index>.json`` (the runner merges a seed's tasks into ``seeds/seed<k>/metrics.json``
+    and ``curves.csv`` in task order); log lines go to the seed's log.txt."""
+
+    index: int = 0
+
+    def flush(self) -> None:
+        path = self.seed_dir / "tasks" / f"task{self.index}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"rows": self.rows, "curves": self.curves}, indent=1))
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One unit of work of a run. ``unit``: ``"seed"`` (a kind's whole ``run_seed``), ``"teacher"`` (a seed's
+    teacher task) or ``"cell"`` (``cell``: one student x setting x method of that seed, rows ordered by
+    ``cell.index``)."""
+
+    kind: str
+    module: str
+    cfg: dict[str, Any]
+    seed: int
+    run_dir: str
+    models_dir: str
+    echo: bool = True
+    overwrite: bool = False
+    unit: str = "seed"
+    cell: Any = None
+
+    @property
+    def index(self) -> int:
+        return int(self.cell.index) if self.unit == "cell" else 0
+
+    @property
+    def name(self) -> str:
+        return {"seed": f"seed {self.seed}", "teacher": "teacher"}.get(self.unit) or str(self.cell.name)
+
+    def follow(self, cell: Any) -> TaskSpec:
+        """The task of one of this teacher's cells."""
+        return TaskSpec(self.kind, self.module, self.cfg, self.seed, self.run_dir, self.models_dir, self.echo,
+                        self.overwrite, "cell", cell)
+
+
+#: kept for callers of the old name: one task's arguments
+Task = TaskSpec
+
+
+def run_task(spec: TaskSpec, payload: Any = None, attempt: int = 1) -> dict[str, Any]:
+    """Run one task (in a worker process or in-process); returns its result: ``seed``, ``index``, ``unit``,
+    ``task`` (its name), ``status``, ``error``, ``rows``, ``curves``, ``models``, ``time_s``; a teacher's also
+    ``next`` (its cells' :class:`TaskSpec`) and ``payload`` (what they need: the engine passes it on and removes it).
+    ``attempt > 1`` (a retry after a worker died) may replace the model folders the dead attempt saved."""
+    if spec.module and spec.kind not in _KINDS:
+        importlib.import_module(spec.module)
+    kind = _get_kind(spec.kind)
+    overwrite = spec.overwrite or attempt > 1
+    args = (spec.seed, spec.cfg, Path(spec.run_dir), Path(spec.models_dir))
+    if spec.unit == "seed":
+        ctx: SeedContext = SeedContext(*args, echo=spec.echo, overwrite=overwrite)
+    else:
+        ctx = TaskContext(*args, echo=spec.echo, overwrite=overwrite)
+        ctx.index = spec.index
+    out: dict[str, Any] = {"seed": spec.seed, "index": spec.index, "unit": spec.unit, "task": spec.name}
     t0 = time.perf_counter()
     try:
-        kind.run_seed(copy.deepcopy(cfg), seed, ctx)
-    except Exception as exc:  # a failed seed is reported, not fatal to the others
+        cfg = copy.deepcopy(spec.cfg)
+        if spec.unit == "seed":
+            if kind.run_seed is None:
+                kind.units.run_seed(cfg, spec.seed, ctx)
+            else:
+                kind.run_seed(cfg, spec.seed, ctx)
+        elif spec.unit == "teacher":
+            payload, cells = kind.units.teacher(cfg, spec.seed, ctx)
+            out |= {"payload": payload, "next": [spec.follow(c) for c in cells]}
+        else:
+            kind.units.cell(cfg, spec.cell, payload, ctx)
+    except Exception as exc:  # a failed task is reported, not fatal to the others
         err = storage_error(exc, ctx.models_dir) if isinstance(exc, (OSError, RuntimeError)) else None
         exc = err or exc
-        _write_quietly(ctx, traceback.format_exc())
-        return {"seed": seed, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "rows": ctx.rows,
-                "curves": ctx.curves, "models": ctx.saved, "time_s": time.perf_counter() - t0,
-                "storage": isinstance(exc, StorageError)}
+        where = "" if spec.unit == "seed" else f"{spec.name}: "
+        _write_quietly(ctx, traceback.format_exc(), where)
+        return out | {"status": "failed", "error": f"{where}{type(exc).__name__}: {exc}", "rows": ctx.rows,
+                      "curves": ctx.curves, "models": ctx.saved, "time_s": time.perf_counter() - t0,
+                      "storage": isinstance(exc, StorageError)}
     ctx.flush()
-    return {"seed": seed, "status": "complete", "error": None, "rows": ctx.rows, "curves": ctx.curves,
-            "models": ctx.saved, "time_s": time.perf_counter() - t0}
+    return out | {"status": "complete", "error": None, "rows": ctx.rows, "curves": ctx.curves, "models": ctx.saved,
+                  "time_s": time.perf_counter() - t0}
 
 
-def _write_quietly(ctx: SeedContext, tb: str) -> None:
-    """Flush a failed seed's rows and its error.txt; when even that fails (full disk), one line on stderr."""
+def _part(payload: Any, spec: TaskSpec) -> Any:
+    """What the cell ``spec`` needs of its teacher's payload (``payload.part(cell)`` when the kind defines it)."""
+    part = getattr(payload, "part", None)
+    return part(spec.cell) if callable(part) else payload
+
+
+def _write_quietly(ctx: SeedContext, tb: str, where: str = "") -> None:
+    """Flush a failed seed's (task's) rows and its error.txt (a task's error is appended, headed by the task's
+    name); when even that fails (full disk), one line on stderr."""
     try:
         ctx.flush()
-        atomic_write_text(ctx.seed_dir / "error.txt", tb)
+        if where:
+            ctx.seed_dir.mkdir(parents=True, exist_ok=True)
+            with open(ctx.seed_dir / "error.txt", "a") as f:
+                f.write(f"== {where.rstrip(': ')}\n{tb}\n")
+        else:
+            atomic_write_text(ctx.seed_dir / "error.txt", tb)
     except OSError as exc:
         print(f"pyro-distill: seed {ctx.seed}: could not write {ctx.seed_dir / 'error.txt'} ({exc}); the error "
               f"was: {tb.strip().splitlines()[-1]}", file=sys.stderr, flush=True)
@@ -541,19 +641,17 @@ def _terminate_pool(ex: ProcessPoolExecutor) -> None:
 
 
 # ============================================================================ engines (the executor seam)
-#: one unit of work: the arguments of :func:`_run_one` (kind, module, cfg, seed, run_dir, models_dir, echo, overwrite)
-Task = tuple
-
-
 class Engine:
-    """Where the tasks of a run execute. :meth:`results` yields one result dict (see :func:`_run_one`) per task as
-    it finishes, in any order; :meth:`abort` stops everything still running (interrupt); :meth:`close` releases
-    the engine after the last result. A task that fails is a result with ``status = "failed"``, never an
-    exception: exceptions out of :meth:`results` end the run as interrupted."""
+    """Where the tasks of a run execute. :meth:`results` runs the given tasks (:class:`TaskSpec`) and, as each teacher
+    task finishes, the cells it lists (``result["next"]``, each given ``_part(result["payload"], cell)``), and yields
+    one result dict (see :func:`run_task`, the ``payload`` removed) per task as it finishes, in any order;
+    ``started(spec)`` is called when a task is handed to a worker. :meth:`abort` stops everything still running
+    (interrupt); :meth:`close` releases the engine after the last result. A task that fails is a result with
+    ``status = "failed"``, never an exception: exceptions out of :meth:`results` end the run as interrupted."""
 
     name = "engine"
 
-    def results(self, tasks: list[Task], started: Callable[[int], None]) -> Any:  # Iterator[dict[str, Any]]
+    def results(self, tasks: list[TaskSpec], started: Callable[[TaskSpec], None]) -> Any:  # Iterator[dict]
         raise NotImplementedError
 
     def abort(self) -> None:
@@ -564,8 +662,9 @@ class Engine:
 
 
 class LocalEngine(Engine):
-    """Seeds in ``workers`` spawned processes of this machine (one torch thread each, each exiting when this
-    process dies); ``workers = 1`` runs them one after another in this process."""
+    """Tasks in ``workers`` spawned processes of this machine (one torch thread each, each exiting when this
+    process dies), first in first out: the teachers first, then each seed's cells once its teacher is done;
+    ``workers = 1`` runs them one after another in this process (the payload passed on without a copy)."""
 
     name = "local"
 
@@ -573,21 +672,47 @@ class LocalEngine(Engine):
         self.workers = int(workers)
         self.pool: ProcessPoolExecutor | None = None
 
-    def results(self, tasks: list[Task], started: Callable[[int], None]) -> Any:
+    def results(self, tasks: list[TaskSpec], started: Callable[[TaskSpec], None]) -> Any:
         if self.workers == 1:
-            for a in tasks:
-                started(a[3])
-                yield _run_one(*a)
+            queue: deque = deque((t, None) for t in tasks)
+            while queue:
+                spec, payload = queue.popleft()
+                started(spec)
+                res = run_task(spec, payload)
+                pay = res.pop("payload", None)
+                queue.extend((c, _part(pay, c)) for c in res.get("next", []))
+                yield res
             return
         self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=get_context("spawn"),
                                         initializer=_worker_init, initargs=(os.getpid(),))
-        futs = {self.pool.submit(_run_one, *a): a[3] for a in tasks}
-        for fut in as_completed(futs):
+        futs: dict[Any, TaskSpec] = {}
+        failed: list[dict[str, Any]] = []
+
+        def submit(spec: TaskSpec, payload: Any = None) -> None:
             try:
-                res = fut.result()
-            except Exception as exc:  # the worker process itself died
-                res = _failed(futs[fut], f"{type(exc).__name__}: {exc}")
-            yield res
+                futs[self.pool.submit(run_task, spec, payload)] = spec
+                started(spec)
+            except Exception as exc:  # noqa: BLE001 - a broken pool (a worker died): the task is failed
+                failed.append(_failed(spec, f"{type(exc).__name__}: {exc}"))
+
+        for t in tasks:
+            submit(t)
+        while futs or failed:
+            while failed:
+                yield failed.pop(0)
+            if not futs:
+                break
+            done, _ = wait(list(futs), return_when=FIRST_COMPLETED)
+            for fut in done:
+                spec = futs.pop(fut)
+                try:
+                    res = fut.result()
+                except Exception as exc:  # the worker process itself died
+                    res = _failed(spec, f"{type(exc).__name__}: {exc}")
+                pay = res.pop("payload", None)
+                for c in res.get("next", []):
+                    submit(c, _part(pay, c))
+                yield res
 
     def abort(self) -> None:
         if self.pool is not None:
@@ -612,9 +737,11 @@ def make_engine(name: str, workers: int, address: str = "", echo: bool = True, *
     raise ConfigError(f"unknown engine {name!r}; choose one of {list(ENGINES)}")
 
 
-def _failed(seed: int, error: str) -> dict[str, Any]:
+def _failed(spec: TaskSpec, error: str) -> dict[str, Any]:
     """The result of a task that returned nothing (its worker died, or the engine lost it)."""
-    return {"seed": seed, "status": "failed", "error": error, "rows": [], "curves": [], "models": [], "time_s": 0.0}
+    where = "" if spec.unit == "seed" else f"{spec.name}: "
+    return {"seed": spec.seed, "index": spec.index, "unit": spec.unit, "task": spec.name, "status": "failed",
+            "error": where + error, "rows": [], "curves": [], "models": [], "time_s": 0.0}
 
 
 def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os.PathLike = "runs",
@@ -659,18 +786,21 @@ def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os
                                "engine": cfg["engine"], "address": cfg["address"],
                                "seeds": {str(s): "pending" for s in cfg["seeds"]}, "errors": {},
                                "python": sys.version.split()[0]})
+    merged = _Merged(cfg_out)
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    args = [(kind.name, kind.module, cfg_out, s, str(run_dir), str(models_dir), echo, overwrite)
+    unit = "seed" if kind.units is None else "teacher"
+    args = [TaskSpec(kind.name, kind.module, cfg_out, s, str(run_dir), str(models_dir), echo, overwrite, unit)
             for s in cfg["seeds"]]
     status.start()
     old_handlers = _install_signals()
     eng: Engine | None = None
     bar = None
 
-    def started(seed: int) -> None:
+    def started(spec: TaskSpec) -> None:
         with status.lock:
-            status.data["seeds"][str(seed)] = "running"
+            if status.data["seeds"][str(spec.seed)] == "pending":
+                status.data["seeds"][str(spec.seed)] = "running"
         status.write()
 
     try:
@@ -682,9 +812,15 @@ def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os
         bar = tqdm(total=len(args), unit="task", desc=f"{cfg['name']} [{eng.name}]",
                    disable=not (echo and _auto_progress(None)), file=sys.stderr)
         for res in eng.results(args, started):
-            # one result per seed: a seed reported twice (a task retried after its first result) keeps the last
-            results[:] = [r for r in results if r["seed"] != res["seed"]] + [res]
-            _note(status, res)
+            # one result per task: a task reported twice (retried after its first result) keeps the last
+            if res.get("next"):
+                bar.total += len(res["next"])
+                bar.refresh()
+            merged.add(res)
+            results[:] = merged.seeds()
+            _note(status, merged, res)
+            if res["unit"] != "seed":
+                merged.flush_seed(res["seed"])
             _write_tables(status.run_dir, cfg_out, results, partial=True)
             bar.update(1)
         eng.close()
@@ -723,15 +859,59 @@ def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os
     return run_dir
 
 
-def _note(status: _Status, res: dict[str, Any]) -> None:
+class _Merged:
+    """The task results of a run merged per seed, in task order: a seed is ``running`` while its teacher or one of
+    its cells is outstanding, then ``failed`` if any of its tasks failed (a failed teacher: its cells never run),
+    else ``complete``."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        self.cfg = cfg
+        self.tasks: dict[int, dict[int, dict[str, Any]]] = {}
+        self.outstanding: dict[int, set[int]] = {s: {0} for s in cfg["seeds"]}
+
+    def add(self, res: dict[str, Any]) -> None:
+        seed, nxt = res["seed"], res.pop("next", None) or []
+        self.tasks.setdefault(seed, {})[res["index"]] = res
+        self.outstanding[seed].discard(res["index"])
+        self.outstanding[seed].update(c.index for c in nxt)
+
+    def seed(self, seed: int) -> dict[str, Any]:
+        tasks = [self.tasks[seed][i] for i in sorted(self.tasks[seed])]
+        failed = [t for t in tasks if t["status"] != "complete"]
+        state = "running" if self.outstanding[seed] else "failed" if failed else "complete"
+        return {"seed": seed, "status": state, "error": "; ".join(t["error"] for t in failed) or None,
+                "rows": [r for t in tasks for r in t["rows"]], "curves": [c for t in tasks for c in t["curves"]],
+                "models": [m for t in tasks for m in t["models"]], "time_s": sum(t["time_s"] for t in tasks),
+                "storage": any(t.get("storage") for t in failed), "tasks": len(tasks)}
+
+    def seeds(self) -> list[dict[str, Any]]:
+        return [self.seed(s) for s in self.cfg["seeds"] if s in self.tasks]
+
+    def flush_seed(self, seed: int) -> None:
+        """``seeds/seed<k>/metrics.json`` and ``curves.csv``: the seed's finished tasks merged in task order."""
+        r, d = self.seed(seed), Path(self.cfg["run_dir"]) / "seeds" / f"seed{seed}"
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(d / "metrics.json", json.dumps(r["rows"], indent=1))
+            atomic_write_text(d / "curves.csv", _to_csv(r["curves"], _CURVE_COLS))
+        except OSError:  # a full disk: the run-level tables report it at the end
+            pass
+
+
+def _note(status: _Status, merged: _Merged, res: dict[str, Any]) -> None:
+    seed = merged.seed(res["seed"])
     with status.lock:
-        status.data["seeds"][str(res["seed"])] = res["status"]
-        if res["error"]:
-            status.data["errors"][str(res["seed"])] = res["error"]
+        status.data["seeds"][str(res["seed"])] = seed["status"]
+        if seed["error"]:
+            status.data["errors"][str(res["seed"])] = seed["error"]
         else:
             status.data["errors"].pop(str(res["seed"]), None)
         if res.get("attempt", 1) > 1:  # the engine retried the task (its worker died)
-            status.data.setdefault("attempts", {})[str(res["seed"])] = res["attempt"]
+            key = str(res["seed"]) if res["unit"] == "seed" else f"{res['seed']}: {res['task']}"
+            status.data.setdefault("attempts", {})[key] = res["attempt"]
+        if res["unit"] != "seed":
+            done = sum(len(t) for t in merged.tasks.values())
+            status.data["tasks"] = {"done": done, "outstanding": sum(map(len, merged.outstanding.values()))}
     status.write()
 
 

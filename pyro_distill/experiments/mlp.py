@@ -21,25 +21,21 @@ methods are chosen (experiments/README.md, the protocol).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 
-from .. import baselines, metrics
-from ..data import digits, subsample, synthetic_classification, synthetic_regression
+from ..data import digits, synthetic_classification, synthetic_regression
 from ..data.tabular import Dataset
-from ..distill import divided_prior, evidence_temperature, reduced_posterior, student_prior
-from ..inference import fit_posterior
+from ..distill import student_prior
 from ..nets.mlp import MLP
-from .core import SeedContext, register_kind
+from .core import register_kind
+from .protocol import METHODS, Family, Protocol, validation_split
 
-__all__ = ["DEFAULTS", "run_seed", "load_data"]
+__all__ = ["DEFAULTS", "MLPFamily", "PROTOCOL", "run_seed", "load_data", "validation_split"]
 
-VI_METHODS = ("teacher_prior", "reduced_posterior", "divided_prior", "standard_prior", "standard_prior_cond_init")
-ALL_METHODS = ("teacher_prior", "reduced_posterior") + baselines.METHODS + ("divided_prior",)
-#: the Bayesian distillation methods: run for every student and fraction (the baselines only where asked)
-OURS = ("teacher_prior", "reduced_posterior", "divided_prior")
+#: the methods a config may list (the one vocabulary of :mod:`.protocol`)
+ALL_METHODS = METHODS
 
 DEFAULTS: dict[str, Any] = {
     "data": {
@@ -64,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "distill": {
         "taus": [1.0, 10.0, 100.0],
         "fractions": [0.05, 0.1, 0.25, 1.0],
-        "methods": list(ALL_METHODS[:-1]),
+        "methods": list(METHODS[:-1]),   # every method but divided_prior
         "baseline_students": [],     # students that get the baselines (empty: all)
         "baseline_fractions": [],    # fractions at which the baselines run (empty: all)
         "student_fractions": {},     # student name -> its fractions (default: all of distill.fractions)
@@ -115,188 +111,43 @@ def _check(cfg: dict[str, Any]) -> None:
         raise ValueError(f"distill.fractions must lie in (0, 1], got {cfg['distill']['fractions']}")
 
 
-def _in(x: Any, allowed: list) -> bool:
-    return not allowed or x in allowed
+class MLPFamily(Family):
+    """MLP teacher and students (sizes from ``teacher.sizes`` / ``students``), planned by
+    :func:`pyro_distill.distill.student_prior` (``student.selector``)."""
+
+    def check(self, cfg: dict[str, Any]) -> None:
+        _check(cfg)
+
+    def data(self, cfg: dict[str, Any]) -> Dataset:
+        return load_data(cfg["data"], getattr(torch, cfg["data"]["dtype"]))
+
+    def _net(self, cfg: dict[str, Any], sizes: list[int], ds: Dataset) -> MLP:
+        reg, tc = ds.num_classes is None, cfg["teacher"]
+        return MLP(list(sizes), activation=tc["activation"], likelihood="gaussian" if reg else "categorical",
+                   noise_scale=float(tc["noise_scale"]) if reg else 1.0)
+
+    def teacher_net(self, cfg: dict[str, Any], ds: Dataset) -> MLP:
+        sizes = list(cfg["teacher"]["sizes"])
+        if sizes[0] != ds.num_features:
+            raise ValueError(f"teacher.sizes starts with {sizes[0]} inputs but the data have {ds.num_features} "
+                             "features")
+        return self._net(cfg, sizes, ds)
+
+    def student_net(self, cfg: dict[str, Any], sizes: list[int], ds: Dataset) -> MLP:
+        return self._net(cfg, sizes, ds)
+
+    def plan(self, cfg: dict[str, Any], teacher: MLP, posterior64: Any, student: MLP, seed: int) -> tuple[Any, Any]:
+        _, prior1, ops = student_prior(teacher, posterior64, student, selector=cfg["student"]["selector"], tau=1.0,
+                                       seed=seed)
+        return prior1, ops
 
 
-def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
-    _check(cfg)
-    dtype = getattr(torch, cfg["data"]["dtype"])
-    ds = load_data(cfg["data"], dtype)
-    split = "test"
-    if cfg["data"]["validation"] > 0:
-        ds = validation_split(ds, cfg["data"]["validation"], cfg["data"]["validation_seed"])
-        split = "validation"
-    Xte, yte = ds.Xte, ds.yte
-    reg = ds.num_classes is None
-    tc, sc, dc, ec = cfg["teacher"], cfg["student"], cfg["distill"], cfg["eval"]
-    lik = "gaussian" if reg else "categorical"
-    ns = float(tc["noise_scale"]) if reg else 1.0
-    sizes = list(tc["sizes"])
-    if sizes[0] != ds.num_features:
-        raise ValueError(f"teacher.sizes starts with {sizes[0]} inputs but the data have {ds.num_features} features")
-    teacher = MLP(sizes, activation=tc["activation"], likelihood=lik, noise_scale=ns)
-    bs = lambda b: b or None  # noqa: E731
-
-    ctx.log(f"data: {ds.description}; teacher {teacher!r}")
-    t0 = time.perf_counter()
-    tq, th = fit_posterior(teacher, ds.X, ds.y, guide=tc["guide"], steps=tc["steps"], map_steps=tc["map_steps"],
-                           lr=tc["lr"], map_lr=tc["map_lr"], num_particles=tc["num_particles"], rank=tc["rank"],
-                           batch_size=bs(tc["batch_size"]), seed=seed)
-    t_teacher = time.perf_counter() - t0
-    tres = metrics.evaluate(teacher, tq, Xte, yte, num_samples=ec["samples"], seed=seed)
-    ctx.record({"setting": "teacher", "method": "teacher", "student": "teacher", "fraction": 1.0,
-                "n_train": ds.X.shape[0], "eval_split": split, "time_s": t_teacher, "elbo": th.elbo_end} | tres)
-    ctx.log(f"teacher fitted in {t_teacher:.0f}s: {_short(tres)}")
-    if "teacher" in cfg["save"]["methods"]:
-        ctx.save_model("teacher", teacher, tq, {"data": {"name": cfg["data"]["name"],
-                                                         "split_seed": cfg["data"]["split_seed"]},
-                                                "data_description": ds.description, "role": "teacher",
-                                                "seed": seed},
-                       data=(ds.X, ds.y), idata_draws=cfg["save"]["idata_draws"])
-    teacher_test = None if reg else metrics.predict(teacher, tq, Xte, num_samples=ec["samples"], seed=seed)
-    tq64 = tq.to(dtype=torch.float64)
-
-    for sname, ssizes in cfg["students"].items():
-        student = MLP(ssizes, activation=tc["activation"], likelihood=lik, noise_scale=ns)
-        _, prior1, ops = student_prior(teacher, tq64, student, selector=sc["selector"], tau=1.0, seed=seed)
-        ctx.log(f"student {sname} {ssizes} (p={student.num_params}): {' ; '.join(repr(o) for o in ops)}")
-        for frac in dc["student_fractions"].get(sname, dc["fractions"]):
-            sub = subsample(ds, frac, seed=seed)
-            setting = f"{sname} frac={frac:g}"
-            base = {"setting": setting, "student": sname, "sizes": "-".join(map(str, ssizes)),
-                    "fraction": float(frac), "n_train": sub.X.shape[0], "eval_split": split}
-            with_curves = ec["curve_every"] > 0 and _in(frac, ec["curve_fractions"])
-            run_baselines = _in(sname, dc["baseline_students"]) and _in(frac, dc["baseline_fractions"])
-            for method in dc["methods"]:
-                if method not in OURS and not run_baselines:
-                    continue
-                if method == "kd" and reg:
-                    continue  # KD matches class probabilities; not defined here for regression
-                taus = dc["taus"] if method == "teacher_prior" else [None]
-                for tau in taus:
-                    label = f"teacher_prior(tau={_tau_str(tau)})" if tau is not None else method
-                    cb = _callback(ctx, student, Xte, yte, setting, label, ec, seed) if with_curves else None
-                    t0 = time.perf_counter()
-                    fitted, hist, extra = _fit(method, tau, teacher, tq, student, prior1, sub, cfg, seed, cb,
-                                               ec["curve_every"] if with_curves else 0, ops)
-                    dt = time.perf_counter() - t0
-                    res = metrics.evaluate(student, fitted, Xte, yte, num_samples=ec["samples"], seed=seed,
-                                           teacher_probs=teacher_test)
-                    row = base | {"method": label, "tau": tau if tau is not None else "", "time_s": dt} | extra | res
-                    if method in VI_METHODS:
-                        row["elbo"] = hist.elbo_end
-                    ctx.record(row)
-                    ctx.log(f"{setting} {label}: {_short(res)} ({dt:.0f}s)")
-                    # (divided_prior is not saved: its prior is rebuilt from the data, not stored here)
-                    if method in VI_METHODS and method != "divided_prior" and \
-                            _in(method, cfg["save"]["methods"]) and _in(frac, cfg["save"]["fractions"]):
-                        # the card carries a data spec, the plan and (as prior.pt) the prior, so that
-                        # `pyro-distill diagnose` can rebuild the data and add the student-prior row
-                        spec = {"name": cfg["data"]["name"], "split_seed": cfg["data"]["split_seed"],
-                                "fraction": float(frac), "subsample_seed": seed}
-                        pr = None
-                        if method == "teacher_prior":  # the other VI methods ran under the fan-in prior
-                            t = extra["tau_chosen"]
-                            pr = prior1.tempered(float(t)) if t != 1 else prior1
-                            pr.layout = student.layout
-                        folder = ctx.save_model(
-                            f"{sname}-f{frac:g}-{label.replace('(', '-').replace(')', '')}", student, fitted,
-                            {"data": spec, "data_description": sub.description, "setting": setting,
-                             "method": label, "plan": ops.to_dict(), "tau": tau},
-                            data=(sub.X, sub.y), prior=pr, idata_draws=cfg["save"]["idata_draws"])
-                        if pr is not None:
-                            pr.save(folder / "prior.pt")
+PROTOCOL = Protocol(MLPFamily())
 
 
-def validation_split(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:
-    """``ds`` with a seeded, stratified (for classes) ``fraction`` of its training split moved into the place of
-    the test split: train on the rest, evaluate on the held-out part; the real test split is dropped."""
-    import numpy as np
-
-    if not 0 < fraction < 1:
-        raise ValueError(f"validation fraction must lie in (0, 1), got {fraction}")
-    g = np.random.default_rng(seed)
-    n = ds.X.shape[0]
-    if ds.num_classes:
-        y = ds.y.numpy()
-        parts = []
-        for c in range(ds.num_classes):
-            members = np.flatnonzero(y == c)
-            k = min(len(members) - 1, max(1, int(round(fraction * len(members))))) if len(members) > 1 else 0
-            parts.append(g.choice(members, size=k, replace=False))
-        val = np.sort(np.concatenate(parts))
-    else:
-        val = np.sort(g.choice(n, size=max(1, int(round(fraction * n))), replace=False))
-    mask = np.ones(n, dtype=bool)
-    mask[val] = False
-    tr, va = torch.as_tensor(np.flatnonzero(mask)), torch.as_tensor(val)
-    return Dataset(ds.X[tr], ds.y[tr], ds.X[va], ds.y[va], ds.name, ds.num_classes,
-                   ds.description + f"; validation split {fraction:g} of the training split (seed {seed}, "
-                   f"{len(va)} rows held out, metrics on them; test split unused)")
+def run_seed(cfg: dict[str, Any], seed: int, ctx: Any) -> None:
+    """One whole seed in this process (teacher, then every cell): what the runner's task units compute."""
+    PROTOCOL.run_seed(cfg, seed, ctx)
 
 
-def _tau_str(tau: float | str) -> str:
-    return tau if isinstance(tau, str) else f"{tau:g}"
-
-
-def _short(res: dict[str, Any]) -> str:
-    keys = ("accuracy", "nll", "ece") if "accuracy" in res else ("rmse", "nll")
-    return ", ".join(f"{k} {res[k]:.3f}" for k in keys)
-
-
-def _callback(ctx: SeedContext, net: MLP, Xte, yte, setting: str, method: str, ec: dict[str, Any], seed: int):
-    def cb(step: int, q) -> dict[str, float]:
-        res = metrics.evaluate(net, q, Xte, yte, num_samples=ec["curve_samples"], seed=seed)
-        for k in ("accuracy", "nll", "rmse"):
-            if k in res:
-                ctx.curve(setting, method, step, k, res[k])
-        return {}
-    return cb
-
-
-def _fit(method: str, tau: float | str | None, teacher: MLP, tq, student: MLP, prior1, sub, cfg: dict[str, Any],
-         seed: int, cb, every: int, ops) -> tuple[Any, Any, dict[str, Any]]:
-    """``(fitted posterior or weights, history, extra row columns)`` of one method."""
-    sc, dc = cfg["student"], cfg["distill"]
-    X, y = sub.X, sub.y
-    bs = sc["batch_size"] or None
-    vi = {"guide": sc["guide"], "steps": sc["steps"], "map_steps": sc["map_steps"], "lr": sc["lr"],
-          "map_lr": sc["map_lr"], "num_particles": sc["num_particles"], "rank": sc["rank"], "batch_size": bs,
-          "seed": seed, "callback": cb, "eval_every": every}
-    budget = sc["map_steps"] + sc["steps"]
-    point = {"steps": budget, "lr": dc["point_lr"], "seed": seed, "batch_size": bs, "callback": cb,
-             "eval_every": every}
-    if method == "teacher_prior":
-        extra: dict[str, Any] = {"tau_chosen": tau}
-        if tau == "evidence":  # chosen on the student's own training data (sub), never on evaluation data
-            tau, info = evidence_temperature(student, prior1, X, y, map_steps=sc["map_steps"], map_lr=sc["map_lr"],
-                                             seed=seed, batch_size=bs)
-            extra = {"tau_chosen": tau, "log_evidence": info["log_evidence"],
-                     "log_evidence_tau1": info["log_evidence_tau1"], "tau_at_bound": int(info["at_bound"])}
-        prior = (prior1.tempered(float(tau)) if tau != 1 else prior1).to(X.device, X.dtype)
-        return (*fit_posterior(student, X, y, prior=prior, init="prior", **vi), extra)
-    if method == "divided_prior":  # the student's own data divided out of the conditioned teacher posterior
-        prior, info = divided_prior(student, prior1, X, y)
-        return (*fit_posterior(student, X, y, prior=prior.to(X.device, X.dtype), init="prior", **vi),
-                {"clipped_eigenvalues": info["clipped"]})
-    if method == "reduced_posterior":
-        kw = {k: v for k, v in vi.items() if k not in ("map_steps", "map_lr", "steps")}
-        res = reduced_posterior(teacher, tq.to(dtype=torch.float64), student, X, y, ops=ops, steps=budget, **kw)
-        return res.posterior, res.history, {"log_evidence_change": res.info["log_evidence_change"]}
-    if method == "standard_prior":
-        return (*baselines.standard_prior(student, X, y, **vi), {})
-    if method == "standard_prior_cond_init":
-        return (*baselines.standard_prior_conditioned_init(student, X, y, start=prior1.mean.to(X.dtype), **vi), {})
-    if method == "deterministic":
-        return (*baselines.deterministic(student, X, y, **point), {})
-    if method == "kd":
-        tp = metrics.predict(teacher, tq, X, num_samples=cfg["eval"]["samples"], seed=seed)
-        return (*baselines.knowledge_distillation(student, X, y, tp, gamma=dc["kd_gamma"],
-                                                  temperature=dc["kd_temperature"], **point), {})
-    if method == "prune_finetune":
-        return (*baselines.prune_finetune(teacher, tq.mean, student, X, y, **point), {})
-    raise ValueError(f"unknown method {method!r}")
-
-
-register_kind("mlp", DEFAULTS, run_seed)
+register_kind("mlp", DEFAULTS, run_seed, units=PROTOCOL)

@@ -1,4 +1,10 @@
-"""The ``ray`` engine of the experiment runner: each seed of a run is one Ray task (one CPU, one torch thread).
+"""The ``ray`` engine of the experiment runner: each task unit of a run is one Ray task (one CPU, one torch thread).
+
+Units (:class:`pyro_distill.experiments.core.TaskSpec`): a kind with task units (the ``mlp`` protocol,
+:mod:`.protocol`) runs each seed's teacher fit as one task, and, as soon as it finishes, each of that seed's cells
+(student x fraction x method x tau) as its own task; the teacher's result (net, posterior, every student's plan and
+prior) goes to its cells through Ray's object store (the teacher task's second return value, never fetched by the
+driver). A kind that only registers ``run_seed`` (the compatibility path) runs each whole seed as one task.
 
 ``ray.init(address=...)``: without an address a local Ray instance with ``workers`` CPUs (no dashboard, quiet
 logging) that lives as long as the run; with ``"auto"`` (the cluster this machine joined with ``ray start``) or
@@ -8,14 +14,15 @@ initialised in this process (a notebook, a test), that instance is used and left
 The driver (this process) keeps the run folder: results come back through Ray's object store and are written by
 :func:`pyro_distill.experiments.core.run` exactly as the local engine's are; each task also writes its own
 ``seeds/seed<k>/`` files and model folders, so on a multi-node cluster ``runs/`` and ``models/`` should be one
-shared filesystem mounted at the same path on every node (otherwise those per-seed files stay on the worker nodes;
+shared filesystem mounted at the same path on every node (otherwise those per-task files stay on the worker nodes;
 metrics.csv and the summary on the driver are complete either way).
 
 Fault tolerance: a task whose worker process dies (killed, out of memory, node lost) is re-run by Ray up to
-``max_retries`` times; the driver receives one result per task, so each seed's rows appear once. A retried
-attempt finds ``seeds/seed<k>/attempt`` left by the one before and may replace the model folders that attempt
-saved. A task that raises is a failed seed with its error (``status.json`` ``errors``), like the local engine's;
-the other seeds go on.
+``max_retries`` times; the driver receives one result per task, so each cell's rows appear once. A retried
+attempt finds its ``attempt`` marker (``seeds/seed<k>/attempt`` for a whole seed,
+``seeds/seed<k>/tasks/task<i>.attempt`` for a unit) left by the one before and may replace the model folders that
+attempt saved. A task that raises is a failed task with its error (``status.json`` ``errors``), like the local
+engine's; the other tasks go on.
 
 Nothing here imports Ray at module level: ``import ray`` happens when a ray engine is made.
 """
@@ -31,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .core import ConfigError, Engine, Task, _failed, _run_one
+from .core import ConfigError, Engine, TaskSpec, _failed, run_task
 
 __all__ = ["RayEngine", "DEFAULT_MAX_RETRIES", "import_ray"]
 
@@ -49,9 +56,10 @@ def import_ray() -> Any:
     return ray
 
 
-def _task(args: Task, sys_path: list[str]) -> dict[str, Any]:
-    """One seed on a Ray worker: one torch thread, the driver's import path (so kinds registered from a script
-    or a test module import here too), the attempt counted in ``seeds/seed<k>/attempt``."""
+def _task(spec: TaskSpec, payload: Any, sys_path: list[str]) -> tuple[dict[str, Any], Any]:
+    """One task on a Ray worker: one torch thread, the driver's import path (so kinds registered from a script
+    or a test module import here too), the attempt counted in its marker file. Returns ``(result, payload)``: a
+    teacher's payload stays in the object store for its cells."""
     import torch
 
     torch.set_num_threads(1)
@@ -59,18 +67,17 @@ def _task(args: Task, sys_path: list[str]) -> dict[str, Any]:
     for p in sys_path:
         if p and p not in sys.path and os.path.isdir(p):
             sys.path.append(p)
-    kind, module, cfg, seed, run_dir, models_dir, echo, overwrite = args
-    marker = Path(run_dir) / "seeds" / f"seed{seed}" / "attempt"
+    seed_dir = Path(spec.run_dir) / "seeds" / f"seed{spec.seed}"
+    marker = seed_dir / "attempt" if spec.unit == "seed" else seed_dir / "tasks" / f"task{spec.index}.attempt"
     try:
         attempt = int(marker.read_text()) + 1
     except (OSError, ValueError):
         attempt = 1
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(attempt))
-    # a retry may replace the model folders its dead attempt saved (they are this seed's own, in this run's folder)
-    res = _run_one(kind, module, cfg, seed, run_dir, models_dir, echo, overwrite or attempt > 1)
+    res = run_task(spec, payload, attempt)
     res["attempt"] = attempt
-    return res
+    return res, res.pop("payload", None)
 
 
 def _unwrapped(fn: Any, *args: Any, **kw: Any) -> Any:
@@ -86,7 +93,7 @@ def _unwrapped(fn: Any, *args: Any, **kw: Any) -> Any:
 
 
 class RayEngine(Engine):
-    """Seeds as Ray tasks (see the module docstring). ``workers``: CPUs of the local instance started when
+    """Task units as Ray tasks (see the module docstring). ``workers``: CPUs of the local instance started when
     ``address`` is empty (ignored when joining a cluster: the cluster's CPUs bound the parallelism);
     ``max_retries``: re-runs of a task whose worker died; ``echo``: forward the workers' log lines."""
 
@@ -131,25 +138,42 @@ class RayEngine(Engine):
         self.owns = True
         self.init_s = time.perf_counter() - t0
 
-    def results(self, tasks: list[Task], started: Any) -> Any:
+    def results(self, tasks: list[TaskSpec], started: Any) -> Any:
         ray = self.ray
         self.start()
-        remote = ray.remote(_task).options(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)
+        remote = ray.remote(_task).options(num_cpus=1, max_retries=self.max_retries, retry_exceptions=False,
+                                           num_returns=2)
         sys_path = [p for p in sys.path if p]
-        refs = {remote.remote(a, sys_path): a[3] for a in tasks}
-        self.pending = list(refs)
+        refs: dict[Any, TaskSpec] = {}
+        payloads: dict[Any, Any] = {}  # result ref -> its payload ref (held until the task's cells are submitted)
+        self.pending = []
+
+        def submit(spec: TaskSpec, payload: Any = None) -> None:
+            res_ref, pay_ref = remote.remote(spec, payload, sys_path)
+            refs[res_ref] = spec
+            if spec.unit == "teacher":
+                payloads[res_ref] = pay_ref
+            self.pending.append(res_ref)
+            started(spec)
+
+        for t in tasks:
+            submit(t)
         while self.pending:
             # a timeout, so that SIGTERM / Ctrl-C reach this (main) thread's handlers within a second
             ready, self.pending = _unwrapped(ray.wait, self.pending, num_returns=1, timeout=1.0)
             for ref in ready:
+                spec = refs.pop(ref)
                 try:
                     res = _unwrapped(ray.get, ref)
-                except ray.exceptions.RayTaskError as exc:  # the task raised past _run_one (a BaseException)
+                except ray.exceptions.RayTaskError as exc:  # the task raised past run_task (a BaseException)
                     cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                    res = _failed(refs[ref], f"{type(cause).__name__}: {cause}")
+                    res = _failed(spec, f"{type(cause).__name__}: {cause}")
                 except ray.exceptions.RayError as exc:  # its worker died more than max_retries times, or lost
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    res = _failed(refs[ref], f"{type(exc).__name__} after {self.max_retries} retries: {first}")
+                    res = _failed(spec, f"{type(exc).__name__} after {self.max_retries} retries: {first}")
+                pay_ref = payloads.pop(ref, None)
+                for c in res.get("next", []):  # a teacher's cells get its payload from the object store
+                    submit(c, pay_ref)
                 yield res
 
     def abort(self) -> None:

@@ -1,0 +1,348 @@
+"""The experiment protocol: teacher -> plan -> prior -> methods -> evaluate -> save, as task units.
+
+One seed of a distillation experiment is split into units the runner (:mod:`.core`) schedules on its engine:
+
+1. **the teacher task** (:meth:`Protocol.teacher`, once per seed): load the data, fit the teacher posterior, evaluate
+   and save it, make one plan and its conditioned prior (tau = 1) per student, and list the seed's cells. It returns
+   a :class:`TeacherResult` (the teacher net and posterior, its test predictions, every student's net, plan and
+   prior: everything a cell needs) and the :class:`Cell` list; the runner passes the result to the cells (in
+   memory, pickled to a worker process, or through Ray's object store), so the teacher is fitted once and reused.
+2. **one cell** (:meth:`Protocol.cell`): one student x training fraction x method (x tau) -- fit the method on the
+   seeded, stratified subsample, evaluate on the evaluation split, record its row (and learning curve), save the
+   model when ``[save]`` asks.
+
+Every fit, subsample and evaluation takes the seed explicitly (``fit_posterior`` and the baselines call
+``pyro.set_rng_seed(seed)`` first; predictives draw from their own seeded generator), so a cell computes the same
+numbers whichever process runs it and whatever ran before it: cells may run in any order, in parallel, or be
+retried. Rows of a seed are written in cell order (:attr:`Cell.index`), the order of the old sequential loop.
+
+ONE methods vocabulary, :data:`METHODS`: ``teacher_prior`` (VI under the teacher-derived prior, one row per
+``tau``, labelled ``teacher_prior(tau=...)``; ``tau = "evidence"`` chooses it on the student's own training data),
+``reduced_posterior`` (Bayesian model reduction: the conditioned teacher posterior as the SVI start under the
+student's own fan-in prior), ``divided_prior`` (the student's own data divided out of the conditioned teacher
+posterior), the baselines ``standard_prior``, ``standard_prior_cond_init``, ``deterministic``, ``kd``,
+``prune_finetune``. :func:`fit_method` dispatches one method to the library (:mod:`pyro_distill.distill`,
+:mod:`pyro_distill.baselines`, :mod:`pyro_distill.inference`); nothing here is mathematics.
+
+A network family plugs in through a :class:`Family` adapter (data, teacher and student nets, planner); the config
+tables it reads are ``data``, ``teacher``, ``students``, ``student``, ``distill``, ``eval``, ``save`` (see
+``experiments/mlp.py`` ``DEFAULTS``). Register a kind with ``register_kind(name, DEFAULTS, units=Protocol(family))``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .. import baselines, metrics
+from ..data import subsample
+from ..data.tabular import Dataset
+from ..distill import divided_prior, evidence_temperature, reduced_posterior
+from ..inference import fit_posterior
+
+__all__ = ["METHODS", "VI_METHODS", "OURS", "BASELINES", "Cell", "TeacherResult", "Family", "Protocol",
+           "fit_method", "method_label", "plan_cells", "validation_split"]
+
+#: the baselines (pyro_distill.baselines), run only for ``distill.baseline_students`` x ``baseline_fractions``
+BASELINES: tuple[str, ...] = tuple(baselines.METHODS)
+#: every method a cell may run, in the default row order
+METHODS: tuple[str, ...] = ("teacher_prior", "reduced_posterior") + BASELINES + ("divided_prior",)
+#: methods whose result is a Gaussian fitted by VI (their rows carry ``elbo``; they may be saved)
+VI_METHODS = ("teacher_prior", "reduced_posterior", "divided_prior", "standard_prior", "standard_prior_cond_init")
+#: the Bayesian distillation methods: run for every student and fraction
+OURS = ("teacher_prior", "reduced_posterior", "divided_prior")
+
+
+def method_label(method: str, tau: float | str | None = None) -> str:
+    """The row's ``method``: ``teacher_prior(tau=1)``, ``teacher_prior(tau=evidence)``, or the method name."""
+    if tau is None:
+        return method
+    return f"{method}(tau={tau if isinstance(tau, str) else f'{tau:g}'})"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One student x fraction x method (x tau) unit of a seed; ``index`` orders its rows within the seed (the
+    teacher is 0). ``curves``: record learning curves."""
+
+    seed: int
+    index: int
+    student: str
+    fraction: float
+    method: str
+    tau: float | str | None = None
+    curves: bool = False
+
+    @property
+    def label(self) -> str:
+        return method_label(self.method, self.tau)
+
+    @property
+    def setting(self) -> str:
+        return f"{self.student} frac={self.fraction:g}"
+
+    @property
+    def name(self) -> str:
+        """``"<student> frac=<f> <method label>"``: how logs, errors and status name the cell."""
+        return f"{self.setting} {self.label}"
+
+
+@dataclass
+class TeacherResult:
+    """What the teacher task hands its cells: the teacher net and posterior, its predictive probabilities on the
+    evaluation inputs (None for regression), and per student ``(net, conditioned prior at tau = 1, plan)``."""
+
+    seed: int
+    teacher: Any
+    posterior: Any
+    teacher_test: torch.Tensor | None
+    students: dict[str, tuple[Any, Any, Any]] = field(default_factory=dict)
+
+    def part(self, cell: Cell) -> TeacherResult:
+        """The part one cell needs (its own student only): less to send to a worker."""
+        return replace(self, students={cell.student: self.students[cell.student]})
+
+
+class Family:
+    """A network family's adapter to the protocol: data, nets and planner wiring (no mathematics)."""
+
+    def check(self, cfg: dict[str, Any]) -> None:
+        """Refuse a config this family cannot run (a ValueError naming the key and the fix)."""
+
+    def data(self, cfg: dict[str, Any]) -> Dataset:
+        """The data set of ``cfg["data"]`` (before any validation split)."""
+        raise NotImplementedError
+
+    def data_card(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The data spec written into model cards, so ``pyro-distill diagnose`` can rebuild the data."""
+        return {"name": cfg["data"]["name"], "split_seed": cfg["data"]["split_seed"]}
+
+    def teacher_net(self, cfg: dict[str, Any], ds: Dataset) -> Any:
+        raise NotImplementedError
+
+    def student_net(self, cfg: dict[str, Any], sizes: Any, ds: Dataset) -> Any:
+        raise NotImplementedError
+
+    def plan(self, cfg: dict[str, Any], teacher: Any, posterior64: Any, student: Any, seed: int) -> tuple[Any, Any]:
+        """``(conditioned prior at tau = 1, plan)`` of ``student`` from the teacher's float64 posterior."""
+        raise NotImplementedError
+
+
+_DATA: dict[str, tuple[Dataset, str]] = {}
+
+
+def _in(x: Any, allowed: list) -> bool:
+    return not allowed or x in allowed
+
+
+def plan_cells(cfg: dict[str, Any], seed: int, regression: bool) -> list[Cell]:
+    """Every cell of one seed, in row order: students x their fractions x methods x taus; the baselines only for
+    ``distill.baseline_students`` x ``baseline_fractions``; ``kd`` not for regression."""
+    dc, ec = cfg["distill"], cfg["eval"]
+    cells: list[Cell] = []
+    for sname in cfg["students"]:
+        for frac in dc["student_fractions"].get(sname, dc["fractions"]):
+            run_baselines = _in(sname, dc["baseline_students"]) and _in(frac, dc["baseline_fractions"])
+            curves = ec["curve_every"] > 0 and _in(frac, ec["curve_fractions"])
+            for method in dc["methods"]:
+                if (method not in OURS and not run_baselines) or (method == "kd" and regression):
+                    continue  # KD matches class probabilities; not defined here for regression
+                for tau in (dc["taus"] if method == "teacher_prior" else [None]):
+                    cells.append(Cell(seed, len(cells) + 1, sname, float(frac), method, tau, curves))
+    return cells
+
+
+class Protocol:
+    """The task units of a distillation kind over one :class:`Family` (see the module docstring)."""
+
+    def __init__(self, family: Family):
+        self.family = family
+
+    def dataset(self, cfg: dict[str, Any]) -> tuple[Dataset, str]:
+        """``(data set, evaluation split name)``: the validation split applied when ``data.validation > 0``;
+        kept per process, so cells on one worker load it once."""
+        key = json.dumps(cfg["data"], sort_keys=True)
+        if key not in _DATA:
+            ds, split = self.family.data(cfg), "test"
+            if cfg["data"].get("validation", 0) > 0:
+                ds, split = validation_split(ds, cfg["data"]["validation"], cfg["data"]["validation_seed"]), \
+                    "validation"
+            _DATA.clear()
+            _DATA[key] = (ds, split)
+        return _DATA[key]
+
+    def teacher(self, cfg: dict[str, Any], seed: int, ctx: Any) -> tuple[TeacherResult, list[Cell]]:
+        """Fit, evaluate and (when asked) save the teacher; plan every student; list the seed's cells."""
+        self.family.check(cfg)
+        ds, split = self.dataset(cfg)
+        tc, ec = cfg["teacher"], cfg["eval"]
+        reg = ds.num_classes is None
+        teacher = self.family.teacher_net(cfg, ds)
+        ctx.log(f"data: {ds.description}; teacher {teacher!r}")
+        t0 = time.perf_counter()
+        tq, th = fit_posterior(teacher, ds.X, ds.y, guide=tc["guide"], steps=tc["steps"], map_steps=tc["map_steps"],
+                               lr=tc["lr"], map_lr=tc["map_lr"], num_particles=tc["num_particles"], rank=tc["rank"],
+                               batch_size=tc["batch_size"] or None, seed=seed)
+        t_teacher = time.perf_counter() - t0
+        tres = metrics.evaluate(teacher, tq, ds.Xte, ds.yte, num_samples=ec["samples"], seed=seed)
+        ctx.record({"setting": "teacher", "method": "teacher", "student": "teacher", "fraction": 1.0,
+                    "n_train": ds.X.shape[0], "eval_split": split, "time_s": t_teacher, "elbo": th.elbo_end} | tres)
+        ctx.log(f"teacher fitted in {t_teacher:.0f}s: {_short(tres)}")
+        if "teacher" in cfg["save"]["methods"]:
+            ctx.save_model("teacher", teacher, tq, {"data": self.family.data_card(cfg),
+                                                    "data_description": ds.description, "role": "teacher",
+                                                    "seed": seed},
+                           data=(ds.X, ds.y), idata_draws=cfg["save"]["idata_draws"])
+        teacher_test = None if reg else metrics.predict(teacher, tq, ds.Xte, num_samples=ec["samples"], seed=seed)
+        result = TeacherResult(seed, teacher, tq, teacher_test)
+        tq64 = tq.to(dtype=torch.float64)
+        for sname, ssizes in cfg["students"].items():
+            student = self.family.student_net(cfg, ssizes, ds)
+            prior1, ops = self.family.plan(cfg, teacher, tq64, student, seed)
+            result.students[sname] = (student, prior1, ops)
+            ctx.log(f"student {sname} {ssizes} (p={student.num_params}): {' ; '.join(repr(o) for o in ops)}")
+        return result, plan_cells(cfg, seed, reg)
+
+    def cell(self, cfg: dict[str, Any], cell: Cell, tr: TeacherResult, ctx: Any) -> None:
+        """Fit one method on the cell's subsample, evaluate it, record its row (and curve), save it when asked."""
+        ds, split = self.dataset(cfg)
+        seed, ec = cell.seed, cfg["eval"]
+        student, prior1, ops = tr.students[cell.student]
+        sub = subsample(ds, cell.fraction, seed=seed)
+        ssizes = cfg["students"][cell.student]
+        base = {"setting": cell.setting, "student": cell.student, "sizes": "-".join(map(str, ssizes)),
+                "fraction": cell.fraction, "n_train": sub.X.shape[0], "eval_split": split}
+        every = ec["curve_every"] if cell.curves else 0
+        cb = _curve_callback(ctx, student, ds.Xte, ds.yte, cell, ec, seed) if cell.curves else None
+        t0 = time.perf_counter()
+        fitted, hist, extra = fit_method(cell.method, cell.tau, tr.teacher, tr.posterior, student, prior1, sub, cfg,
+                                         seed, cb, every, ops)
+        dt = time.perf_counter() - t0
+        res = metrics.evaluate(student, fitted, ds.Xte, ds.yte, num_samples=ec["samples"], seed=seed,
+                               teacher_probs=tr.teacher_test)
+        row = base | {"method": cell.label, "tau": cell.tau if cell.tau is not None else "", "time_s": dt} | extra | res
+        if cell.method in VI_METHODS:
+            row["elbo"] = hist.elbo_end
+        ctx.record(row)
+        ctx.log(f"{cell.name}: {_short(res)} ({dt:.0f}s)")
+        # (divided_prior is not saved: its prior is rebuilt from the data, not stored here)
+        if cell.method in VI_METHODS and cell.method != "divided_prior" and \
+                _in(cell.method, cfg["save"]["methods"]) and _in(cell.fraction, cfg["save"]["fractions"]):
+            self._save(cfg, cell, student, prior1, ops, fitted, sub, extra, ctx)
+
+    def _save(self, cfg: dict[str, Any], cell: Cell, student: Any, prior1: Any, ops: Any, fitted: Any, sub: Dataset,
+              extra: dict[str, Any], ctx: Any) -> None:
+        """The student's model folder; its card carries a data spec, the plan and (as prior.pt) the prior, so that
+        ``pyro-distill diagnose`` can rebuild the data and add the student-prior row."""
+        spec = self.family.data_card(cfg) | {"fraction": cell.fraction, "subsample_seed": cell.seed}
+        pr = None
+        if cell.method == "teacher_prior":  # the other VI methods ran under the fan-in prior
+            t = extra["tau_chosen"]
+            pr = prior1.tempered(float(t)) if t != 1 else prior1
+            pr.layout = student.layout
+        folder = ctx.save_model(
+            f"{cell.student}-f{cell.fraction:g}-{cell.label.replace('(', '-').replace(')', '')}", student, fitted,
+            {"data": spec, "data_description": sub.description, "setting": cell.setting, "method": cell.label,
+             "plan": ops.to_dict(), "tau": cell.tau},
+            data=(sub.X, sub.y), prior=pr, idata_draws=cfg["save"]["idata_draws"])
+        if pr is not None:
+            pr.save(folder / "prior.pt")
+
+    def run_seed(self, cfg: dict[str, Any], seed: int, ctx: Any) -> None:
+        """The whole seed in this process: the teacher task, then its cells one after another."""
+        tr, cells = self.teacher(cfg, seed, ctx)
+        for c in cells:
+            self.cell(cfg, c, tr, ctx)
+
+
+def fit_method(method: str, tau: float | str | None, teacher: Any, tq: Any, student: Any, prior1: Any, sub: Dataset,
+               cfg: dict[str, Any], seed: int, cb: Any, every: int, ops: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """``(fitted posterior or weights, history, extra row columns)`` of one method of :data:`METHODS` on ``sub``,
+    with the same optimizer-step budget (``student.map_steps + student.steps``) for every method."""
+    sc, dc = cfg["student"], cfg["distill"]
+    X, y = sub.X, sub.y
+    bs = sc["batch_size"] or None
+    vi = {"guide": sc["guide"], "steps": sc["steps"], "map_steps": sc["map_steps"], "lr": sc["lr"],
+          "map_lr": sc["map_lr"], "num_particles": sc["num_particles"], "rank": sc["rank"], "batch_size": bs,
+          "seed": seed, "callback": cb, "eval_every": every}
+    budget = sc["map_steps"] + sc["steps"]
+    point = {"steps": budget, "lr": dc["point_lr"], "seed": seed, "batch_size": bs, "callback": cb,
+             "eval_every": every}
+    if method == "teacher_prior":
+        extra: dict[str, Any] = {"tau_chosen": tau}
+        if tau == "evidence":  # chosen on the student's own training data (sub), never on evaluation data
+            tau, info = evidence_temperature(student, prior1, X, y, map_steps=sc["map_steps"], map_lr=sc["map_lr"],
+                                             seed=seed, batch_size=bs)
+            extra = {"tau_chosen": tau, "log_evidence": info["log_evidence"],
+                     "log_evidence_tau1": info["log_evidence_tau1"], "tau_at_bound": int(info["at_bound"])}
+        prior = (prior1.tempered(float(tau)) if tau != 1 else prior1).to(X.device, X.dtype)
+        return (*fit_posterior(student, X, y, prior=prior, init="prior", **vi), extra)
+    if method == "divided_prior":  # the student's own data divided out of the conditioned teacher posterior
+        prior, info = divided_prior(student, prior1, X, y)
+        return (*fit_posterior(student, X, y, prior=prior.to(X.device, X.dtype), init="prior", **vi),
+                {"clipped_eigenvalues": info["clipped"]})
+    if method == "reduced_posterior":
+        kw = {k: v for k, v in vi.items() if k not in ("map_steps", "map_lr", "steps")}
+        res = reduced_posterior(teacher, tq.to(dtype=torch.float64), student, X, y, ops=ops, steps=budget, **kw)
+        return res.posterior, res.history, {"log_evidence_change": res.info["log_evidence_change"]}
+    if method == "standard_prior":
+        return (*baselines.standard_prior(student, X, y, **vi), {})
+    if method == "standard_prior_cond_init":
+        return (*baselines.standard_prior_conditioned_init(student, X, y, start=prior1.mean.to(X.dtype), **vi), {})
+    if method == "deterministic":
+        return (*baselines.deterministic(student, X, y, **point), {})
+    if method == "kd":
+        tp = metrics.predict(teacher, tq, X, num_samples=cfg["eval"]["samples"], seed=seed)
+        return (*baselines.knowledge_distillation(student, X, y, tp, gamma=dc["kd_gamma"],
+                                                  temperature=dc["kd_temperature"], **point), {})
+    if method == "prune_finetune":
+        return (*baselines.prune_finetune(teacher, tq.mean, student, X, y, **point), {})
+    raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+
+
+def validation_split(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:
+    """``ds`` with a seeded, stratified (for classes) ``fraction`` of its training split moved into the place of
+    the test split: train on the rest, evaluate on the held-out part; the real test split is dropped."""
+    import numpy as np
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must lie in (0, 1), got {fraction}")
+    g = np.random.default_rng(seed)
+    n = ds.X.shape[0]
+    if ds.num_classes:
+        y = ds.y.numpy()
+        parts = []
+        for c in range(ds.num_classes):
+            members = np.flatnonzero(y == c)
+            k = min(len(members) - 1, max(1, int(round(fraction * len(members))))) if len(members) > 1 else 0
+            parts.append(g.choice(members, size=k, replace=False))
+        val = np.sort(np.concatenate(parts))
+    else:
+        val = np.sort(g.choice(n, size=max(1, int(round(fraction * n))), replace=False))
+    mask = np.ones(n, dtype=bool)
+    mask[val] = False
+    tr, va = torch.as_tensor(np.flatnonzero(mask)), torch.as_tensor(val)
+    return Dataset(ds.X[tr], ds.y[tr], ds.X[va], ds.y[va], ds.name, ds.num_classes,
+                   ds.description + f"; validation split {fraction:g} of the training split (seed {seed}, "
+                   f"{len(va)} rows held out, metrics on them; test split unused)")
+
+
+def _short(res: dict[str, Any]) -> str:
+    keys = ("accuracy", "nll", "ece") if "accuracy" in res else ("rmse", "nll")
+    return ", ".join(f"{k} {res[k]:.3f}" for k in keys)
+
+
+def _curve_callback(ctx: Any, net: Any, Xte: torch.Tensor, yte: torch.Tensor, cell: Cell, ec: dict[str, Any],
+                    seed: int) -> Any:
+    """A fit callback recording test accuracy / NLL / RMSE every ``eval.curve_every`` steps."""
+    def cb(step: int, q: Any) -> dict[str, float]:
+        res = metrics.evaluate(net, q, Xte, yte, num_samples=ec["curve_samples"], seed=seed)
+        for k in ("accuracy", "nll", "rmse"):
+            if k in res:
+                ctx.curve(cell.setting, cell.label, step, k, res[k])
+        return {}
+    return cb
