@@ -15,6 +15,12 @@ Adam steps.
    ``gamma * CE(y) + (1 - gamma) * T^2 * KL(p_T^T || p_S^T)`` (:func:`kd_loss`).
 5. :func:`prune_finetune` - structured magnitude pruning of the teacher's point estimate down to the
    student architecture, then fine-tuning (see the function for the exact mapping).
+6. :func:`token_kd` - Hinton KD on every non-pad target token of a sequence-to-sequence student
+   (:func:`token_kd_loss`).
+7. :func:`tinybert` - feature-level KD in the style of TinyBERT for transformers (:func:`tinybert_loss`).
+
+Every point estimate is fitted by the one loop :func:`pyro_distill.training.fit_point` (Adam over the flat
+weights, minibatches, NaN guard), the same loop as :func:`~pyro_distill.inference.fit_map`.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import torch.nn.functional as F
 
 from .arrays import as_data, as_tensor
 from .gaussian import DiagGaussian, Gaussian
-from .inference import DivergenceError, FitHistory, fit_map, fit_posterior
+from .inference import FitHistory, fit_map, fit_posterior
 from .nets.base import BayesianNet
+from .training import fit_point
 
 __all__ = [
     "standard_prior",
@@ -38,6 +45,11 @@ __all__ = [
     "knowledge_distillation",
     "prune_weights",
     "prune_finetune",
+    "token_kd_loss",
+    "token_kd",
+    "tinybert_targets",
+    "tinybert_loss",
+    "tinybert",
     "METHODS",
 ]
 
@@ -130,26 +142,14 @@ def knowledge_distillation(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, t
     prior = _std_prior(net, X, prior_scale)
     if init is None:
         init = net.init_weights(torch.Generator().manual_seed(seed), X.dtype)
-    w = init.detach().clone().to(X).requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=lr)
     tp = teacher_probs.to(X)
     N = X.shape[0]
-    hist = FitHistory()
-    for step in range(steps):
-        idx = None if batch_size is None or batch_size >= N else torch.randint(0, N, (batch_size,))
+
+    def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         xb, yb, tb = (X, y, tp) if idx is None else (X[idx], y[idx], tp[idx])
-        opt.zero_grad(set_to_none=True)
-        loss = kd_loss(net.forward(w, xb), tb, yb, gamma, temperature) - prior.log_prob(w) / N
-        if not bool(torch.isfinite(loss)):
-            raise DivergenceError(f"KD diverged at step {step} (loss {loss.item()}); lower lr (now {lr})", step,
-                                  w.detach().clone(), hist)
-        loss.backward()
-        opt.step()
-        hist.map_loss.append(loss.item())
-        if callback is not None and eval_every and (step + 1) % eval_every == 0:
-            for k, v in (callback(step + 1, w.detach()) or {}).items():
-                hist.log(k, step + 1, v)
-    return w.detach(), hist
+        return kd_loss(net.forward(w, xb), tb, yb, gamma, temperature) - prior.log_prob(w) / N
+
+    return fit_point(loss, init.to(X), N, steps, lr, batch_size, callback=callback, eval_every=eval_every, name="KD")
 
 
 def prune_weights(teacher_net: BayesianNet, teacher_weights: torch.Tensor, student_net: BayesianNet,
@@ -189,3 +189,103 @@ def prune_finetune(teacher_net: BayesianNet, teacher_weights: torch.Tensor, stud
                             init=w0.to(X), batch_size=batch_size, callback=callback, eval_every=eval_every)
     hist.info["plan"] = [op.to_dict() for op in ops]
     return w, hist
+
+
+# ============================================================================ sequence and feature-level KD
+def token_kd_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, y: torch.Tensor, pad: int = 0,
+                  gamma: float = 0.5, temperature: float = 2.0) -> torch.Tensor:
+    """Token-level Hinton KD of a batch of ``B`` sequences: ``kd_loss`` over the ``M`` non-pad target tokens
+    (``y != pad``) times ``M / B``, i.e. the summed per-token loss per sequence.
+
+    ``logits`` and ``teacher_probs``: ``[B, T, V]`` (the student's logits and the teacher's teacher-forced
+    posterior predictive), ``y``: ``[B, T]``."""
+    m = y != pad
+    return kd_loss(logits[m], teacher_probs[m], y[m], gamma, temperature) * (int(m.sum()) / y.shape[0])
+
+
+def token_kd(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, teacher_probs: torch.Tensor,
+             init: torch.Tensor | None = None, steps: int = 600, lr: float = 1e-2, batch_size: int | None = None,
+             gamma: float = 0.5, temperature: float = 2.0, seed: int = 0,
+             callback: Callable[[int, torch.Tensor], Any] | None = None,
+             eval_every: int = 0) -> tuple[torch.Tensor, FitHistory]:
+    """A point sequence-to-sequence student (e.g. :class:`~pyro_distill.nets.AttentionRNN`) trained by Adam on
+    :func:`token_kd_loss` plus the fan-in prior's ``-log p(w) / N`` (the MAP students' regularizer).
+    ``teacher_probs`` ``[N, T, V]``: the teacher's predictive on ``X`` (``metrics.sequence_predictive``);
+    padding is the net's ``pad`` label. Returns the weights ``[p]`` and the history."""
+    if teacher_probs.shape[:2] != y.shape:
+        raise ValueError(f"teacher_probs must be [N, T, V] with [N, T] = {tuple(y.shape)} (the teacher's predictive "
+                         f"on the student's training sequences), got {tuple(teacher_probs.shape)}")
+    torch.manual_seed(seed)
+    if init is None:
+        init = net.init_weights(torch.Generator().manual_seed(seed))
+    prior = net.default_prior(init.dtype)
+    N, pad = X.shape[0], int(getattr(net, "pad", 0))
+
+    def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        xb, yb, tb = (X, y, teacher_probs) if idx is None else (X[idx], y[idx], teacher_probs[idx])
+        return token_kd_loss(net.forward(w, xb), tb, yb, pad, gamma, temperature) - prior.log_prob(w) / N
+
+    return fit_point(loss, init, N, steps, lr, batch_size, callback=callback, eval_every=eval_every,
+                     name="token KD", hint="lower the student's lr")
+
+
+def tinybert_targets(teacher: BayesianNet, w: torch.Tensor, X: torch.Tensor) -> dict[str, list[Any]]:
+    """The teacher's features that :func:`tinybert_loss` matches, at weights ``w`` (its posterior mean):
+    ``hidden`` (the residual stream after the embedding and after each block, ``[N, T, d]``) and ``attn``
+    (per block the attention maps averaged over heads ``[N, T, T]``, ``None`` for a block without attention)."""
+    with torch.no_grad():
+        f = teacher.features(w.to(X.dtype) if X.is_floating_point() else w, X)
+    return {"hidden": list(f["hidden"]), "attn": [None if a is None else a.mean(-3) for a in f["attn"]]}
+
+
+def tinybert_loss(feats: dict[str, Any], targets: dict[str, list[Any]], y: torch.Tensor, block_map: list[int],
+                  beta_hidden: float = 1.0, beta_attn: float = 1.0) -> torch.Tensor:
+    """``CE + beta_h * sum_l MSE(h_l^S, h_{m(l)}^T) + beta_a * sum_l MSE(A_l^S, A_{m(l)}^T)`` on one batch.
+
+    ``feats``: the student's ``features`` (``logits``, ``hidden``, ``attn`` per head, ``mask [B, T]``);
+    ``targets``: :func:`tinybert_targets` on the same rows; ``m = block_map`` maps student block ``l`` to its
+    teacher block (the embedding output is matched to the embedding output). Attention maps are averaged over
+    heads (the student may have fewer) and compared on valid query/key positions; each MSE is the mean over
+    the feature (or key) axis summed over valid positions, divided by the number of valid positions.
+    TinyBERT (Jiao et al. 2020) matches per head; averaging lets fewer heads be matched."""
+    m = feats["mask"].to(feats["hidden"][0].dtype)  # [B, T]
+    loss = torch.nn.functional.cross_entropy(feats["logits"], y)
+    for s, t in [(0, 0)] + [(s + 1, t + 1) for s, t in enumerate(block_map)]:
+        d2 = ((feats["hidden"][s] - targets["hidden"][t]) ** 2).mean(-1)
+        loss = loss + beta_hidden * (d2 * m).sum() / m.sum()
+    for s, t in enumerate(block_map):
+        if feats["attn"][s] is None or targets["attn"][t] is None:
+            continue
+        mm = m[:, :, None] * m[:, None, :]
+        d2 = (feats["attn"][s].mean(-3) - targets["attn"][t]) ** 2
+        loss = loss + beta_attn * (d2 * mm).sum() / m.sum()
+    return loss
+
+
+def tinybert(student: BayesianNet, X: torch.Tensor, y: torch.Tensor, targets: dict[str, list[Any]],
+             block_map: list[int], steps: int = 600, lr: float = 1e-2, beta_hidden: float = 1.0,
+             beta_attn: float = 1.0, batch_size: int | None = None, seed: int = 0,
+             callback: Callable[[int, torch.Tensor], Any] | None = None,
+             eval_every: int = 0) -> tuple[torch.Tensor, FitHistory]:
+    """A point transformer student trained by Adam on :func:`tinybert_loss` (``targets``: the teacher's
+    :func:`tinybert_targets` on the rows of ``X``) plus the fan-in prior's ``-log p(w) / N``, from a random
+    start; minibatches are drawn from the same seeded generator as the start. Returns weights and history."""
+    if len(targets["hidden"]) < 1 + (max(block_map) + 1 if block_map else 0):
+        raise ValueError(f"block_map {block_map} names teacher blocks beyond the {len(targets['hidden']) - 1} in "
+                         "targets; pass tinybert_targets(teacher, ...) of the teacher the plan started from")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    prior = student.default_prior(X.dtype)
+    init = student.init_weights(gen, X.dtype)
+    N = X.shape[0]
+
+    def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        if idx is None:
+            return tinybert_loss(student.features(w, X), targets, y, block_map, beta_hidden, beta_attn) \
+                - prior.log_prob(w) / N
+        sub = {k: [None if v is None else v[idx] for v in targets[k]] for k in ("hidden", "attn")}
+        return tinybert_loss(student.features(w, X[idx]), sub, y[idx], block_map, beta_hidden, beta_attn) \
+            - prior.log_prob(w) / N
+
+    return fit_point(loss, init, N, steps, lr, batch_size, generator=gen, callback=callback, eval_every=eval_every,
+                     name="TinyBERT-style KD")

@@ -19,7 +19,6 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyro
@@ -30,16 +29,27 @@ from pyro.nn import PyroModule, PyroParam
 from . import checks
 from .arrays import as_data, as_prior
 from .gaussian import (
+    STRUCTURES,
     DenseGaussian,
     DiagGaussian,
     Gaussian,
     KronGaussian,
     LowRankGaussian,
     LowRankPrecisionGaussian,
+    PointMass,
     cholesky_jitter,
+    structure,
+    structure_name,
 )
 from .nets.base import BayesianNet
-from .whitened import WhitenedGuide, resolve_whiten
+from .training import DivergenceError, FitHistory, fit_point
+from .whitened import (
+    WhitenedGuide,
+    mask_tril_grads,
+    register_structure_params,
+    resolve_whiten,
+    structure_params,
+)
 
 __all__ = [
     "FitHistory",
@@ -50,120 +60,53 @@ __all__ = [
     "fit_posterior",
     "elbo_terms",
     "GUIDES",
+    "guide_name",
 ]
 
-GUIDES = ("mvn", "lowrank", "diag", "kron", "lowrank_precision")
+#: the guide structures, by their one name (``"mvn"`` is accepted everywhere for ``"dense"``)
+GUIDES = tuple(STRUCTURES)
+
+
+def guide_name(name: str) -> str:
+    """The canonical name of a guide (``"mvn"`` -> ``"dense"``), or a ValueError naming the choices."""
+    return structure_name(name, "guide")
 log = logging.getLogger(__name__)
-
-
-class DivergenceError(RuntimeError):
-    """SVI or MAP produced a non-finite loss or gradient. ``last_good`` holds the state before that step."""
-
-    def __init__(self, msg: str, step: int, last_good: Gaussian | torch.Tensor | None, history: FitHistory):
-        super().__init__(msg)
-        self.step = step
-        self.last_good = last_good
-        self.history = history
-
-
-@dataclass
-class FitHistory:
-    """What happened during a fit: losses per step, wall time, and the ELBO at start and end."""
-
-    map_loss: list[float] = field(default_factory=list)
-    elbo: list[float] = field(default_factory=list)
-    time_s: list[float] = field(default_factory=list)
-    elbo_start: float | None = None
-    elbo_end: float | None = None
-    map_time_s: float = 0.0
-    laplace_time_s: float = 0.0
-    svi_time_s: float = 0.0
-    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        e = (f", ELBO {self.elbo_start:.1f} -> {self.elbo_end:.1f}" if self.elbo_start is not None
-             and self.elbo_end is not None else "")
-        return (f"FitHistory(map_steps={len(self.map_loss)}, svi_steps={len(self.elbo)}{e}, "
-                f"time {self.map_time_s + self.laplace_time_s + self.svi_time_s:.1f}s, curves={sorted(self.curves)})")
-
-    def log(self, name: str, step: int, value: float) -> None:
-        self.curves.setdefault(name, []).append((step, float(value)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 # ============================================================================ guide
 class GaussianGuide(PyroModule):
-    """A Pyro guide ``q(w) = N(loc, S)`` over the single site ``"w"`` in one of four structures.
+    """A Pyro guide ``q(w) = N(loc, S)`` over the single site ``"w"`` in one of the structures of
+    :data:`GUIDES` (``"mvn"`` is accepted for ``"dense"``; default: the start's own structure).
 
-    ``mvn``: ``S = L L^T`` with ``L`` lower triangular; ``lowrank``: ``S = W W^T + diag(d)``;
-    ``diag``: ``S = diag(s^2)``; ``kron``: per block of the start's :class:`KronGaussian` the lower-triangular
-    row and column factors (plus log standard deviations of the uncovered coordinates).
+    The structure owns its parameters (:meth:`~pyro_distill.gaussian.Gaussian.guide_params` from the start,
+    converting a start of another structure where defined, with ``rank``/``seed`` for a random low-rank factor;
+    :meth:`~pyro_distill.gaussian.Gaussian.from_guide_params` back), so nothing here depends on the kind:
+    dense ``S = L L^T`` (``L`` lower triangular), low rank ``W W^T + diag(d)``, diagonal ``diag(s^2)``, Kronecker
+    (per block lower-triangular row and column factors), low-rank precision ``(diag(d) + F F^T)^{-1}``.
     Calling it with ``num_particles`` draws ``[num_particles, p]``.
     """
 
-    def __init__(self, init: Gaussian, kind: str | None = None):
+    def __init__(self, init: Gaussian, kind: str | None = None, rank: int = 20, seed: int = 0):
         super().__init__()
-        kind = kind or init.kind.replace("dense", "mvn")
-        if kind not in GUIDES:
-            raise ValueError(f"unknown guide {kind!r}; choose one of {GUIDES}")
+        kind = guide_name(kind or init.kind)
         self.kind = kind
+        self.structure = structure(kind)
         self.layout = init.layout
         self.loc = PyroParam(init.loc.detach().clone())
-        if kind == "mvn":
-            L = init.scale_tril if isinstance(init, DenseGaussian) else torch.diag(init.variance.sqrt())
-            # One p x p parameter whose upper triangle stays zero: the fit masks its gradient in place
-            # (cheaper than a tril() per step). The diagonal's sign is free: only |L_ii| enters log det.
-            self.scale_tril = torch.nn.Parameter(torch.tril(L.detach()).clone())
-        elif kind == "lowrank":
-            if not isinstance(init, LowRankGaussian):
-                raise ValueError("a low-rank guide needs a LowRankGaussian start")
-            self.cov_factor = PyroParam(init.cov_factor.detach().clone())
-            self.log_diag = PyroParam(init.cov_diag.detach().log().clone())
-        elif kind == "kron":
-            if not isinstance(init, KronGaussian):
-                raise ValueError("a Kronecker guide needs a KronGaussian start (cov_init='laplace' or 'prior' builds "
-                                 "one for an MLP or a CNN)")
-            self.kron_index = [i.clone() for i in init.index]
-            self.row_tril = torch.nn.ParameterList([torch.nn.Parameter(L.detach().clone()) for L in init.row_tril])
-            self.col_tril = torch.nn.ParameterList([torch.nn.Parameter(L.detach().clone()) for L in init.col_tril])
-            self.rem_log_scale = PyroParam(init.rem_scale.detach().log().clone())
-        elif kind == "lowrank_precision":  # precision diag(d) + F F^T: the low-rank Laplace structure
-            if not isinstance(init, LowRankPrecisionGaussian):
-                raise ValueError("a lowrank_precision guide needs a LowRankPrecisionGaussian start "
-                                 "(laplace(..., kind='lowrank_precision') or cov_init='prior' builds one)")
-            self.prec_factor = PyroParam(init.prec_factor.detach().clone())
-            self.log_prec_diag = PyroParam(init.prec_diag.detach().log().clone())
-        else:
-            self.log_scale = PyroParam(init.variance.detach().sqrt().log().clone())
+        self._names = register_structure_params(self, self.structure, init, rank, seed)
 
     def scale_params(self) -> list[torch.nn.Parameter]:
         """Parameters of the covariance (they get ``factor_lr``)."""
         return [p for n, p in self.named_parameters() if not n.startswith("loc")]
 
     def mask_grad(self) -> None:
-        """Zero the gradient's upper triangle (mvn): keeps ``scale_tril`` lower triangular under Adam."""
-        if self.kind == "mvn" and self.scale_tril.grad is not None:
-            self.scale_tril.grad.tril_()
-        if self.kind == "kron":
-            for P in (*self.row_tril, *self.col_tril):
-                if P.grad is not None:
-                    P.grad.tril_()
+        """Zero the gradient's upper triangle of the triangular factors (dense, Kronecker): keeps them lower
+        triangular under Adam."""
+        mask_tril_grads(self, self.structure)
 
     def gaussian(self) -> Gaussian:
         """The current q as a Gaussian (differentiable)."""
-        if self.kind == "mvn":
-            return DenseGaussian(self.loc, self.scale_tril, layout=self.layout)
-        if self.kind == "lowrank":
-            return LowRankGaussian(self.loc, self.cov_factor, self.log_diag.exp(), layout=self.layout)
-        if self.kind == "lowrank_precision":
-            return LowRankPrecisionGaussian(self.loc, self.prec_factor, self.log_prec_diag.exp(), layout=self.layout)
-        if self.kind == "kron":
-            return KronGaussian(self.loc, self.kron_index, list(self.row_tril), list(self.col_tril),
-                                self.rem_log_scale.exp(), layout=self.layout)
-        return DiagGaussian(self.loc, self.log_scale.exp(), layout=self.layout)
+        return self.structure.from_guide_params(self.loc, structure_params(self, self._names), self.layout)
 
     def forward(self, *args, num_particles: int = 1, **kwargs) -> torch.Tensor:
         d = self.gaussian().to_pyro()
@@ -239,11 +182,13 @@ def _log_joint(net, w, prior, X, y, idx=None, noise_scale=None):
 def fit_map(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian | None = None,
             init: torch.Tensor | None = None, steps: int = 1000, lr: float = 1e-2, batch_size: int | None = None,
             seed: int | None = 0, history: FitHistory | None = None, progress: bool | None = None,
-            callback: Callable[[int, torch.Tensor], dict[str, float] | None] | None = None,
+            callback: Callable[[int, PointMass], dict[str, float] | None] | None = None,
             eval_every: int = 0, fit_noise: bool = False) -> tuple[torch.Tensor, FitHistory]:
     """Maximize ``log p(y | X, w) + log p(w)`` by Adam (full batch unless ``batch_size``).
 
     Returns the MAP weights ``[p]`` and the history (``map_loss`` = negative log joint per datum).
+    ``callback(step, point)`` gets the current weights as a :class:`~pyro_distill.gaussian.PointMass` every
+    ``eval_every`` steps (inside :func:`fit_posterior` the same callback sees the SVI phase's Gaussians).
     ``progress``: a tqdm bar (``None``: only when stderr is a terminal and ``$CI`` is unset). A non-finite
     loss, a linear-algebra failure in a step, or a loss grown past ``start + 1e3 max(|start|, 1)``
     (:class:`pyro_distill.checks.LossGuard`) stops it with :class:`DivergenceError`.
@@ -261,52 +206,22 @@ def fit_map(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian 
     if init is None:
         g = torch.Generator().manual_seed(seed or 0)
         init = net.init_weights(g, wdtype).to(X.device)
-    w = init.detach().clone().to(device=X.device, dtype=wdtype).requires_grad_(True)
-    params = [w]
-    log_noise = None
-    if fit_noise:
-        log_noise = torch.zeros((), dtype=X.dtype, device=X.device, requires_grad=True)
-        params.append(log_noise)
-    opt = torch.optim.Adam(params, lr=lr)
+    log_noise = torch.zeros((), dtype=X.dtype, device=X.device, requires_grad=True) if fit_noise else None
     N = X.shape[0]
-    t0 = time.perf_counter()
-    it = _progress(range(steps), progress, "MAP")
-    guard = checks.LossGuard()
-    for step in it:
-        idx = None if batch_size is None or batch_size >= N else torch.randint(0, N, (batch_size,), device=X.device)
-        opt.zero_grad(set_to_none=True)
-        ns = None if log_noise is None else log_noise.exp()
-        try:
-            loss = -_log_joint(net, w, prior, X, y, idx, ns) / N
-        except checks.LINALG_ERRORS as exc:
-            raise DivergenceError(f"MAP diverged at step {step}: {type(exc).__name__} ({str(exc).splitlines()[0]}); "
-                                  f"last good weights from step {guard.snapshot_step}; lower lr (now {lr})", step,
-                                  guard.snapshot, history) from exc
-        if not bool(torch.isfinite(loss)):
-            raise DivergenceError(f"MAP diverged at step {step}: loss is {loss.item()}; lower lr (now {lr})",
-                                  step, w.detach().clone(), history)
-        if guard.exploded(float(loss.detach())):
-            raise DivergenceError(f"MAP diverged at step {step}: the loss grew from {guard.start:.4g} to "
-                                  f"{float(loss.detach()):.4g} (more than {checks.GROWTH_FACTOR:g}x its start); last "
-                                  f"good weights from step {guard.snapshot_step}; lower lr (now {lr})", step,
-                                  guard.snapshot, history)
-        guard.keep(step, w)
-        loss.backward()
-        opt.step()
-        history.map_loss.append(float(loss.detach()))
-        if callback is not None and eval_every and (step + 1) % eval_every == 0:
-            out = callback(step + 1, w.detach())
-            for k, v in (out or {}).items():
-                history.log(k, step + 1, v)
-        if progress and step % 50 == 0:
-            it.set_postfix(loss=f"{float(loss.detach()):.4f}")
-    history.map_time_s += time.perf_counter() - t0
+
+    def loss(w: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        return -_log_joint(net, w, prior, X, y, idx, None if log_noise is None else log_noise.exp()) / N
+
+    extra = [] if log_noise is None else [log_noise]
+    w, history = fit_point(loss, init.to(device=X.device, dtype=wdtype), N, steps, lr, batch_size, extra_params=extra,
+                           history=history, callback=callback, eval_every=eval_every,
+                           progress=(lambda r: _progress(r, True, "MAP")) if progress else None)
     if history.map_loss:
         log.info("MAP: %d steps in %.1fs, loss %.4g -> %.4g", steps, history.map_time_s, history.map_loss[0],
                  history.map_loss[-1])
     if log_noise is not None:
-        history.info["noise_scale"] = float(log_noise.exp())
-    return w.detach(), history
+        history.info["noise_scale"] = float(log_noise.detach().exp())
+    return w, history
 
 
 # ============================================================================ Laplace
@@ -377,10 +292,7 @@ def laplace(net: BayesianNet, X: torch.Tensor, w_map: torch.Tensor, prior: Gauss
     """
     from .curvature import GGN
 
-    kind = {"mvn": "dense"}.get(kind, kind)
-    if kind not in ("dense", "diag", "lowrank", "kron", "lowrank_precision"):
-        raise ValueError(f"unknown Laplace structure {kind!r}; choose dense (mvn), diag, lowrank, kron or "
-                         "lowrank_precision")
+    kind = structure_name(kind, "Laplace structure")
     w_map = w_map.detach()
     if kind == "kron":
         return kron_laplace(net, X, w_map, prior, noise_scale=noise_scale, y=y)
@@ -570,8 +482,7 @@ class _Quiet:
 
 
 def _check_inputs(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, guide: str, prior: Gaussian | None) -> None:
-    if guide not in GUIDES:
-        raise ValueError(f"unknown guide {guide!r}; choose one of {GUIDES} ('mvn' = dense full covariance)")
+    guide_name(guide)
     checks.data(net, X, y)
     net.check_data(X, y)
     if prior is not None and prior.dim != net.num_params:
@@ -587,7 +498,7 @@ def fit_posterior(
     net: BayesianNet,
     X: torch.Tensor,
     y: torch.Tensor,
-    guide: str = "mvn",
+    guide: str = "dense",
     prior: Gaussian | None = None,
     steps: int = 1000,
     lr: float = 1e-3,
@@ -616,7 +527,9 @@ def fit_posterior(
     is taken as the SVI start as it is (no MAP, no Laplace); (2) ``cov_init="laplace"``: covariance
     from the GGN Laplace approximation (``"prior"``: the prior's covariance shrunk by 1e-2);
     (3) ``steps`` of SVI with Adam (``lr`` for the mean, ``factor_lr`` for the covariance parameters:
-    default ``lr / 100`` for ``mvn``, ``lr`` otherwise).
+    default ``lr / 100`` for ``dense``, ``lr`` otherwise). ``guide`` names the structure (:data:`GUIDES`; ``"mvn"``
+    is accepted for ``"dense"``); a given Gaussian ``init`` of another structure is converted by the structure's
+    :meth:`~pyro_distill.gaussian.Gaussian.guide_params` (a low-rank guide gets a random ``rank``-column factor).
 
     Returns the fitted Gaussian (layout = ``net.layout``) and a :class:`FitHistory`. A non-finite loss
     or gradient stops the fit with :class:`DivergenceError` carrying the step and the last good state (the
@@ -634,6 +547,7 @@ def fit_posterior(
         init = as_prior(init, net)
     progress = _auto_progress(progress)
     _check_inputs(net, X, y, guide, prior)
+    guide = guide_name(guide)
     steps, map_steps = checks.count("steps", steps), checks.count("map_steps", map_steps)
     lr, map_lr = checks.positive("lr", lr), checks.positive("map_lr", map_lr)
     factor_lr = None if factor_lr is None else checks.positive("factor_lr", factor_lr)
@@ -650,24 +564,17 @@ def fit_posterior(
     history = FitHistory()
     history.info.update(guide=guide, steps=steps, lr=lr, num_particles=num_particles, p=net.num_params,
                         N=X.shape[0], dtype=str(dtype))
-    kind = {"mvn": "dense", "lowrank": "lowrank", "diag": "diag", "kron": "kron",
-            "lowrank_precision": "lowrank_precision"}[guide]
+    kind = guide
     N = X.shape[0]
 
     # ---- phase 1-2: starting Gaussian
     if isinstance(init, Gaussian):
         if init.dim != net.num_params:
             raise ValueError(f"init Gaussian has {init.dim} coordinates, the network p={net.num_params}")
-        start = init.to(device, dtype)
-        if guide == "lowrank" and not isinstance(start, LowRankGaussian):
-            start = _to_lowrank(start, rank, seed or 0)
-        if guide == "lowrank_precision" and not isinstance(start, LowRankPrecisionGaussian):
-            # the start's variances as a diagonal precision, zero factor (its correlations are not kept)
-            start = LowRankPrecisionGaussian(start.loc, torch.zeros(start.dim, rank, dtype=start.dtype,
-                                                                    device=start.device), 1.0 / start.variance)
-        if guide == "kron" and not isinstance(start, KronGaussian):
-            raise ValueError(f"guide='kron' needs a KronGaussian init, got a {start.kind} Gaussian; pass a Kronecker "
-                             "start or choose the guide of the start's structure")
+        if isinstance(init, PointMass):
+            raise ValueError("init is a PointMass: pass its weights (init=point.mean) to start MAP and Laplace there, "
+                             "or a Gaussian to start SVI from it")
+        start = init.to(device, dtype)  # the guide converts it to its structure (guide_params)
     else:
         if isinstance(init, str):
             if init not in ("map", "prior"):
@@ -680,8 +587,7 @@ def fit_posterior(
         if map_steps > 0:
             w0, _ = fit_map(net, X, y, prior, init=w0, steps=map_steps, lr=map_lr, batch_size=batch_size,
                             seed=seed, history=history, progress=progress,
-                            callback=(lambda s, w: callback(s, DiagGaussian(w, torch.zeros_like(w) + 1e-30)))
-                            if callback else None, eval_every=eval_every)
+                            callback=callback, eval_every=eval_every)
         elif w0 is None:
             w0 = net.init_weights(torch.Generator().manual_seed(seed or 0), dtype).to(device)
         t0 = time.perf_counter()
@@ -702,9 +608,10 @@ def fit_posterior(
                          "exists (its KL is already O(p k^2)); use whiten='auto' or False")
     whitened = resolve_whiten(whiten, guide, prior) if guide != "lowrank_precision" else False
     history.info["whiten"] = whitened
-    g = WhitenedGuide(start, prior, guide) if whitened else GaussianGuide(start, guide)
+    g = (WhitenedGuide(start, prior, guide, rank=rank, seed=seed or 0) if whitened
+         else GaussianGuide(start, guide, rank=rank, seed=seed or 0))
     g.to(device)
-    flr = factor_lr if factor_lr is not None else (lr / 100 if guide == "mvn" else lr)
+    flr = factor_lr if factor_lr is not None else lr / structure(guide).guide_factor_lr_divisor
     opt = torch.optim.Adam([{"params": [g.loc], "lr": lr}, {"params": g.scale_params(), "lr": flr}],
                            **_adam_kwargs(device))
     sub = None if batch_size is None or batch_size >= N else batch_size
@@ -812,6 +719,8 @@ def _adam_kwargs(device: torch.device) -> dict[str, Any]:
 
 
 def _shrunk_prior_start(prior: Gaussian, w0: torch.Tensor, kind: str, rank: int, seed: int, net) -> Gaussian:
+    """The start of ``cov_init="prior"``: centred at ``w0`` with standard deviations ``0.1 x`` the prior's, in the
+    structure ``kind`` (Kronecker: per layer block a scaled identity; low rank: a random small factor)."""
     s = (prior.variance.sqrt() * 0.1).detach()
     if kind == "dense":
         return DenseGaussian(w0.detach().clone(), torch.diag(s), layout=net.layout)
@@ -826,20 +735,7 @@ def _shrunk_prior_start(prior: Gaussian, w0: torch.Tensor, kind: str, rank: int,
     if kind == "lowrank_precision":  # precision 1/(0.01 var): a zero factor is a valid start in precision form
         F = torch.zeros(w0.shape[-1], rank, dtype=w0.dtype, device=w0.device)
         return LowRankPrecisionGaussian(w0.detach().clone(), F, 1.0 / s**2, layout=net.layout)
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(w0.shape[-1], rank, generator=g, dtype=w0.dtype).to(w0.device)
-    W = W * (0.1 * s.unsqueeze(-1) / math.sqrt(rank))
-    return LowRankGaussian(w0.detach().clone(), W, s**2, layout=net.layout)
-
-
-def _to_lowrank(q: Gaussian, rank: int, seed: int) -> LowRankGaussian:
-    if isinstance(q, LowRankGaussian):
-        return q
-    var = q.variance
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(q.dim, rank, generator=g, dtype=q.dtype).to(q.device)
-    W = W * (0.1 * var.sqrt().unsqueeze(-1) / math.sqrt(rank))
-    return LowRankGaussian(q.loc, W, var * 0.99, layout=q.layout)
+    return LowRankGaussian.random_start(w0.detach().clone(), s, s**2, rank, seed, layout=net.layout)
 
 
 def predictive(net: BayesianNet, q: Gaussian, X: torch.Tensor, num_samples: int = 200, seed: int = 0,

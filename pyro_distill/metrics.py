@@ -14,6 +14,13 @@ Regression, from draws of the network's mean ``f_s(x_n)`` (``s = 1..S``) and Gau
 
 * RMSE of the predictive mean ``sqrt(mean_n (mean_s f_s(x_n) - y_n)^2)``;
 * NLL of the predictive mixture ``-mean_n log (1/S) sum_s N(y_n | f_s(x_n), sigma^2)``.
+
+Sequences (a sequence-to-sequence net such as :class:`~pyro_distill.nets.AttentionRNN`; labels ``y [N, T]``,
+padding = the net's ``pad`` label, ``M`` = the number of non-pad target tokens):
+
+* exact match and token accuracy of greedy decoding (``net.decode``) at one weight vector;
+* token NLL at one weight vector ``-(1/M) sum_{n,t: y_nt != pad} log softmax f(x_n; w)_{t, y_nt}`` (teacher forcing);
+* token NLL of the posterior predictive, the same with ``mean_s softmax f(x_n; w_s)`` (:func:`sequence_predictive`).
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ __all__ = [
     "num_params",
     "predict",
     "evaluate",
+    "sequence_nll",
+    "sequence_predictive",
+    "sequence_scores",
+    "evaluate_sequences",
 ]
 
 _EPS = 1e-12
@@ -161,4 +172,53 @@ def evaluate(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, y: t
         res.update({k + sfx: v for k, v in part.items()})
         if method == "mc":
             res["params"] = num_params(net)
+    return res
+
+
+# ============================================================================ sequences
+def _tokens(net: BayesianNet, y: torch.Tensor) -> torch.Tensor:
+    """The non-pad target positions ``[N, T]`` (padding is the net's ``pad`` label, 0 by default)."""
+    return y != int(getattr(net, "pad", 0))
+
+
+@torch.no_grad()
+def sequence_nll(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor, chunk: int = 1000) -> float:
+    """Teacher-forced token NLL at one weight vector ``w``: minus the log-likelihood summed over sequences
+    (padding ignored by the net's likelihood) divided by the number of non-pad target tokens."""
+    tot = sum(float(net.log_likelihood(w, X[a : a + chunk], y[a : a + chunk]).sum()) for a in range(0, len(X), chunk))
+    return -tot / int(_tokens(net, y).sum())
+
+
+def sequence_predictive(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, num_samples: int = 8,
+                        seed: int = 0, chunk: int = 500) -> torch.Tensor:
+    """Teacher-forced posterior predictive ``[N, T, V]``: the softmax averaged over ``num_samples`` seeded draws
+    of ``q`` (:func:`pyro_distill.predictions.predictive`), ``chunk`` sequences at a time."""
+    return torch.cat([predictive(net, q, X[a : a + chunk], num_samples=num_samples, seed=seed, chunk=num_samples)
+                      for a in range(0, len(X), chunk)])
+
+
+@torch.no_grad()
+def sequence_scores(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
+                    chunk: int = 1000) -> dict[str, float]:
+    """``exact_match`` (share of sequences decoded exactly, up to and including EOS) and ``token_acc`` (share of
+    non-pad target tokens right) of greedy decoding at ``w``."""
+    from .data.sequences import exact_match, token_accuracy
+
+    pred = torch.cat([net.decode(w, X[a : a + chunk]) for a in range(0, len(X), chunk)])
+    return {"exact_match": float(exact_match(pred, y)), "token_acc": float(token_accuracy(pred, y))}
+
+
+def evaluate_sequences(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, y: torch.Tensor,
+                       num_samples: int = 8, seed: int = 0) -> dict[str, float]:
+    """``exact_match``, ``token_acc``, ``nll_tok`` (all at the mean / the point) and ``nll_pred_tok`` (the
+    posterior predictive's token NLL from ``num_samples`` draws; the point NLL again for a point estimate)."""
+    w = q.loc if isinstance(q, Gaussian) else q
+    res = sequence_scores(net, w, X, y) | {"nll_tok": sequence_nll(net, w, X, y)}
+    if isinstance(q, Gaussian) and num_samples > 0:
+        P = sequence_predictive(net, q, X, num_samples, seed)
+        lp = P.clamp_min(_EPS).log().gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        m = _tokens(net, y)
+        res["nll_pred_tok"] = float(-(lp * m).sum() / m.sum())
+    else:
+        res["nll_pred_tok"] = res["nll_tok"]
     return res
