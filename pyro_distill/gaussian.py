@@ -7,7 +7,13 @@
   low-rank Laplace posterior), O(p k) memory;
 * :class:`KronGaussian` per block ``vec(U) ~ N(vec(M), B ⊗ A)``, block-diagonal, plus a diagonal remainder
   (KFAC): O(sum r^2 + c^2) memory; closed under conditioning / marginalizing whole rows, columns and blocks,
-  and it refuses (:class:`StructureError`, naming ``to_dense()`` / ``to_lowrank(k)``) what it cannot do exactly.
+  and it refuses (:class:`StructureError`, naming ``to_dense()`` / ``to_lowrank(k)``) what it cannot do exactly;
+* :class:`PointMass` ``w = m``: a point estimate (zero covariance; conditioning = indexing; no density).
+
+One name per structure (:data:`STRUCTURES`, the ``kind`` of each class: ``dense``, ``lowrank``, ``diag``, ``kron``,
+``lowrank_precision``); :func:`structure_name` also accepts the alias ``mvn`` for ``dense``. Each structure owns
+its guide parameters (:meth:`Gaussian.guide_params` / :meth:`Gaussian.from_guide_params`), so the SVI guides hold
+no per-structure code.
 
 Two closed operations (docs/DESIGN.md): ``condition(I, v)`` fixes coordinates ``I`` to ``v`` and returns the
 Gaussian over the complement ``K`` (mean ``m_K + S_KI S_II^{-1}(v - m_I)``, covariance
@@ -56,6 +62,11 @@ __all__ = [
     "DiagGaussian",
     "KronGaussian",
     "LowRankPrecisionGaussian",
+    "PointMass",
+    "STRUCTURES",
+    "STRUCTURE_ALIASES",
+    "structure",
+    "structure_name",
     "NotPositiveDefiniteError",
     "StructureError",
     "kron_index",
@@ -380,6 +391,9 @@ class Gaussian(Distribution, ABC):
             return _with_layout(d.gaussian, layout)
         if _LRP_PYRO is not None and isinstance(d, _LRP_PYRO):  # LowRankPrecisionGaussian.to_pyro()
             return _with_layout(d.gaussian, layout)
+        if type(d).__name__ == "Delta" and type(d).__module__.startswith("pyro.") and len(d.event_shape) == 1 \
+                and tuple(d.batch_shape) == ():  # PointMass.to_pyro()
+            return PointMass(d.v, layout=layout)
         if not isinstance(d, Distribution):
             raise TypeError(
                 f"expected a Gaussian or a torch/Pyro distribution, got {type(d).__name__}; pass a "
@@ -426,6 +440,9 @@ class Gaussian(Distribution, ABC):
         a torch/Pyro Gaussian (converted by :func:`as_gaussian`).
         """
         other = as_gaussian(other)
+        if isinstance(self, PointMass) or isinstance(other, PointMass):
+            raise _no_density("KL divergence", "a point estimate has zero covariance, so the KL to or from it is "
+                              "infinite; fit a Gaussian (fit_posterior) to compare distributions")
         if other.dim != self.dim:
             raise ValueError(f"KL between Gaussians of dimension {self.dim} and {other.dim}")
         special = self._kl_special(other)
@@ -515,6 +532,28 @@ class Gaussian(Distribution, ABC):
     def to_pyro(self):
         """The matching Pyro distribution (event shape ``[p]``)."""
 
+    # ----------------------------------------------------------------- guide parameters
+    #: guide parameters kept lower triangular during a fit (their gradient's upper triangle is zeroed)
+    guide_tril: tuple[str, ...] = ()
+    #: the covariance parameters' default step size is the mean's ``lr`` divided by this
+    guide_factor_lr_divisor: float = 1.0
+
+    @classmethod
+    def guide_params(cls, start: Gaussian, rank: int = 20, seed: int = 0) -> dict[str, Any]:
+        """The unconstrained parameters (besides the mean) of a guide of this structure started at ``start``.
+
+        Detached copies, in the order a guide registers them: float tensors (or lists of them) are parameters,
+        integer tensors (or lists of them) fixed structure. A start of another structure is converted where that
+        is defined (``rank``/``seed``: the random factor of a low-rank start); :meth:`from_guide_params` inverts it.
+        """
+        raise StructureError(f"{cls.__name__} has no guide parameters; choose a guide structure from "
+                             f"{sorted(STRUCTURES)}")
+
+    @classmethod
+    def from_guide_params(cls, loc: torch.Tensor, params: dict[str, Any], layout: Layout | None = None) -> Gaussian:
+        """The Gaussian of a guide's mean and parameters (differentiable in them)."""
+        raise StructureError(f"{cls.__name__} has no guide parameters")
+
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write tensors, layout and metadata to one file, atomically, and verify it by reading it back.
@@ -528,7 +567,7 @@ class Gaussian(Distribution, ABC):
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        meta = _plain_meta(self.meta)
+        meta = plain_json(self.meta)
         path.parent.mkdir(parents=True, exist_ok=True)
         _clean_stale_tmp(path)
         payload = {
@@ -712,6 +751,22 @@ class DenseGaussian(Gaussian):
             L = L * torch.where(neg, -1.0, 1.0).to(L.dtype)
         return dist.MultivariateNormal(self.loc, scale_tril=L, validate_args=False)
 
+    guide_tril = ("scale_tril",)
+    # Full-covariance SVI with one step size for every entry of L random-walks the p^2 off-diagonal entries
+    guide_factor_lr_divisor = 100.0
+
+    @classmethod
+    def guide_params(cls, start, rank=20, seed=0):
+        """``scale_tril``: the start's factor, or ``diag(sd)`` of any other structure. One p x p parameter whose
+        upper triangle stays zero (the fit masks its gradient); the diagonal's sign is free (only ``|L_ii|``
+        enters log det)."""
+        L = start.scale_tril if isinstance(start, DenseGaussian) else torch.diag(start.variance.sqrt())
+        return {"scale_tril": torch.tril(L.detach()).clone()}
+
+    @classmethod
+    def from_guide_params(cls, loc, params, layout=None):
+        return cls(loc, params["scale_tril"], layout=layout)
+
 
 # ============================================================================ low rank
 class LowRankGaussian(Gaussian):
@@ -839,6 +894,30 @@ class LowRankGaussian(Gaussian):
 
         return dist.LowRankMultivariateNormal(self.loc, self.cov_factor, self.cov_diag, validate_args=False)
 
+    @classmethod
+    def random_start(cls, loc: torch.Tensor, sd: torch.Tensor, cov_diag: torch.Tensor, rank: int, seed: int = 0,
+                     layout: Layout | None = None) -> LowRankGaussian:
+        """A low-rank start with a small random factor ``W = 0.1 sd z / sqrt(k)`` (``z`` ``[p, k]`` standard normal
+        from a CPU generator seeded by ``seed``: the same draws on every device) and diagonal ``cov_diag``; the
+        factor only breaks the symmetry, so the start's variances stay close to ``cov_diag``."""
+        g = torch.Generator().manual_seed(seed)
+        W = torch.randn(loc.shape[-1], rank, generator=g, dtype=loc.dtype).to(loc.device)
+        W = W * (0.1 * sd.unsqueeze(-1) / math.sqrt(rank))
+        return cls(loc, W, cov_diag, layout=layout)
+
+    @classmethod
+    def guide_params(cls, start, rank=20, seed=0):
+        """``cov_factor`` and ``log_diag``; another structure starts from its variances ``v`` as
+        :meth:`random_start` with diagonal ``0.99 v`` (its correlations are not kept)."""
+        if not isinstance(start, LowRankGaussian):
+            var = start.variance
+            start = cls.random_start(start.loc, var.sqrt(), var * 0.99, rank, seed)
+        return {"cov_factor": start.cov_factor.detach().clone(), "log_diag": start.cov_diag.detach().log().clone()}
+
+    @classmethod
+    def from_guide_params(cls, loc, params, layout=None):
+        return cls(loc, params["cov_factor"], params["log_diag"].exp(), layout=layout)
+
 
 # ============================================================================ diagonal
 class DiagGaussian(Gaussian):
@@ -910,6 +989,15 @@ class DiagGaussian(Gaussian):
         import pyro.distributions as dist
 
         return dist.Normal(self.loc, self.scale, validate_args=False).to_event(1)
+
+    @classmethod
+    def guide_params(cls, start, rank=20, seed=0):
+        """``log_scale``: the log standard deviations of any start (its correlations are not kept)."""
+        return {"log_scale": start.variance.detach().sqrt().log().clone()}
+
+    @classmethod
+    def from_guide_params(cls, loc, params, layout=None):
+        return cls(loc, params["log_scale"].exp(), layout=layout)
 
 
 # ============================================================================ Kronecker
@@ -1270,6 +1358,26 @@ class KronGaussian(Gaussian):
         """A Pyro distribution (``pyro_distill.gaussian.KronMatrixNormal``) that samples and scores through this
         structure, without a p x p matrix."""
         return _kron_pyro_class()(self)
+
+    guide_tril = ("row_tril", "col_tril")
+
+    @classmethod
+    def guide_params(cls, start, rank=20, seed=0):
+        """Per block the lower-triangular row and column factors (``kron_index``: the blocks' flat indices, fixed),
+        plus the log standard deviations of the uncovered coordinates. Only a Kronecker start has blocks."""
+        if not isinstance(start, KronGaussian):
+            raise StructureError(f"guide 'kron' needs a KronGaussian start, got a {start.kind} Gaussian; pass a "
+                                 "Kronecker start (cov_init='laplace' or 'prior' builds one for an MLP or a CNN) or "
+                                 "choose the guide of the start's structure")
+        return {"kron_index": [i.clone() for i in start.index],
+                "row_tril": [L.detach().clone() for L in start.row_tril],
+                "col_tril": [L.detach().clone() for L in start.col_tril],
+                "rem_log_scale": start.rem_scale.detach().log().clone()}
+
+    @classmethod
+    def from_guide_params(cls, loc, params, layout=None):
+        return cls(loc, params["kron_index"], list(params["row_tril"]), list(params["col_tril"]),
+                   params["rem_log_scale"].exp(), layout=layout)
 
     # ----------------------------------------------------------------- structure operations
     def _rebuilt(self, loc: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -1664,6 +1772,108 @@ class LowRankPrecisionGaussian(Gaussian):
         this structure, without a p x p matrix."""
         return _lrp_pyro_class()(self)
 
+    @classmethod
+    def guide_params(cls, start, rank=20, seed=0):
+        """``prec_factor`` and ``log_prec_diag``; another structure starts from its variances ``v`` as precision
+        ``diag(1 / v)`` with a zero ``[p, rank]`` factor (a valid start in precision form; correlations dropped)."""
+        if not isinstance(start, LowRankPrecisionGaussian):
+            F = torch.zeros(start.dim, rank, dtype=start.dtype, device=start.device)
+            start = LowRankPrecisionGaussian(start.loc, F, 1.0 / start.variance)
+        return {"prec_factor": start.prec_factor.detach().clone(),
+                "log_prec_diag": start.prec_diag.detach().log().clone()}
+
+    @classmethod
+    def from_guide_params(cls, loc, params, layout=None):
+        return cls(loc, params["prec_factor"], params["log_prec_diag"].exp(), layout=layout)
+
+
+# ============================================================================ point mass
+def _no_density(what: str, why: str = "") -> TypeError:
+    return TypeError(f"PointMass has no {what}: a point estimate is not a density"
+                     + (f" ({why})" if why else "; evaluate the network at .mean, or fit a Gaussian (fit_posterior) "
+                        "where a density is needed"))
+
+
+class PointMass(Gaussian):
+    """A point estimate ``w = loc`` as a member of the family: the Gaussian with zero covariance.
+
+    Mean, ``variance`` / ``covariance`` zero, draws that all equal the point (no random numbers are consumed),
+    conditioning and marginalizing = indexing (the fixed coordinates are dropped), ``tempered`` = itself,
+    ``save``/``load``, ``to_pyro`` = Pyro's ``Delta``. It has no density: ``log_prob``, ``entropy``, ``kl`` and
+    ``precision`` raise a ``TypeError`` that says so. What point fits (MAP, the point baselines) hand to their
+    callbacks, and what predictives and metrics treat as the network's own prediction.
+    """
+
+    kind = "point"
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, layout: Layout | None = None, meta: dict | None = None,
+                 validate_args: bool = False):
+        super().__init__(loc, layout, meta, validate_args)
+        if _checkable(loc):
+            _check_finite(self, "loc", loc, "pass finite weights (a diverged fit? refit with a smaller lr)")
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return torch.zeros_like(self.loc)
+
+    def covariance(self) -> torch.Tensor:
+        return torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
+
+    def _factor_form(self):
+        return None, self.variance
+
+    def logdet(self) -> torch.Tensor:
+        raise _no_density("log determinant", "its covariance is zero, so log det is -inf")
+
+    def _quad(self, b):
+        raise _no_density("Mahalanobis distance", "its covariance is zero and has no inverse")
+
+    def _trace_inv(self, A, e):
+        raise _no_density("inverse covariance", "its covariance is zero")
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Undefined: raises (a point mass has no density with respect to Lebesgue measure)."""
+        raise _no_density("log_prob")
+
+    def entropy(self) -> torch.Tensor:
+        raise _no_density("entropy", "the differential entropy of a point mass is -inf")
+
+    def precision(self) -> torch.Tensor:
+        raise _no_density("precision matrix", "its covariance is zero and has no inverse")
+
+    def _draw(self, n, generator):
+        return self.loc.expand(n, self.dim)
+
+    def sample(self, sample_shape: int | Sequence[int] | torch.Size = _EMPTY_SHAPE,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """The point repeated ``[*sample_shape, p]`` (a new tensor; ``generator`` is not used)."""
+        shape = _as_sample_shape(sample_shape)
+        return self.loc.detach().expand(*shape, self.dim).clone()
+
+    def marginalize(self, keep):
+        K = _as_index(keep, self.dim).to(self.device)
+        return PointMass(self.loc[K])
+
+    def _condition(self, I, K, v):
+        return PointMass(self.loc[K])
+
+    def _scaled(self, c):
+        return PointMass(self.loc, self.layout, self.meta)
+
+    def _replace(self, **t):
+        d = self._tensors() | t
+        return PointMass(**d, layout=self.layout, meta=self.meta)
+
+    def _tensors(self):
+        return {"loc": self.loc}
+
+    def to_pyro(self):
+        """Pyro's ``Delta`` at the point (event shape ``[p]``)."""
+        import pyro.distributions as dist
+
+        return dist.Delta(self.loc, event_dim=1)
+
 
 def _lrp_pyro_class() -> type:
     """The Pyro distribution class for :class:`LowRankPrecisionGaussian` (``LowRankPrecisionNormal``)."""
@@ -1726,38 +1936,59 @@ def _clean_stale_tmp(path: Path) -> None:
                 pass
 
 
-def _plain_meta(meta: Any, key: str = "meta") -> Any:
-    """``meta`` as plain JSON types (what ``torch.load(weights_only=True)`` reads back), or a ValueError naming
-    the key: numpy scalars and 0-d tensors -> Python numbers, paths -> str, tuples/sets -> lists."""
-    if meta is None or isinstance(meta, (bool, int, float, str)):
-        return meta
-    if isinstance(meta, dict):
+def plain_json(obj: Any, key: str = "meta") -> Any:
+    """``obj`` as plain JSON types (what ``torch.load(weights_only=True)`` and ``json`` read back), or a ValueError
+    naming the key: numpy scalars and 0-d tensors -> Python numbers, arrays and tensors -> lists, paths and torch
+    dtypes -> str, tuples and sets -> lists. Non-finite floats stay. One converter for Gaussian metadata and
+    model cards (``store`` uses it)."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, dict):
         out = {}
-        for k, v in meta.items():
+        for k, v in obj.items():
             if not isinstance(k, str):
-                raise ValueError(f"cannot save {key}: key {k!r} is a {type(k).__name__}; metadata keys must be str")
-            out[k] = _plain_meta(v, f"{key}[{k!r}]")
+                raise ValueError(f"cannot save {key}: key {k!r} is a {type(k).__name__}; {key} keys must be str")
+            out[k] = plain_json(v, f"{key}[{k!r}]")
         return out
-    if isinstance(meta, (list, tuple)):
-        return [_plain_meta(v, f"{key}[{i}]") for i, v in enumerate(meta)]
-    if isinstance(meta, os.PathLike):
-        return os.fspath(meta)
-    if isinstance(meta, torch.Tensor) and meta.numel() == 1 and meta.dim() == 0:
-        return meta.item()
-    if type(meta).__module__ == "numpy":
-        if getattr(meta, "ndim", None) == 0 and hasattr(meta, "item"):
-            return _plain_meta(meta.item(), key)
-        if hasattr(meta, "tolist"):
-            return _plain_meta(meta.tolist(), key)
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [plain_json(v, f"{key}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).replace("torch.", "")
+    mod = type(obj).__module__
+    if isinstance(obj, torch.Tensor) or mod == "numpy":
+        if getattr(obj, "ndim", None) == 0 and hasattr(obj, "item"):
+            return plain_json(obj.item(), key)
+        if hasattr(obj, "tolist"):
+            return plain_json(obj.tolist(), key)
     raise ValueError(
-        f"cannot save {key}: a {type(meta).__name__} is not plain data; store it as str, int, float, bool, None, "
-        "or lists/dicts of them (e.g. str(x) or x.tolist())"
+        f"cannot save {key}: a {type(obj).__name__} is not plain data (not a JSON value); store it as str, int, "
+        "float, bool, None, or lists/dicts of them (e.g. str(x) or x.tolist())"
     )
 
 
-_KINDS: dict[str, type[Gaussian]] = {c.kind: c for c in (DenseGaussian, LowRankGaussian, DiagGaussian,
-                                                             KronGaussian)}
-_KINDS[LowRankPrecisionGaussian.kind] = LowRankPrecisionGaussian
+#: the Gaussian structures a guide (and a Laplace start) can have, by their one name (``Gaussian.kind``)
+STRUCTURES: dict[str, type[Gaussian]] = {c.kind: c for c in (DenseGaussian, LowRankGaussian, DiagGaussian,
+                                                                 KronGaussian, LowRankPrecisionGaussian)}
+#: other names accepted where a structure is named (configs and saved runs use "mvn" for the dense one)
+STRUCTURE_ALIASES: dict[str, str] = {"mvn": "dense"}
+#: what ``load`` reads: the structures and the point mass
+_KINDS: dict[str, type[Gaussian]] = STRUCTURES | {PointMass.kind: PointMass}
+
+
+def structure_name(name: str, what: str = "structure") -> str:
+    """The canonical name of a Gaussian structure (``"mvn"`` -> ``"dense"``), or a ValueError listing them."""
+    name = STRUCTURE_ALIASES.get(name, name) if isinstance(name, str) else name
+    if name not in STRUCTURES:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {tuple(STRUCTURES)} ('mvn' = 'dense', the full "
+                         "covariance)")
+    return name
+
+
+def structure(name: str) -> type[Gaussian]:
+    """The Gaussian class of a structure name (aliases accepted)."""
+    return STRUCTURES[structure_name(name)]
 
 
 def _with_layout(g: Gaussian, layout: Layout | None) -> Gaussian:
@@ -1782,8 +2013,8 @@ def as_gaussian(x: Any, p: int | None = None, layout: Layout | None = None) -> G
     if not isinstance(x, (Gaussian, Distribution)):
         raise TypeError(
             f"expected a Gaussian prior/posterior, got {type(x).__name__}; pass a pyro_distill Gaussian "
-            "(DenseGaussian, LowRankGaussian, DiagGaussian, KronGaussian) or a torch/Pyro MultivariateNormal, "
-            "LowRankMultivariateNormal or Normal(loc, scale).to_event(1)"
+            "(DenseGaussian, LowRankGaussian, DiagGaussian, KronGaussian, PointMass) or a torch/Pyro "
+            "MultivariateNormal, LowRankMultivariateNormal or Normal(loc, scale).to_event(1)"
         )
     g = Gaussian.from_distribution(x, layout=None)
     if p is not None and g.dim != p:

@@ -10,7 +10,8 @@ Two estimators of ``p(y | x, D) = E_q[p(y | f(x, w))]``:
   For a Laplace Gaussian fitted with the GGN this is the consistent predictive: the GGN is the Hessian of the
   linearized model, and the sampled predictive of the same Gaussian underfits (README, "Open problems").
 
-A point estimate (a weight vector, or a Gaussian with zero variance) gives the network's own prediction.
+A point estimate (a weight vector, or a :class:`~pyro_distill.gaussian.PointMass`) gives the network's own
+prediction, and no random numbers are drawn for it.
 Classification returns the class probabilities averaged over draws (``[N, C]``, or ``[N, T, V]`` for a
 sequence model); regression returns the output draws ``[S, N]`` (one output) or ``[S, N, D]``.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .gaussian import Gaussian
+from .gaussian import Gaussian, PointMass
 from .nets.base import BayesianNet
 
 __all__ = ["predictive", "PREDICTIVE_METHODS", "is_point", "weight_draws"]
@@ -29,9 +30,10 @@ __all__ = ["predictive", "PREDICTIVE_METHODS", "is_point", "weight_draws"]
 PREDICTIVE_METHODS = ("mc", "linearized")
 
 
-def is_point(q: Gaussian) -> bool:
-    """A Gaussian that stands for a point estimate (every variance below 1e-20)."""
-    return bool(q.variance.max() < 1e-20)
+def is_point(q: Any) -> bool:
+    """``q`` is a point estimate: a :class:`~pyro_distill.gaussian.PointMass` (not a small variance: a Gaussian
+    is sampled however narrow it is)."""
+    return isinstance(q, PointMass)
 
 
 def _as_q(q: Any, net: BayesianNet) -> Gaussian | torch.Tensor:

@@ -37,9 +37,44 @@ import pyro
 import torch
 from pyro.nn import PyroModule, PyroParam
 
-from .gaussian import DenseGaussian, DiagGaussian, Gaussian, KronGaussian, LowRankGaussian
+from .gaussian import DenseGaussian, DiagGaussian, Gaussian, KronGaussian, LowRankGaussian, structure, structure_name
 
-__all__ = ["WhitenedGuide", "resolve_whiten", "tril_matmul", "tril_rows", "tril_rows_t"]
+__all__ = ["WhitenedGuide", "resolve_whiten", "tril_matmul", "tril_rows", "tril_rows_t", "register_structure_params",
+           "structure_params", "mask_tril_grads"]
+
+
+# ============================================================================ a structure's guide parameters
+def register_structure_params(module: torch.nn.Module, cls: type[Gaussian], start: Gaussian, rank: int = 20,
+                              seed: int = 0) -> list[str]:
+    """Register ``cls.guide_params(start, rank, seed)`` on ``module`` (the one place both guides do it): a
+    parameter kept lower triangular is a plain ``nn.Parameter`` (no constraint lookup per access), a list of them
+    an ``nn.ParameterList``, any other float tensor a ``PyroParam``, integer tensors plain attributes (fixed
+    structure). Returns the names, in order, for :func:`structure_params`."""
+    names = []
+    for name, v in cls.guide_params(start, rank, seed).items():
+        if isinstance(v, list):
+            floating = bool(v) and v[0].is_floating_point()
+            setattr(module, name, torch.nn.ParameterList([torch.nn.Parameter(t) for t in v]) if floating else v)
+        elif not v.is_floating_point():
+            setattr(module, name, v)
+        else:
+            setattr(module, name, torch.nn.Parameter(v) if name in cls.guide_tril else PyroParam(v))
+        names.append(name)
+    return names
+
+
+def structure_params(module: torch.nn.Module, names: list[str]) -> dict[str, object]:
+    """The current values of the parameters :func:`register_structure_params` registered."""
+    return {n: getattr(module, n) for n in names}
+
+
+def mask_tril_grads(module: torch.nn.Module, cls: type[Gaussian]) -> None:
+    """Zero the upper triangle of the gradients of ``cls.guide_tril``: keeps those factors triangular under Adam."""
+    for name in cls.guide_tril:
+        v = getattr(module, name)
+        for P in v if isinstance(v, torch.nn.ParameterList) else [v]:
+            if P.grad is not None:
+                P.grad.tril_()
 
 #: block size of the blocked triangular products (handing back L = B M)
 _TRI_BLOCK = 256
@@ -49,22 +84,23 @@ def resolve_whiten(whiten: bool | str, guide: str, prior: Gaussian) -> bool:
     """Whether the SVI phase uses :class:`WhitenedGuide` (``"auto"``: when the prior is not diagonal and the
     guide gains from it -- the dense guide under a dense, low-rank or Kronecker prior, any guide under a dense
     prior)."""
+    guide = structure_name(guide, "guide")
     if whiten == "auto":
-        if guide == "mvn":
+        if guide == "dense":
             return isinstance(prior, (DenseGaussian, LowRankGaussian, KronGaussian))
         return guide in ("diag", "lowrank") and isinstance(prior, DenseGaussian)
     if not isinstance(whiten, bool):
         raise ValueError(f"whiten must be True, False or 'auto', got {whiten!r}")
-    if whiten and guide not in ("mvn", "diag", "lowrank"):
-        raise ValueError(f"whiten=True with guide {guide!r}: only the mvn, diag and lowrank guides have a whitened "
-                         "step; use whiten='auto' or False")
+    if whiten and guide not in ("dense", "diag", "lowrank"):
+        raise ValueError(f"whiten=True with guide {guide!r}: only the dense (mvn), diag and lowrank guides have a "
+                         "whitened step; use whiten='auto' or False")
     if whiten and not isinstance(prior, (DenseGaussian, LowRankGaussian, KronGaussian, DiagGaussian)):
         raise ValueError(f"whiten=True under a {type(prior).__name__} prior: no square root of it is implemented; "
                          "use whiten=False")
-    if whiten and guide != "mvn" and not isinstance(prior, DenseGaussian):
+    if whiten and guide != "dense" and not isinstance(prior, DenseGaussian):
         raise ValueError(
             f"whiten=True with guide {guide!r} under a {prior.kind} prior: whitening would not keep the guide's "
-            "structure and its KL is already O(p k^2) there; use whiten='auto' or False (or guide='mvn')")
+            "structure and its KL is already O(p k^2) there; use whiten='auto' or False (or guide='dense')")
     return whiten
 
 
@@ -301,21 +337,24 @@ class _WhitenedSampleKL(torch.autograd.Function):
 class WhitenedGuide(PyroModule):
     """A guide over the single site ``"w"`` fitted in the prior's whitened coordinates (module docstring).
 
-    ``mvn``: parameters ``loc`` = ``a_s`` and ``scale_tril`` = ``M_s`` (whitened, times ``s``);
+    ``dense`` (alias ``mvn``): parameters ``loc`` = ``a_s`` and ``scale_tril`` = ``M_s`` (whitened, times ``s``);
     :meth:`gaussian` hands back ``N(mu + B a, (B M)(B M)^T)`` as a :class:`DenseGaussian` in the original
-    coordinates. ``diag`` / ``lowrank`` (dense prior only): the parameters of :class:`GaussianGuide` in the
-    original coordinates; only the KL uses the prior's factors computed once. The interface is the one the
-    SVI loop uses: ``loc``, :meth:`scale_params`, :meth:`mask_grad`, :meth:`gaussian`, :meth:`sample_kl`.
+    coordinates. ``diag`` / ``lowrank`` (dense prior only): the structure's own guide parameters
+    (:meth:`~pyro_distill.gaussian.Gaussian.guide_params`) in the original coordinates; only the KL uses the prior's
+    factors computed once. The interface is the one the SVI loop uses: ``loc``, :meth:`scale_params`,
+    :meth:`mask_grad`, :meth:`gaussian`, :meth:`sample_kl`. ``rank``/``seed``: a low-rank start's random factor
+    when ``init`` is of another structure.
     """
 
-    def __init__(self, init: Gaussian, prior: Gaussian, kind: str = "mvn"):
+    def __init__(self, init: Gaussian, prior: Gaussian, kind: str = "dense", rank: int = 20, seed: int = 0):
         super().__init__()
         if init.dim != prior.dim:
             raise ValueError(f"start Gaussian has {init.dim} coordinates, the prior {prior.dim}")
+        kind = structure_name(kind, "guide")
         self.kind = kind
         self.layout = init.layout
         dt = dict(dtype=prior.dtype, device=prior.device)
-        if kind == "mvn":
+        if kind == "dense":
             # the start is mapped in float64 (once; a float32 prior factor may be ill-conditioned)
             p64 = prior.detach().to(dtype=torch.float64)
             s = p64.variance.mean().sqrt()
@@ -343,15 +382,9 @@ class WhitenedGuide(PyroModule):
             self.register_buffer("prior_prec_diag", (torch.linalg.solve_triangular(Lp, eye, upper=False) ** 2).sum(0))
             self.register_buffer("prior_logdet", 2 * Lp.diagonal().abs().log().sum())
             self.loc = PyroParam(init.loc.detach().clone())
-            if kind == "lowrank":
-                if not isinstance(init, LowRankGaussian):
-                    raise ValueError("a low-rank guide needs a LowRankGaussian start")
-                self.cov_factor = PyroParam(init.cov_factor.detach().clone())
-                self.log_diag = PyroParam(init.cov_diag.detach().log().clone())
-            else:
-                self.log_scale = PyroParam(init.variance.detach().sqrt().log().clone())
+            self._names = register_structure_params(self, structure(kind), init, rank, seed)
         else:
-            raise ValueError(f"unknown guide {kind!r}; choose one of ('mvn', 'lowrank', 'diag')")
+            raise ValueError(f"guide {kind!r} has no whitened step; choose one of ('dense', 'lowrank', 'diag')")
 
     # ------------------------------------------------------------------ structure
     def _root(self, bufs: dict[str, torch.Tensor] | None = None) -> _Root:
@@ -376,26 +409,24 @@ class WhitenedGuide(PyroModule):
         ``M_s`` (so Adam keeps its upper triangle exactly zero), and no other term differentiates ``M_s``."""
 
     def gaussian(self) -> Gaussian:
-        """The current q in the original coordinates (mvn: ``m = mu + B a``, ``L = B M``; O(p^3) for mvn)."""
-        if self.kind == "mvn":
+        """The current q in the original coordinates (dense: ``m = mu + B a``, ``L = B M``; O(p^3))."""
+        if self.kind == "dense":
             root = self._root()
             loc = root.rows(self.loc.unsqueeze(0)).squeeze(0) + self.prior_loc
             return DenseGaussian(loc, root.to_original(self.scale_tril), layout=self.layout)
-        if self.kind == "lowrank":
-            return LowRankGaussian(self.loc, self.cov_factor, self.log_diag.exp(), layout=self.layout)
-        return DiagGaussian(self.loc, self.log_scale.exp(), layout=self.layout)
+        return structure(self.kind).from_guide_params(self.loc, structure_params(self, self._names), self.layout)
 
     def finite(self) -> bool:
-        """The represented Gaussian is finite: for ``mvn`` its whitened parameters are (``B`` is finite, so the
+        """The represented Gaussian is finite: for ``dense`` its whitened parameters are (``B`` is finite, so the
         hand-back is too, barring overflow; no O(p^3) hand-back needed); otherwise the Gaussian's tensors."""
         with torch.no_grad():
-            ts = [self.loc, self.scale_tril] if self.kind == "mvn" else list(self.gaussian()._tensors().values())
+            ts = [self.loc, self.scale_tril] if self.kind == "dense" else list(self.gaussian()._tensors().values())
             return all(bool(torch.isfinite(t.sum())) for t in ts)
 
     # ------------------------------------------------------------------ the step
     def sample_kl(self, num_particles: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_particles`` reparameterized draws ``[n, p]`` in the original coordinates and ``KL(q || prior)``."""
-        if self.kind == "mvn":
+        if self.kind == "dense":
             z = torch.randn(num_particles, self.loc.numel(), dtype=self.loc.dtype, device=self.loc.device)
             return _WhitenedSampleKL.apply(self.loc, self.scale_tril, z, self.prior_loc, self.s2, self._root())
         q = self.gaussian()

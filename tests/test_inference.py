@@ -111,7 +111,7 @@ def test_dense_svi_recovers_exact_posterior(blr) -> None:
     # the fitted factor stays lower triangular and the ELBO went up from the start
     assert torch.equal(q2.scale_tril, torch.tril(q2.scale_tril))
     assert h1.elbo_end > h1.elbo_start and len(h1.elbo) == 500 and len(h1.time_s) == 500
-    assert q2.layout == net.layout and q2.meta["guide"] == "mvn"
+    assert q2.layout == net.layout and q2.meta["guide"] == "dense"  # "mvn" is read as its canonical name
 
 
 def test_fast_dense_step_matches_autograd(blr) -> None:

@@ -167,7 +167,7 @@ def test_resolve_whiten_rules(problem) -> None:
     assert not resolve_whiten("auto", "mvn", diag) and not resolve_whiten("auto", "lowrank", low)
     assert resolve_whiten(True, "mvn", diag) and not resolve_whiten(False, "mvn", dense)
     assert not resolve_whiten("auto", "kron", dense) and not resolve_whiten("auto", "lowrank_precision", dense)
-    with pytest.raises(ValueError, match="only the mvn, diag and lowrank guides"):
+    with pytest.raises(ValueError, match=r"only the dense \(mvn\), diag and lowrank guides"):
         resolve_whiten(True, "kron", dense)
     with pytest.raises(ValueError, match="would not keep the guide's structure"):
         resolve_whiten(True, "lowrank", low)
@@ -196,7 +196,7 @@ def test_fit_under_dense_prior_returns_dense_gaussian_and_first_elbo_matches(pro
         q1, h1 = fit_posterior(net, X, y, whiten="auto", callback=lambda s, q: seen.append(q), eval_every=20, **kw)
         q0, h0 = fit_posterior(net, X, y, whiten=False, **kw)
     assert h1.info["whiten"] is True and h0.info["whiten"] is False
-    assert isinstance(q1, DenseGaussian) and q1.layout == net.layout and q1.meta["guide"] == "mvn"
+    assert isinstance(q1, DenseGaussian) and q1.layout == net.layout and q1.meta["guide"] == "dense"
     assert torch.equal(q1.scale_tril, torch.tril(q1.scale_tril))
     assert len(seen) == 3 and all(isinstance(q, DenseGaussian) and q.layout is None or q.layout == net.layout
                                   for q in seen)
