@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .arrays import as_data, as_tensor
-from .gaussian import DiagGaussian, Gaussian
+from .gaussian import DiagGaussian, Gaussian, PointMass
 from .inference import FitHistory, fit_map, fit_posterior
 from .nets.base import BayesianNet
 from .training import fit_point
@@ -91,7 +91,7 @@ def standard_prior_conditioned_init(net: BayesianNet, X: torch.Tensor, y: torch.
 
 def deterministic(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, steps: int = 600, lr: float = 1e-2,
                   prior_scale: float | None = None, seed: int = 0, init: torch.Tensor | None = None,
-                  batch_size: int | None = None, callback: Callable[[int, torch.Tensor], Any] | None = None,
+                  batch_size: int | None = None, callback: Callable[[int, PointMass], Any] | None = None,
                   eval_every: int = 0) -> tuple[torch.Tensor, FitHistory]:
     """Baseline 3: MAP weights by Adam on ``-log p(y | X, w) - log p(w)`` (cross-entropy + weight decay)."""
     X, y = as_data(X, y)
@@ -127,7 +127,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, y: torch.
 def knowledge_distillation(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, teacher_probs: torch.Tensor,
                            gamma: float = 0.5, temperature: float = 2.0, steps: int = 600, lr: float = 1e-2,
                            prior_scale: float | None = None, seed: int = 0, init: torch.Tensor | None = None,
-                           batch_size: int | None = None, callback: Callable[[int, torch.Tensor], Any] | None = None,
+                           batch_size: int | None = None, callback: Callable[[int, PointMass], Any] | None = None,
                            eval_every: int = 0) -> tuple[torch.Tensor, FitHistory]:
     """Baseline 4: a point student trained by Adam on :func:`kd_loss` plus the same ``-log p(w) / N``
     regularizer as :func:`deterministic`. ``teacher_probs`` ``[N, C]``: the teacher's posterior predictive
@@ -169,7 +169,7 @@ def prune_weights(teacher_net: BayesianNet, teacher_weights: torch.Tensor, stude
     w = torch.as_tensor(teacher_weights).detach()
     if w.shape != (teacher_net.num_params,):
         raise ValueError(f"teacher weights have shape {tuple(w.shape)}, the teacher needs [{teacher_net.num_params}]")
-    point = DiagGaussian(w.double(), torch.full_like(w.double(), 1e-6), layout=teacher_net.layout)
+    point = PointMass(w.double(), layout=teacher_net.layout)
     ops = surgery.plan(teacher_net, student_net, selector="magnitude", posterior=point, seed=seed)
     net, g = surgery.apply(ops, teacher_net, point)
     if net.config() != student_net.config():
@@ -180,7 +180,7 @@ def prune_weights(teacher_net: BayesianNet, teacher_weights: torch.Tensor, stude
 def prune_finetune(teacher_net: BayesianNet, teacher_weights: torch.Tensor, student_net: BayesianNet,
                    X: torch.Tensor, y: torch.Tensor, steps: int = 600, lr: float = 1e-2,
                    prior_scale: float | None = None, seed: int = 0, batch_size: int | None = None,
-                   callback: Callable[[int, torch.Tensor], Any] | None = None,
+                   callback: Callable[[int, PointMass], Any] | None = None,
                    eval_every: int = 0) -> tuple[torch.Tensor, FitHistory]:
     """Baseline 5: :func:`prune_weights`, then fine-tuning by the same MAP objective as :func:`deterministic`."""
     X, y = as_data(X, y)
@@ -206,7 +206,7 @@ def token_kd_loss(logits: torch.Tensor, teacher_probs: torch.Tensor, y: torch.Te
 def token_kd(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, teacher_probs: torch.Tensor,
              init: torch.Tensor | None = None, steps: int = 600, lr: float = 1e-2, batch_size: int | None = None,
              gamma: float = 0.5, temperature: float = 2.0, seed: int = 0,
-             callback: Callable[[int, torch.Tensor], Any] | None = None,
+             callback: Callable[[int, PointMass], Any] | None = None,
              eval_every: int = 0) -> tuple[torch.Tensor, FitHistory]:
     """A point sequence-to-sequence student (e.g. :class:`~pyro_distill.nets.AttentionRNN`) trained by Adam on
     :func:`token_kd_loss` plus the fan-in prior's ``-log p(w) / N`` (the MAP students' regularizer).
@@ -265,7 +265,7 @@ def tinybert_loss(feats: dict[str, Any], targets: dict[str, list[Any]], y: torch
 def tinybert(student: BayesianNet, X: torch.Tensor, y: torch.Tensor, targets: dict[str, list[Any]],
              block_map: list[int], steps: int = 600, lr: float = 1e-2, beta_hidden: float = 1.0,
              beta_attn: float = 1.0, batch_size: int | None = None, seed: int = 0,
-             callback: Callable[[int, torch.Tensor], Any] | None = None,
+             callback: Callable[[int, PointMass], Any] | None = None,
              eval_every: int = 0) -> tuple[torch.Tensor, FitHistory]:
     """A point transformer student trained by Adam on :func:`tinybert_loss` (``targets``: the teacher's
     :func:`tinybert_targets` on the rows of ``X``) plus the fan-in prior's ``-log p(w) / N``, from a random
