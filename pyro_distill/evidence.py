@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .gaussian import DenseGaussian, DiagGaussian, Gaussian, LowRankGaussian
+from .gaussian import STRUCTURE_ALIASES, DenseGaussian, DiagGaussian, Gaussian, LowRankGaussian
 from .nets.base import BayesianNet
 
 __all__ = ["QuadraticModel", "quadratic_model", "log_evidence", "laplace_evidence", "optimize_prior",
@@ -86,6 +86,7 @@ def quadratic_model(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch
     """The log-likelihood's value, gradient and GGN at ``w`` on ``(X, y)``, the GGN in ``structure``."""
     from .curvature import GGN, kfac, kfac_indices
 
+    structure = STRUCTURE_ALIASES.get(structure, structure)  # "mvn" = "dense"
     if structure not in STRUCTURES:
         raise ValueError(f"unknown curvature structure {structure!r}; choose one of {STRUCTURES}")
     w = w.detach()
