@@ -1,6 +1,29 @@
-"""The on-disk model folder: ``models/<name>/`` holds ``posterior.pt`` (the Gaussian with its layout),
-``card.json`` (network config, data, how it was fitted, and the SHA-256 fingerprint of ``posterior.pt``),
-optionally ``prior.pt`` (the prior it was fitted under) and, when diagnostics ran, ``idata.nc``.
+"""The on-disk model folder: ONE owner of its format (files, card keys, folder names, reading and writing).
+
+A model folder ``models/<name>/`` (an experiment run writes ``models/<experiment>-<timestamp>/<model>-seed<k>/``,
+the name from :func:`model_folder_name`, read back by :func:`parse_model_folder_name`) holds:
+
+* ``posterior.pt`` -- the fitted Gaussian (``Gaussian.save``: ``{"format", "version", "kind", "tensors",
+  "layout", "meta"}``; :func:`pyro_distill.gaussian.load` reads it);
+* ``card.json`` -- plain JSON (:func:`plain_json`), written last, describing the folder:
+    - ``net``: the network's config (``net_from_config`` rebuilds it), ``p``: its parameter count,
+      ``kind``: the Gaussian's structure;
+    - ``posterior_sha256``: :func:`fingerprint` of posterior.pt (checked at load); ``prior_sha256``: that of
+      prior.pt when the folder has one (checked at load);
+    - ``data``: the data spec (:mod:`pyro_distill.data.specs`: a dict with ``name`` and EVERY generator
+      parameter, ``pyro_distill.data.specs.load(card["data"])`` rebuilds the exact training/test data, including
+      any validation carve-out and training subsample the model was fitted on); ``data_description``: free text;
+    - optional: ``plan`` (a surgery plan's ``to_dict()``, for a student), ``surgery`` (one operation's dict),
+      ``prior_path`` (a prior file outside the folder), and whatever the writer adds (``experiment``, ``seed``,
+      ``run_dir``, ``quick``, ``role``, ``method``, ``tau``, ``test`` metrics, ...);
+* ``prior.pt`` -- optional: the prior the posterior was fitted under, same format as posterior.pt (a
+  ``distill`` folder: the conditioned teacher, the same Gaussian as posterior.pt; a student: its teacher-derived
+  prior). Written only by :func:`save_model` (``prior=``), read only by :func:`load_prior`; without it a model was
+  fitted under its network's default (fan-in) prior;
+* ``idata.nc`` -- optional: ArviZ InferenceData of draws of q on the training data (written by
+  ``pyro_distill.diagnostics``; its attributes record ``posterior_sha256`` and ``data_sha256``).
+
+:func:`open_model` loads all of it at once (:class:`ModelFolder`: net, posterior, card, prior, data spec).
 
 Every file is written through a temporary ``.<name>.pd-<pid>-*.tmp`` beside it and a rename, so a reader
 never sees a half-written file; temporaries are removed on every exit path, and those of a killed writer
@@ -18,23 +41,31 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import gaussian as gmod
-from .gaussian import Gaussian, pid_alive
+from .gaussian import Gaussian, pid_alive, plain_json
 from .nets.base import BayesianNet, net_from_config
 
-__all__ = ["save_model", "load_model", "atomic_write_text", "fingerprint", "check_writable", "clean_stale_temps",
-           "plain_json", "file_mode", "StorageError", "MODEL_FILE", "CARD_FILE", "IDATA_FILE", "PRIOR_FILE",
-           "FINGERPRINT_KEY"]
+__all__ = ["save_model", "load_model", "load_prior", "open_model", "ModelFolder", "data_spec", "model_folder_name",
+           "parse_model_folder_name", "is_model_folder", "model_folders", "atomic_write_text", "fingerprint",
+           "check_writable", "clean_stale_temps", "plain_json", "file_mode", "StorageError", "MODEL_FILE",
+           "CARD_FILE", "IDATA_FILE", "PRIOR_FILE", "FINGERPRINT_KEY", "PRIOR_FINGERPRINT_KEY", "DATA_KEY"]
 
 MODEL_FILE = "posterior.pt"
 CARD_FILE = "card.json"
 IDATA_FILE = "idata.nc"
 PRIOR_FILE = "prior.pt"
-#: card.json key holding :func:`fingerprint` of posterior.pt (``prior_sha256`` likewise for prior.pt)
+#: card.json key holding :func:`fingerprint` of posterior.pt
 FINGERPRINT_KEY = "posterior_sha256"
+#: card.json key holding :func:`fingerprint` of prior.pt
+PRIOR_FINGERPRINT_KEY = "prior_sha256"
+#: card.json key holding the data spec (:mod:`pyro_distill.data.specs`)
+DATA_KEY = "data"
+#: ``<name>-seed<k>``: the suffix an experiment run gives each model folder (:func:`model_folder_name`)
+_SEED_RE = re.compile(r"^(?P<name>.+)-seed(?P<seed>\d+)$")
 #: free space demanded beyond the estimated size of what is written (filesystem blocks, card, idata)
 SPACE_MARGIN = 16 * 2**20
 
@@ -193,34 +224,6 @@ def gaussian_bytes(q: Gaussian | None) -> int:
     return sum(t.numel() * t.element_size() for t in q._tensors().values())
 
 
-def plain_json(obj: Any, key: str = "card") -> Any:
-    """``obj`` as plain JSON types, or a ValueError naming the key: numpy scalars / 0-d tensors -> numbers,
-    arrays and tensors -> lists, paths and torch dtypes -> str, tuples and sets -> lists. Non-finite floats
-    stay (Python's json reads NaN back)."""
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise ValueError(f"cannot save {key}: key {k!r} is a {type(k).__name__}; card keys must be str")
-            out[k] = plain_json(v, f"{key}[{k!r}]")
-        return out
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [plain_json(v, f"{key}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    mod = type(obj).__module__
-    if mod == "torch" and type(obj).__name__ == "dtype":
-        return str(obj).replace("torch.", "")
-    if hasattr(obj, "tolist") and (mod == "numpy" or mod.startswith("torch")):
-        return plain_json(obj.tolist(), key)
-    if hasattr(obj, "item") and mod == "numpy":
-        return plain_json(obj.item(), key)
-    raise ValueError(f"cannot save {key}: a {type(obj).__name__} is not a JSON value; store it as a str, number, "
-                     "list or dict")
-
-
 # ============================================================================ model folders
 def save_model(folder: str | os.PathLike, net: BayesianNet, q: Gaussian, card: dict[str, Any] | None = None,
                overwrite: bool = False, prior: Gaussian | None = None) -> Path:
@@ -239,7 +242,7 @@ def save_model(folder: str | os.PathLike, net: BayesianNet, q: Gaussian, card: d
         raise ValueError(f"Gaussian of dimension {q.dim} does not belong to {net!r}")
     if prior is not None and prior.dim != net.num_params:
         raise ValueError(f"prior of dimension {prior.dim} does not belong to {net!r}")
-    extra = plain_json(dict(card or {}))
+    extra = plain_json(dict(card or {}), "card")
     created = not folder.exists()
     try:
         check_writable(folder, gaussian_bytes(q) + gaussian_bytes(prior), what="model folder")
@@ -251,7 +254,7 @@ def save_model(folder: str | os.PathLike, net: BayesianNet, q: Gaussian, card: d
         if prior is not None:
             prior.layout = net.layout
             prior.save(folder / PRIOR_FILE, overwrite=overwrite)
-            full["prior_sha256"] = fingerprint(folder / PRIOR_FILE)
+            full[PRIOR_FINGERPRINT_KEY] = fingerprint(folder / PRIOR_FILE)
         elif overwrite and (folder / PRIOR_FILE).exists():  # the replaced model's prior: not this model's
             (folder / PRIOR_FILE).unlink()
         atomic_write_text(folder / CARD_FILE, json.dumps(full, indent=2))
@@ -275,12 +278,9 @@ def load_model(folder: str | os.PathLike, verify: bool = True) -> tuple[Bayesian
     folder = Path(folder)
     if not (folder / CARD_FILE).exists() or not (folder / MODEL_FILE).exists():
         raise FileNotFoundError(f"{folder} is not a model folder (needs {CARD_FILE} and {MODEL_FILE})")
-    try:
-        card = json.loads((folder / CARD_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{folder / CARD_FILE} is corrupt: {exc}; re-save the model") from exc
-    if not isinstance(card, dict) or not isinstance(card.get("net"), dict):
-        got = type(card.get("net")).__name__ if isinstance(card, dict) else f"a {type(card).__name__}"
+    card = _read_card(folder)
+    if not isinstance(card.get("net"), dict):
+        got = type(card.get("net")).__name__
         raise ValueError(f"{folder / CARD_FILE} is corrupt: \"net\" must be the network's config (a JSON object "
                          f"like {{\"type\": \"MLP\", \"sizes\": [...]}}), got {got}; re-save the model")
     want = card.get(FINGERPRINT_KEY)
@@ -310,3 +310,112 @@ def posterior_fingerprint(folder: str | os.PathLike) -> str:
     """:func:`fingerprint` of ``folder/posterior.pt`` (what idata.nc records of its source)."""
     return fingerprint(Path(folder) / MODEL_FILE)
 
+
+
+def load_prior(folder: str | os.PathLike, net: BayesianNet, card: dict[str, Any] | None = None,
+               verify: bool = True) -> tuple[Gaussian | None, str]:
+    """``(prior, source)``: the prior a model was fitted under -- ``prior.pt`` in ``folder`` (checked, with
+    ``verify``, against the card's ``prior_sha256`` when recorded), else the card's ``prior_path``, else
+    ``(None, "default prior")`` (the network's default fan-in prior). The one reader of prior.pt."""
+    folder = Path(folder)
+    card = card if card is not None else _read_card(folder)
+    path = folder / PRIOR_FILE
+    if path.exists():
+        want = card.get(PRIOR_FINGERPRINT_KEY)
+        if verify and want is not None and fingerprint(path) != want:
+            raise ValueError(f"{path} is not the file {CARD_FILE} describes (its fingerprint differs from "
+                             f"{PRIOR_FINGERPRINT_KEY}): it was replaced or damaged after the save; re-save the model")
+    elif card.get("prior_path") and Path(card["prior_path"]).exists():
+        path = Path(card["prior_path"])
+    else:
+        return None, "default prior"
+    prior = gmod.load(path, layout=net.layout)
+    if prior.dim != net.num_params:
+        raise ValueError(f"{path} holds a Gaussian of dimension {prior.dim}, but the folder's network has "
+                         f"p={net.num_params}; it is another model's prior: remove it or re-save the model")
+    _check_finite(prior, path)
+    return prior, str(path)
+
+
+def _read_card(folder: Path) -> dict[str, Any]:
+    try:
+        card = json.loads((folder / CARD_FILE).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder} is not a model folder (needs {CARD_FILE} and {MODEL_FILE})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{folder / CARD_FILE} is corrupt: {exc}; re-save the model") from exc
+    if not isinstance(card, dict):
+        raise ValueError(f"{folder / CARD_FILE} is corrupt: a {type(card).__name__}, not a JSON object; re-save the "
+                         "model")
+    return card
+
+
+def data_spec(card: dict[str, Any]) -> dict[str, Any] | None:
+    """The card's data spec (a dict with ``name``; :func:`pyro_distill.data.specs.load` rebuilds the data), or
+    None when the card has none (a free-text ``data`` is only a description)."""
+    spec = card.get(DATA_KEY)
+    return dict(spec) if isinstance(spec, dict) and "name" in spec else None
+
+
+@dataclass
+class ModelFolder:
+    """Everything a model folder holds: the network, its posterior, the card, the prior it was fitted under
+    (``None``: the network's default fan-in prior; ``prior_source`` says which file) and the data spec."""
+
+    folder: Path
+    net: BayesianNet
+    posterior: Gaussian
+    card: dict[str, Any]
+    prior: Gaussian | None
+    prior_source: str
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def data_spec(self) -> dict[str, Any] | None:
+        return data_spec(self.card)
+
+    @property
+    def has_prior(self) -> bool:
+        """True when the folder names its own prior (prior.pt or ``prior_path``)."""
+        return self.prior is not None
+
+    def prior_or_default(self) -> Gaussian:
+        """The prior, or the network's default (fan-in) prior when the folder has none."""
+        return self.prior if self.prior is not None else self.net.default_prior()
+
+
+def open_model(folder: str | os.PathLike, verify: bool = True) -> ModelFolder:
+    """Load a whole model folder (:func:`load_model` plus :func:`load_prior`)."""
+    folder = Path(folder)
+    net, q, card = load_model(folder, verify=verify)
+    prior, src = load_prior(folder, net, card, verify=verify)
+    return ModelFolder(folder, net, q, card, prior, src)
+
+
+# ============================================================================ folder names
+def model_folder_name(name: str, seed: int) -> str:
+    """``"teacher", 3 -> "teacher-seed3"``: the folder an experiment run saves model ``name`` of ``seed`` in."""
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise ValueError(f"model name {name!r} must be a plain folder name (no slashes, not starting with '.')")
+    return f"{name}-seed{int(seed)}"
+
+
+def parse_model_folder_name(folder_name: str) -> tuple[str, int]:
+    """``"teacher-seed3" -> ("teacher", 3)``: the inverse of :func:`model_folder_name`; a name without the
+    suffix (a folder saved by hand) is seed 0."""
+    m = _SEED_RE.match(folder_name)
+    return (m["name"], int(m["seed"])) if m else (folder_name, 0)
+
+
+def is_model_folder(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds a card.json (a model folder, perhaps damaged)."""
+    return (Path(folder) / CARD_FILE).is_file()
+
+
+def model_folders(run_folder: str | os.PathLike) -> list[Path]:
+    """The model folders of a run's folder (``models/<experiment>-<timestamp>``), sorted by name."""
+    run_folder = Path(run_folder)
+    return sorted(d for d in run_folder.iterdir() if is_model_folder(d)) if run_folder.is_dir() else []

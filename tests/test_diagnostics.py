@@ -196,10 +196,11 @@ def test_nuts_worker_processes_and_convergence_warning():
 
 def test_restricted_prior_and_index_map():
     from pyro_distill import surgery
+    from pyro_distill.commands.diagnose import restricted_prior, student_to_teacher_index
 
     teacher = MLP([3, 4, 4, 2])
     ops = [surgery.RemoveLayer(2), surgery.RemoveNeurons(1, [0, 3])]
-    idx = D.student_to_teacher_index(ops, teacher)
+    idx = student_to_teacher_index(ops, teacher)
     student = MLP([3, 2, 2])
     assert idx.numel() == student.num_params
     w = torch.randn(5, teacher.num_params, dtype=DT)
@@ -207,7 +208,7 @@ def test_restricted_prior_and_index_map():
     # the student's first layer is the teacher's neurons 1, 2 of layer 1
     torch.testing.assert_close(student.layout.view(ws, "layer1.weight"),
                                teacher.layout.view(w, "layer1.weight")[:, [1, 2]])
-    rp = D.restricted_prior(teacher, ops)
+    rp = restricted_prior(teacher, ops)
     assert isinstance(rp, DiagGaussian) and rp.dim == student.num_params
     # the output layer keeps the teacher's fan-in scale (1/sqrt(4)), not the student's (1/sqrt(2))
     torch.testing.assert_close(student.layout.view(rp.variance.sqrt(), "layer2.weight"),
@@ -239,8 +240,8 @@ def test_diagnose_table_and_cli(tmp_path, capsys):
     student, prior = surgery.apply(ops, teacher, qt)
     spec = {"name": "synthetic_classification", "split_seed": 0}
     save_model(tmp_path / "teacher", teacher, qt, card={"data": spec})
-    save_model(tmp_path / "student", student, prior.tempered(0.5), card={"data": spec, "plan": ops.to_dict()})
-    prior.save(tmp_path / "student" / "prior.pt")
+    save_model(tmp_path / "student", student, prior.tempered(0.5), card={"data": spec, "plan": ops.to_dict()},
+               prior=prior)
     out = tmp_path / "fig"
     rc = main(["diagnose", str(tmp_path / "student"), "--against", str(tmp_path / "teacher"), "--draws", "60",
                "--out", str(out)])
@@ -267,7 +268,7 @@ def test_diagnose_run_folder_over_seeds(tmp_path, capsys):
     subsample), a prior row per student found through its same-seed teacher, mean +- sd over seeds."""
     from pyro_distill import surgery
     from pyro_distill.cli import main
-    from pyro_distill.store import save_model
+    from pyro_distill.store import model_folder_name, save_model
 
     teacher = MLP([20, 4, 4, 3])
     ops = surgery.Plan([surgery.RemoveLayer(2), surgery.RemoveNeurons(1, [0])], teacher=teacher.config())
@@ -278,11 +279,9 @@ def test_diagnose_run_folder_over_seeds(tmp_path, capsys):
         qt = DenseGaussian(0.3 * torch.randn(teacher.num_params, generator=g),
                            0.05 * torch.eye(teacher.num_params), layout=teacher.layout, meta={"source": "unit test"})
         student, prior = surgery.apply(ops, teacher, qt)
-        save_model(run / f"teacher-seed{seed}", teacher, qt, card={"data": spec})
-        folder = run / f"small-f0.1-seed{seed}"
-        save_model(folder, student, prior.tempered(0.5),
-                   card={"data": spec | {"fraction": 0.1, "subsample_seed": seed}, "plan": ops.to_dict()})
-        prior.save(folder / "prior.pt")
+        save_model(run / model_folder_name("teacher", seed), teacher, qt, card={"data": spec})
+        save_model(run / model_folder_name("small-f0.1", seed), student, prior.tempered(0.5),
+                   card={"data": spec | {"fraction": 0.1, "subsample_seed": seed}, "plan": ops.to_dict()}, prior=prior)
     out = tmp_path / "fig"
     assert main(["diagnose", str(run), "--draws", "40", "--out", str(out)]) == 0
     text = capsys.readouterr().out

@@ -5,16 +5,23 @@ held-out log predictive density and accuracy, and ``az.compare`` across the mode
 folder holds its prior (``prior.pt``, with the surgery in its metadata or a ``plan`` in the card) and
 whose teacher is among the models also gets a row for that prior, the conditioned teacher, judged
 against the teacher's prior restricted to the student's coordinates (the exact target of conditioning).
+
+Each model's data come from its card's data spec (``pyro_distill.data.specs``: every generator parameter, the
+validation carve-out and the training subsample), so every kind's saved models (MLP, RNN, transformer) are
+re-diagnosed on exactly the data they were fitted to. The surgery replay that finds a student's teacher lives
+here (:func:`relate`), not in ``diagnostics``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run", "run_note"]
+__all__ = ["register", "run", "run_note", "relate", "surgery_of", "find_teacher", "student_to_teacher_index",
+           "restricted_prior"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,24 +46,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import diagnostics as D
-    from ..diagnostics import _resolve_prior
-    from ..store import load_model
+    from ..data import specs as data_specs
+    from ..store import is_model_folder, model_folders, open_model
 
     root = Path(args.model)
-    if root.is_dir() and not (root / "card.json").exists() and any(root.glob("*/card.json")):
+    if root.is_dir() and not is_model_folder(root) and model_folders(root):
         return run_folder(args, root)
     folders = [root] + [Path(f) for f in args.against]
     entries: dict[str, dict[str, Any]] = {}
     for f in folders:
-        net, q, card = load_model(f)
+        m = open_model(f)
         name = f.name if f.name not in entries else str(f)
-        prior, src = _resolve_prior(f, net, card)
-        entries[name] = {"folder": f, "net": net, "q": q, "card": card, "prior": prior,
-                         "has_prior": src != "default prior"}
-        run_note(card, f)
+        entries[name] = {"folder": f, "net": m.net, "q": m.posterior, "card": m.card, "prior": m.prior_or_default(),
+                         "has_prior": m.has_prior, "model": m}
+        run_note(m.card, f)
     # a data spec is a dict ({"name": "digits", "split_seed": 0}); a free-text "data" is only a description
-    specs = {json.dumps(e["card"]["data"], sort_keys=True) for e in entries.values()
-             if isinstance(e["card"].get("data"), dict)}
+    specs = {json.dumps(data_specs.complete(e["model"].data_spec), sort_keys=True) for e in entries.values()
+             if e["model"].data_spec is not None}
     if len(specs) > 1:
         raise ValueError(f"the models were fitted on different data ({sorted(specs)}); diagnose them separately")
     if specs:
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ValueError("no card has a \"data\" spec (a dict like {\"name\": \"digits\", \"split_seed\": 0}); "
                          "pass --data (e.g. --data digits --split-seed 0)")
-    ds = D.load_data_spec(spec)
+    ds = data_specs.load(spec)
     X, y, Xte, yte = ds.X, ds.y, ds.Xte, ds.yte
 
     models: dict[str, tuple] = {}
@@ -77,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
                                                prior=e["prior"], overwrite=args.overwrite, save=not args.no_save)
         models[name] = (e["net"], e["q"], e["prior"])
     for name, e in entries.items():
-        ops_d = D.surgery_of(e["card"], e["prior"] if e["has_prior"] else None)
-        found = D.find_teacher(ops_d, e["net"], {n: t["net"] for n, t in entries.items()}) if ops_d else None
+        ops_d = surgery_of(e["card"], e["prior"] if e["has_prior"] else None)
+        found = find_teacher(ops_d, e["net"], {n: t["net"] for n, t in entries.items()}) if ops_d else None
         if not found:
             continue
         tname, ops = found
@@ -86,10 +92,11 @@ def run(args: argparse.Namespace) -> int:
         if e["has_prior"] and not args.no_prior_row and not _same_gaussian(e["q"], e["prior"]):
             # (a `distill` folder's posterior IS its prior: one row, not two identical ones)
             pname = f"{name} prior"
-            idatas[pname], target = D.student_prior_idata(e["net"], e["prior"], entries[tname]["net"],
-                                                          entries[tname]["prior"], ops, X, y, draws=args.draws,
-                                                          seed=args.seed, teacher_name=tname)
-            models[pname] = (e["net"], e["prior"].to(dtype=X.dtype), target)
+            dt = X.dtype if X.is_floating_point() else None
+            target = restricted_prior(entries[tname]["net"], ops, entries[tname]["prior"]).to(dtype=dt)
+            idatas[pname] = D.student_prior_idata(e["net"], e["prior"], target, X, y, draws=args.draws,
+                                                  seed=args.seed, teacher_name=tname)
+            models[pname] = (e["net"], e["prior"].to(dtype=dt), target)
     # order: teachers first, then each student's prior, then the students
     order = [n for n in entries if n not in {r[0] for r in relations}]
     for s, _, _ in relations:
@@ -132,7 +139,8 @@ def _same_gaussian(a: Any, b: Any) -> bool:
 def run_folder(args: argparse.Namespace, root: Path) -> int:
     """All model folders of one experiment run: per-seed rows and the table over seeds."""
     from .. import diagnostics as D
-    from ..store import atomic_write_text
+    from ..data import specs as data_specs
+    from ..store import atomic_write_text, model_folders, parse_model_folder_name
 
     if args.against:
         raise ValueError(f"{root} is a run's folder of models: diagnose it alone (no --against), or pass "
@@ -144,10 +152,10 @@ def run_folder(args: argparse.Namespace, root: Path) -> int:
             run_note(json.loads(cards[0].read_text()), root)
         except (OSError, ValueError):
             pass
-    first_seed = min(D.split_seed(d.name)[1] for d in root.iterdir() if (d / "card.json").exists())
-    res = D.diagnose_run(root, draws=args.draws, seed=args.seed, overwrite=args.overwrite, save=not args.no_save,
-                         prior_rows=not args.no_prior_row, progress=True,
-                         keep_seed=None if args.no_figures else first_seed)
+    first_seed = min(parse_model_folder_name(d.name)[1] for d in model_folders(root))
+    res = D.diagnose_run(root, load_data=data_specs.load, relate=None if args.no_prior_row else relate,
+                         draws=args.draws, seed=args.seed, overwrite=args.overwrite, save=not args.no_save,
+                         progress=True, keep_seed=None if args.no_figures else first_seed)
     kept = res.pop("kept", None)
     table = D.format_run_table(res)
     print(table)
@@ -219,7 +227,7 @@ def make_figures(idatas: dict, relations: list, entries: dict, models: dict, out
         return paths
     sname, tname, ops = relations[0]
     snet, tnet = entries[sname]["net"], entries[tname]["net"]
-    idx = D.student_to_teacher_index(ops, tnet)
+    idx = student_to_teacher_index(ops, tnet)
     wt = D.weights_from_idata(idatas[tname], tnet)[..., idx]
     forest = {f"{tname} (kept coords)": D.posterior_only_idata(snet, wt)}
     if f"{sname} prior" in idatas:
@@ -241,3 +249,77 @@ def make_figures(idatas: dict, relations: list, entries: dict, models: dict, out
         {k: v.detach().double().numpy() for k, v in covs.items()}, out / "correlation.png",
         title=f"correlation of {sname}'s {blk.name} ({blk.numel} coords) before and after removal"))
     return paths
+
+
+# ============================================================================ surgery replay (for the prior rows)
+def student_to_teacher_index(ops: Sequence, teacher: Any) -> Any:
+    """For each student flat coordinate, the teacher flat coordinate it came from (operations replayed)."""
+    import torch
+
+    net = teacher
+    idx = torch.arange(teacher.num_params)
+    for op in ops:
+        idx = idx[op.keep(net)]
+        net = op.architecture(net)
+    return idx
+
+
+def restricted_prior(teacher: Any, ops: Sequence, prior: Any = None) -> Any:
+    """The teacher's prior (float64) on the coordinates the student keeps. For an independent teacher prior,
+    the exact teacher posterior conditioned on the removed coordinates IS the student's posterior under this
+    prior, so it is the target against which the conditioned teacher (student prior) is judged."""
+    import torch
+
+    prior = (prior if prior is not None else teacher.default_prior(torch.float64)).to(dtype=torch.float64)
+    g = prior.marginalize(student_to_teacher_index(ops, teacher))
+    g.meta = {"source": "teacher prior restricted to the student's coordinates"}
+    return g
+
+
+def surgery_of(card: Mapping[str, Any], prior: Any = None) -> list[dict] | None:
+    """The surgery (a list of operation dicts) that made a student: from its prior's metadata, else the
+    card's ``plan`` / ``surgery`` entry; None for a model made without surgery."""
+    if prior is not None and prior.meta.get("surgery"):
+        return list(prior.meta["surgery"])
+    for key in ("plan", "surgery"):
+        v = card.get(key)
+        if isinstance(v, dict) and "ops" in v:
+            return list(v["ops"])
+        if isinstance(v, dict) and "op" in v:  # one operation's to_dict() (the RNN kind's "surgery")
+            return [v]
+        if isinstance(v, list):
+            return v
+    return None
+
+
+def find_teacher(ops_d: Sequence[Mapping[str, Any]], student: Any,
+                 candidates: Mapping[str, Any]) -> tuple[str, list] | None:
+    """The first of ``candidates`` (name -> net) that ``ops_d`` turns into ``student``'s architecture,
+    with the rebuilt operations; None when none does."""
+    from ..surgery import operation_from_dict
+
+    ops = [operation_from_dict(d) for d in ops_d]
+    for name, net in candidates.items():
+        t = net
+        try:
+            for op in ops:
+                t = op.architecture(t)
+        except Exception:  # noqa: BLE001 - not this model's plan
+            continue
+        if t.config() == student.config() and net.config() != student.config():
+            return name, ops
+    return None
+
+
+def relate(student: Any, candidates: Mapping[str, Any]) -> tuple[str, list, Any] | None:
+    """For :func:`pyro_distill.diagnostics.diagnose_run`: the candidate model folder (``store.ModelFolder``) the
+    student was cut from, the operations, and the target its prior row is judged against (the teacher's prior
+    restricted to the kept coordinates); None when the student names no surgery or no candidate fits."""
+    ops_d = surgery_of(student.card, student.prior)
+    if not ops_d:
+        return None
+    found = find_teacher(ops_d, student.net, {n: m.net for n, m in candidates.items()})
+    if not found:
+        return None
+    tname, ops = found
+    return tname, ops, restricted_prior(candidates[tname].net, ops, candidates[tname].prior_or_default())

@@ -1,7 +1,7 @@
 """``pyro-distill demo`` (what ``make run`` runs) and ``pyro-distill fit``.
 
 * ``pyro-distill fit --data NAME --out models/<name>`` fits a teacher posterior (MAP -> Laplace -> SVI) on a
-  shipped or installed data set (the names ``diagnostics.load_data_spec`` knows: digits,
+  shipped or installed data set (the names ``pyro_distill.data.specs`` registers: digits,
   synthetic_classification, synthetic_regression, fashion_mnist when its files are installed);
 * ``pyro-distill fit --data NAME --prior models/<student-prior> --out models/<name>`` fits the student whose
   architecture and prior a ``pyro-distill distill`` folder holds, started at the prior mean (as
@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "with --prior the prior's network is used")
     f.add_argument("--out", required=True, help="model folder to create, e.g. models/digits-teacher")
     f.add_argument("--overwrite", action="store_true", help="replace the model in an existing --out folder")
-    f.add_argument("--guide", default="mvn", choices=["mvn", "lowrank", "diag"])
+    f.add_argument("--guide", default="dense", choices=["dense", "mvn", "lowrank", "diag"])  # mvn = dense
     f.add_argument("--steps", type=int, default=300, help="SVI steps (default 300)")
     f.add_argument("--map-steps", type=int, default=1000, help="MAP steps before Laplace (default 1000)")
     f.add_argument("--seed", type=int, default=0)
@@ -126,7 +126,7 @@ def _parse_sizes(text: str) -> list[int]:
 def _fit(args: argparse.Namespace) -> int:
     from .. import metrics
     from ..data import subsample
-    from ..diagnostics import load_data_spec
+    from ..data.specs import load as load_data_spec
     from ..inference import fit_posterior
     from ..nets.mlp import MLP
     from ..store import check_writable, save_model
@@ -170,7 +170,7 @@ def _fit(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data} needs a network from {ds.num_features} inputs to {n_out} outputs, got "
                          f"{sizes}" + (" (the prior's network)" if prior is not None else ""))
     p, size = net.num_params, ds.X.element_size() if ds.X.is_floating_point() else 4
-    need = size * (p * p if args.guide == "mvn" else p * 22 if args.guide == "lowrank" else 2 * p)
+    need = size * (p * p if args.guide in ("dense", "mvn") else p * 22 if args.guide == "lowrank" else 2 * p)
     check_writable(out.parent, need * (2 if prior is not None else 1), what="--out folder")  # before the fit
     q, hist = fit_posterior(net, ds.X, ds.y, guide=args.guide, prior=prior, steps=args.steps,
                             map_steps=args.map_steps, init=init, seed=args.seed, progress=args.progress)
@@ -188,11 +188,11 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _student_prior(folder: Path, tau: float):
     """``(student net, prior, card)`` from a ``pyro-distill distill`` folder (prior.pt, else posterior.pt)."""
-    from .. import gaussian as gmod
-    from ..store import load_model
+    from ..store import open_model
 
-    net, g, card = load_model(folder)
-    prior = gmod.load(folder / "prior.pt", layout=net.layout) if (folder / "prior.pt").exists() else g
+    m = open_model(folder)
+    net, card = m.net, m.card
+    prior = m.prior if m.prior is not None else m.posterior
     if not tau >= 1:
         raise ValueError(f"--tau must be >= 1 (1 = the distilled prior as it is, larger = weaker), got {tau}")
     if tau != 1:

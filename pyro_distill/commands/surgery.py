@@ -20,7 +20,7 @@ __all__ = ["register", "run_plan", "run_distill", "DEFAULT_SELECTOR", "SELECTOR_
 
 #: the selector ``plan`` and ``distill`` use unless told (``surgery.plan.SELECTORS`` keys; a test keeps them equal,
 #: listed here so that ``--help`` does not import torch)
-SELECTOR_NAMES = ("evidence", "magnitude", "random", "snr")
+SELECTOR_NAMES = ("evidence", "first", "last", "magnitude", "random", "snr")
 DEFAULT_SELECTOR = "snr"
 #: the selector ``plan`` falls back to without a posterior (snr and evidence need one)
 NO_POSTERIOR_SELECTOR = "random"
@@ -105,12 +105,12 @@ def run_plan(args: argparse.Namespace) -> int:
 
 def run_distill(args: argparse.Namespace) -> int:
     from ..nets.mlp import MLP
-    from ..store import MODEL_FILE, load_model, save_model
+    from ..store import MODEL_FILE, PRIOR_FILE, data_spec, load_model, save_model
     from ..surgery import apply
     from ..surgery.plan import plan
 
     out = Path(args.out)
-    if (out / MODEL_FILE).exists() or (out / "prior.pt").exists():
+    if (out / MODEL_FILE).exists() or (out / PRIOR_FILE).exists():
         raise FileExistsError(f"{out} already holds a model; choose another --out")
     teacher, posterior, card = load_model(args.teacher)
     if not isinstance(teacher, MLP):
@@ -125,14 +125,14 @@ def run_distill(args: argparse.Namespace) -> int:
     }
     if "data" in card:
         student_card["data"] = card["data"]
-    save_model(out, student, prior, card=student_card)
-    prior.save(out / "prior.pt")
-    if args.idata_draws > 0 and isinstance(card.get("data"), dict):
+    save_model(out, student, prior, card=student_card, prior=prior)
+    if args.idata_draws > 0 and data_spec(card) is not None:
         # the conditioned teacher's draws on the teacher's data, for ArviZ
-        from ..diagnostics import diagnose_model_folder, load_data_spec
+        from ..data.specs import load
+        from ..diagnostics import diagnose_model_folder
 
         try:
-            ds = load_data_spec(card["data"])
+            ds = load(data_spec(card))
             diagnose_model_folder(out, ds.X, ds.y, draws=args.idata_draws)
         except (ValueError, FileNotFoundError) as exc:  # the prior is saved; the netCDF can be made later
             print(f"idata.nc not written ({exc}); make it with `pyro-distill diagnose {out} --data NAME`")
