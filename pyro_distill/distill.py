@@ -22,9 +22,10 @@ from typing import Any
 import torch
 
 from .arrays import as_data, as_prior
-from .gaussian import DenseGaussian, DiagGaussian, Gaussian, StructureError
+from .gaussian import STRUCTURE_ALIASES, DenseGaussian, DiagGaussian, Gaussian, StructureError, structure_name
 from .inference import FitHistory, fit_map, fit_posterior
 from .nets.base import BayesianNet
+from .surgery.base import Reduction, savage_dickey
 
 __all__ = ["DistillResult", "student_prior", "distill", "savage_dickey", "model_reduction", "reduced_posterior",
            "evidence_temperature", "EVIDENCE_TAU_BOUNDS", "divided_prior"]
@@ -129,21 +130,6 @@ def distill(teacher_net: BayesianNet, teacher_posterior: Gaussian, student_net: 
 
 
 # ============================================================================ Bayesian model reduction
-def savage_dickey(q: Gaussian, prior: Gaussian, index: Sequence[int] | torch.Tensor,
-                  value: float | torch.Tensor = 0.0) -> torch.Tensor:
-    """``log q(u_I = v) - log p0(u_I = v)`` (float64): the Savage-Dickey log density ratio, i.e. the change in log
-    evidence when the model with ``u_I`` fixed to ``v`` replaces the full one (exact when ``q`` is the exact
-    posterior under ``p0`` and ``p0(u_K | u_I = v) = p0(u_K)``, e.g. an independent prior)."""
-    I = torch.as_tensor(index, dtype=torch.long).reshape(-1)
-    v = torch.as_tensor(value, dtype=torch.float64)
-    v = v.expand(I.shape) if v.dim() == 0 else v.reshape(-1)
-    if I.numel() == 0:
-        return torch.zeros((), dtype=torch.float64)
-    qI = q.marginalize(I).to(dtype=torch.float64)
-    pI = prior.marginalize(I).to(dtype=torch.float64)
-    return qI.log_prob(v.to(qI.device)) - pI.log_prob(v.to(pI.device)).to(qI.device)
-
-
 def model_reduction(ops: Sequence[Any], teacher_net: BayesianNet, teacher_posterior: Gaussian,
                     teacher_prior: Gaussian | None = None) -> tuple[BayesianNet, Gaussian, float]:
     """``(student net, conditioned teacher posterior, log evidence change)`` of a plan, by Bayesian model reduction.
@@ -157,19 +143,19 @@ def model_reduction(ops: Sequence[Any], teacher_net: BayesianNet, teacher_poster
     """
     p0 = teacher_prior if teacher_prior is not None else teacher_net.default_prior(torch.float64,
                                                                                    teacher_posterior.device)
-    net, q, delta = teacher_net, teacher_posterior, 0.0
-    if q.dim != net.num_params:
-        raise ValueError(f"the posterior has {q.dim} coordinates but {net!r} has p={net.num_params}")
+    if teacher_posterior.dim != teacher_net.num_params:
+        raise ValueError(f"the posterior has {teacher_posterior.dim} coordinates but {teacher_net!r} has "
+                         f"p={teacher_net.num_params}")
+    state, delta = Reduction(teacher_net, teacher_posterior, p0), 0.0
     for op in ops:
-        I, v, _ = op.removed(net)
+        I, v, _ = op.removed(state.net)
         if I.numel() and math.isfinite(delta):
             try:
-                delta += float(savage_dickey(q, p0, I, v))
+                delta += float(savage_dickey(state.q, state.p0, I, v))
             except StructureError:
                 delta = float("nan")
-        _, p0 = op.apply(net, p0)
-        net, q = op.apply(net, q)
-    return net, q, delta
+        state.step(op)
+    return state.net, state.q, delta
 
 
 def reduced_posterior(teacher_net: BayesianNet, teacher_posterior: Gaussian, student_net: BayesianNet,
@@ -209,7 +195,7 @@ def reduced_posterior(teacher_net: BayesianNet, teacher_posterior: Gaussian, stu
         raise ValueError(f"the plan produced {net!r}, not the requested student {student_net!r}; make a new plan")
     dtype = X.dtype if X.is_floating_point() else start.dtype
     start = start.to(X.device, dtype)
-    if guide == "mvn" and not isinstance(start, DenseGaussian):
+    if structure_name(guide, "guide") == "dense" and not isinstance(start, DenseGaussian):
         start = DenseGaussian.from_covariance(start.loc, start.covariance(), layout=start.layout, meta=start.meta)
     start.layout = net.layout
     prior = net.default_prior(dtype, X.device)
@@ -258,6 +244,7 @@ def evidence_temperature(net: BayesianNet, prior: Gaussian, X: torch.Tensor, y: 
     from .evidence import _to_double, log_evidence, optimize_temperature, quadratic_model
 
     X, y = as_data(X, y)
+    structure = STRUCTURE_ALIASES.get(structure, structure)  # "mvn" = "dense"
     if structure not in ("auto", "dense", "diag"):
         raise ValueError(f"evidence structure must be 'auto', 'dense' or 'diag', got {structure!r}")
     if prior.dim != net.num_params:

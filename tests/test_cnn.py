@@ -16,8 +16,8 @@ from pyro_distill.nets import CNN, net_from_config
 from pyro_distill.surgery.cnn import (
     RemoveChannels,
     RemoveDenseNeurons,
+    channel_candidates,
     channel_coordinates,
-    cnn_scores,
     plan_cnn,
     remove_dense_neurons,
 )
@@ -256,8 +256,8 @@ def test_dense_gaussian_through_apply_and_plan():
         again = S.Plan.from_dict(plan.to_dict())
         assert again == plan and str(plan).startswith(f"plan ({selector})")
     # the snr selector drops the lowest signal-to-noise channels of conv layer 1
-    scores = cnn_scores(teacher, "conv", 1, "snr", q)
-    assert plan_cnn(teacher, student_arch, "snr", q)[0].channels == (int(torch.argmin(scores)),)
+    scores = S.score_candidates(teacher, channel_candidates(teacher, 1), "snr", q)  # remove-scores
+    assert plan_cnn(teacher, student_arch, "snr", q)[0].channels == (int(torch.argmax(scores)),)
     assert [type(op) for op in plan_cnn(teacher, teacher, "random")] == [S.SameFamily]
     assert S.plan(teacher, student_arch, "evidence", posterior=q) == plan_cnn(teacher, student_arch, "evidence", q)
     with pytest.raises(S.SurgeryError, match="only removes"):

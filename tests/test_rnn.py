@@ -1,4 +1,4 @@
-"""Attention RNN, its attention-removal surgery, the sequence tasks and the rnn_attention experiment kind."""
+"""Attention RNN, its attention-removal surgery, the sequence tasks and the rnn experiment kind."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def _lowrank(net, seed=0):
 def test_variants_give_valid_gaussians_matching_a_dense_reference(variant):
     net = AttentionRNN(src_vocab=6, tgt_vocab=5, src_len=4, emb=3, hidden=4, attn=3)  # p = 369: dense is cheap
     q = _lowrank(net)
-    stu, g = remove_attention(net, q, variant)
+    stu, g = remove_attention(net, variant).apply(net, q)
     assert isinstance(g, LowRankGaussian) and g.dim == stu.num_params and g.layout == stu.layout
     assert stu.layout == net.replace(uniform_context=True).layout
     assert bool((g.cov_diag > 0).all()) and torch.isfinite(g.log_prob(g.loc))
@@ -179,7 +179,7 @@ def test_variants_give_valid_gaussians_matching_a_dense_reference(variant):
     assert torch.allclose(g.covariance(), cov, atol=1e-9)
     assert torch.linalg.eigvalsh(g.covariance()).min() > 0
     # a dense posterior stays dense
-    _, gd = remove_attention(net, DenseGaussian.from_covariance(q.loc, S, layout=net.layout), variant)
+    _, gd = remove_attention(net, variant).apply(net, DenseGaussian.from_covariance(q.loc, S, layout=net.layout))
     assert gd.kind == "dense" and torch.allclose(gd.covariance(), cov, atol=1e-9)
 
 
@@ -201,13 +201,13 @@ def test_map_and_lowrank_svi_run_on_token_inputs(task, net):
     q, hist = fit_posterior(net, task.X, task.y, guide="lowrank", steps=5, map_steps=5, batch_size=16,
                             cov_init="prior", rank=3, elbo_eval_particles=2)
     assert q.dim == net.num_params and all(torch.isfinite(torch.tensor(hist.elbo)))
-    stu, prior = remove_attention(net, q, "w")
+    stu, prior = remove_attention(net, "w").apply(net, q)
     q2, _ = fit_posterior(stu, task.X, task.y, guide="lowrank", prior=prior, init=prior, steps=3, batch_size=16,
                           elbo_eval_particles=2)
     assert q2.dim == stu.num_params
 
 
-def test_rnn_attention_experiment_tiny_run(tmp_path):
+def test_rnn_experiment_tiny_run_with_old_kind_and_method_names(tmp_path):
     from pyro_distill.experiments.core import run
 
     toml = tmp_path / "tiny.toml"
@@ -218,7 +218,7 @@ seeds = 1
 workers = 1
 tasks = ["digit_sum"]
 methods = ["vi_conditioned_prior", "vi_standard_prior", "teacher_init", "deterministic", "kd",
-           "vi_conditioned_prior_tempered", "vi_marginal_prior", "deterministic_attention"]
+           "teacher_prior_tempered", "vi_marginal_prior", "deterministic_attention"]
 idata_draws = 8
 [data]
 n_train = 40
@@ -242,29 +242,82 @@ samples = 2
     run_dir = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
     rows = json.loads((run_dir / "metrics.json").read_text())
     methods = [r["method"] for r in rows]
-    assert methods == ["teacher", "vi_conditioned_prior", "vi_standard_prior", "teacher_init", "deterministic", "kd",
-                       "vi_conditioned_prior_tempered", "vi_marginal_prior", "deterministic_attention"]
+    # the old kind name and old method names (vi_conditioned_prior, ...) run; rows carry the canonical names
+    assert methods == ["teacher", "teacher_prior", "standard_prior", "teacher_init", "deterministic", "kd",
+                       "teacher_prior_tempered", "marginal_prior", "deterministic_attention"]
     by = {r["method"]: r for r in rows}
     assert by["deterministic_attention"]["p"] == by["teacher"]["p"] > by["kd"]["p"]
     # the copied mean IS the marginal's mean: both start from the same validation loss
-    assert by["vi_marginal_prior"]["val_nll_start"] == pytest.approx(by["teacher_init"]["val_nll_start"], rel=1e-5)
+    assert by["marginal_prior"]["val_nll_start"] == pytest.approx(by["teacher_init"]["val_nll_start"], rel=1e-5)
     for r in rows:
         assert 0 <= r["exact_match"] <= 1 and 0 <= r["token_acc"] <= 1 and r["nll_tok"] > 0
     curves = (run_dir / "curves.csv").read_text().splitlines()
     assert any(",kd,0,0,val_nll_tok," in c for c in curves) and any(",kd,0,4,val_nll_tok," in c for c in curves)
     # every saved Gaussian has its ArviZ InferenceData beside it (token ids as data, one log-lik per sequence)
     from pyro_distill.diagnostics import load_idata
-    from pyro_distill.experiments.rnn import make_figures
+    from pyro_distill.plots.experiments import make_run
 
     (models,) = (tmp_path / "models").iterdir()
     saved = {p.name: p for p in models.iterdir()}
-    assert {"digit_sum-teacher-seed0", "digit_sum-vi_conditioned_prior-seed0",
-            "digit_sum-vi_standard_prior-seed0"} <= set(saved)
-    idata = load_idata(saved["digit_sum-vi_conditioned_prior-seed0"])
+    assert {"digit_sum-teacher-seed0", "digit_sum-teacher_prior-seed0", "digit_sum-standard_prior-seed0"} <= set(saved)
+    idata = load_idata(saved["digit_sum-teacher_prior-seed0"])
     C, Dr, n = idata.log_likelihood["y"].shape  # 8 independent draws of q, split into chains for ArviZ
     assert C * Dr == 8 and C > 1 and n == 40
     # lp under the prior each was fitted under: the conditioned teacher's, or the default one
     assert idata.attrs["prior_path"] != "default prior"
-    assert load_idata(saved["digit_sum-vi_standard_prior-seed0"]).attrs["prior_path"] == "default prior"
-    (png,) = make_figures(run_dir, tmp_path / "fig")
-    assert png.name == f"{run_dir.parent.name}_curves.png" and png.stat().st_size > 1000
+    assert load_idata(saved["digit_sum-standard_prior-seed0"]).attrs["prior_path"] == "default prior"
+    # `pyro-distill figures` finds the kind's figures through the canonical kind (plots/rnn.py)
+    pngs = {p.name: p for p in make_run(run_dir, tmp_path / "fig")}
+    png = pngs[f"{run_dir.parent.name}_curves.png"]
+    assert png.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- token-level KD and the sequence metrics
+def test_token_kd_equals_a_plain_adam_loop_on_its_loss(task, net):
+    """baselines.token_kd = Adam on token_kd_loss - log p(w) / N with torch's seeded minibatches, bit for bit;
+    token_kd_loss = the per-token kd_loss times (non-pad tokens / sequences)."""
+    from pyro_distill.baselines import kd_loss, token_kd, token_kd_loss
+
+    stu = net.replace(uniform_context=True)
+    tp = torch.softmax(net.forward(net.init_weights(torch.Generator().manual_seed(0), D), task.X), -1).detach()
+    w0 = stu.init_weights(torch.Generator().manual_seed(1), D)
+    logits = stu.forward(w0, task.X[:7])
+    m = task.y[:7] != PAD
+    expect = kd_loss(logits[m], tp[:7][m], task.y[:7][m], 0.3, 2.0) * int(m.sum()) / 7
+    assert torch.equal(token_kd_loss(logits, tp[:7], task.y[:7], PAD, 0.3, 2.0), expect)
+    prior, N = stu.default_prior(D), len(task.X)
+    torch.manual_seed(2)
+    w = w0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=1e-2)
+    for _ in range(6):
+        idx = torch.randint(0, N, (16,))
+        opt.zero_grad()
+        loss = token_kd_loss(stu.forward(w, task.X[idx]), tp[idx], task.y[idx], PAD, 0.5, 2.0) - prior.log_prob(w) / N
+        loss.backward()
+        opt.step()
+    got, hist = token_kd(stu, task.X, task.y, tp, init=w0, steps=6, lr=1e-2, batch_size=16, seed=2)
+    assert torch.equal(got, w.detach()) and len(hist.map_loss) == 6
+    with pytest.raises(ValueError, match="teacher_probs must be"):
+        token_kd(stu, task.X, task.y, tp[:, :2], init=w0, steps=1)
+
+
+def test_sequence_metrics_by_hand(task, net):
+    from pyro_distill import metrics
+
+    w = net.init_weights(torch.Generator().manual_seed(0), D)
+    X, y = task.X[:9], task.y[:9]
+    logp = torch.log_softmax(net.forward(w, X), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    m = y != PAD
+    assert metrics.sequence_nll(net, w, X, y, chunk=4) == pytest.approx(float(-(logp * m).sum() / m.sum()), rel=1e-12)
+    pred = net.decode(w, X)
+    res = metrics.evaluate_sequences(net, w, X, y)
+    assert res["exact_match"] == float(exact_match(pred, y)) and res["token_acc"] == float(token_accuracy(pred, y))
+    assert res["nll_pred_tok"] == res["nll_tok"]  # a point: the predictive is the point's
+    # the predictive of a Gaussian: softmax averaged over the same seeded draws as pyro_distill.predictions
+    q = _lowrank(net)
+    W = q.sample(3, generator=torch.Generator().manual_seed(5))
+    P = torch.softmax(net.forward(W, X), -1).mean(0)
+    torch.testing.assert_close(metrics.sequence_predictive(net, q, X, num_samples=3, seed=5, chunk=4), P)
+    lp = P.log().gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    got = metrics.evaluate_sequences(net, q, X, y, num_samples=3, seed=5)["nll_pred_tok"]
+    assert got == pytest.approx(float(-(lp * m).sum() / m.sum()), rel=1e-9)

@@ -13,7 +13,8 @@ from pyro_distill.cli import main
 from pyro_distill.gaussian import DenseGaussian, DiagGaussian, LowRankGaussian
 from pyro_distill.nets.mlp import MLP
 from pyro_distill.store import load_model, save_model
-from pyro_distill.surgery.plan import SELECTORS, neuron_scores, removal_log_evidence
+from pyro_distill.surgery.mlp import neuron_candidates
+from pyro_distill.surgery.plan import SELECTORS
 
 F64 = torch.float64
 
@@ -122,12 +123,18 @@ def test_plan_serialization_round_trip_and_replay():
 def test_selectors_rank_by_their_scores():
     teacher = MLP([4, 6, 3])
     q = posterior(teacher, "dense", seed=5)
-    ev = removal_log_evidence(teacher, 1, q, teacher.default_prior(F64))
+    cands = neuron_candidates(teacher, 1)
+    p0 = teacher.default_prior(F64)
+    ev = torch.stack([S.savage_dickey(q, p0, c.index) for c in cands])
+    assert torch.equal(S.score_candidates(teacher, cands, "evidence", q), ev)
     pl = S.plan(teacher, MLP([4, 4, 3]), selector="evidence", posterior=q)
     assert set(pl[0].neurons) == set(torch.topk(ev, 2).indices.tolist())  # data favour removing these most
-    snr = neuron_scores(teacher, 1, "snr", q)
+    snr = torch.stack([(q.mean[c.index] ** 2 / q.variance[c.index]).mean() for c in cands])
+    assert torch.equal(S.score_candidates(teacher, cands, "snr", q), -snr)  # remove-score: low snr goes first
     pl = S.plan(teacher, MLP([4, 4, 3]), selector="snr", posterior=q)
     assert set(pl[0].neurons) == set(torch.topk(-snr, 2).indices.tolist())
+    assert S.plan(teacher, MLP([4, 4, 3]), selector="first")[0].neurons == (0, 1)
+    assert S.plan(teacher, MLP([4, 4, 3]), selector="last")[0].neurons == (4, 5)
     r1 = S.plan(teacher, MLP([4, 4, 3]), selector="random", seed=7)
     assert r1 == S.plan(teacher, MLP([4, 4, 3]), selector="random", seed=7)
 

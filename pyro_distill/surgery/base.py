@@ -26,7 +26,8 @@ import torch
 from ..gaussian import Gaussian, StructureError
 from ..nets.base import BayesianNet
 
-__all__ = ["Operation", "SurgeryError", "apply", "embed", "register_operation", "operation_from_dict", "Plan"]
+__all__ = ["Operation", "SurgeryError", "apply", "embed", "register_operation", "operation_from_dict", "Plan",
+           "savage_dickey", "Reduction"]
 
 _OPS: dict[str, type[Operation]] = {}
 
@@ -186,6 +187,45 @@ def apply(ops: Sequence[Operation], net: BayesianNet, gaussian: Gaussian) -> tup
     for op in ops:
         net, gaussian = op.apply(net, gaussian)
     return net, gaussian
+
+
+def savage_dickey(q: Gaussian, prior: Gaussian, index: Sequence[int] | torch.Tensor,
+                  value: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """``log q(u_I = v) - log p0(u_I = v)`` (float64): the Savage-Dickey log density ratio, i.e. the change in log
+    evidence when the model with ``u_I`` fixed to ``v`` replaces the full one (exact when ``q`` is the exact
+    posterior under ``p0`` and ``p0(u_K | u_I = v) = p0(u_K)``, e.g. an independent prior). The planner's
+    ``evidence`` selector and :func:`~pyro_distill.distill.model_reduction` both call this one."""
+    I = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+    v = torch.as_tensor(value, dtype=torch.float64)
+    v = v.expand(I.shape) if v.dim() == 0 else v.reshape(-1)
+    if I.numel() == 0:
+        return torch.zeros((), dtype=torch.float64)
+    qI = q.marginalize(I).to(dtype=torch.float64)
+    pI = prior.marginalize(I).to(dtype=torch.float64)
+    return qI.log_prob(v.to(qI.device)) - pI.log_prob(v.to(pI.device)).to(qI.device)
+
+
+class Reduction:
+    """The teacher as the operations so far leave it: the network, its posterior ``q`` and the prior ``p0`` that
+    ``q`` was fitted under, each conditioned by every operation in turn (exactly as :func:`apply` does).
+
+    The one conditioning loop: the planner walks it while choosing (each choice sees the posterior the earlier
+    steps leave), :func:`~pyro_distill.distill.model_reduction` while summing Savage-Dickey ratios. ``q`` and
+    ``p0`` may be None (a plan that needs no posterior).
+    """
+
+    def __init__(self, net: BayesianNet, posterior: Gaussian | None = None, prior: Gaussian | None = None):
+        self.net, self.q, self.p0 = net, posterior, prior
+        self.ops: list[Operation] = []
+
+    def step(self, op: Operation) -> None:
+        """Apply ``op``: condition ``q`` and ``p0``, move to the smaller network, record the operation."""
+        if self.q is not None:
+            _, self.q = op.apply(self.net, self.q)
+        if self.p0 is not None:
+            _, self.p0 = op.apply(self.net, self.p0)
+        self.net = op.architecture(self.net)
+        self.ops.append(op)
 
 
 def embed(ops: Sequence[Operation], net: BayesianNet, w_student: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,10 @@
 
 The coordinates that remain, in their original order, are exactly the smaller CNN's layout (filters are rows;
 input channels are the second axis of a conv weight; the flattened features are channel-major), so
-``Operation.apply`` only conditions. :func:`plan_cnn` turns a teacher CNN into a narrower student CNN,
-choosing what goes with the same selectors as the MLP planner, applied to channel / neuron coordinate groups;
-:func:`~pyro_distill.surgery.plan` hands a CNN teacher to it.
+``Operation.apply`` only conditions. The CNN family of the planner (:mod:`.planning`): candidates are single
+channels and single dense neurons; :func:`~pyro_distill.surgery.plan` narrows a teacher CNN to a student CNN
+(same depth, kernels, pooling, image shape and outputs) with the shared selectors; :func:`plan_cnn` is the same
+call kept for its callers.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import torch
 from ..gaussian import Gaussian
 from ..nets.base import BayesianNet
 from ..nets.cnn import CNN
-from .base import Operation, Plan, SurgeryError, check_layout, register_operation
+from .base import Operation, Plan, SurgeryError, register_operation
 from .mlp import SameFamily
+from .planning import Candidate, Family, Planner, plan, register_family
 
 __all__ = ["RemoveChannels", "RemoveDenseNeurons", "remove_channels", "remove_dense_neurons",
-           "channel_coordinates", "dense_neuron_coordinates", "cnn_scores", "plan_cnn", "CNN_SELECTORS"]
+           "channel_coordinates", "dense_neuron_coordinates", "channel_candidates", "dense_neuron_candidates",
+           "cnn_candidates", "plan_cnn"]
 
 
 def _as_cnn(net: BayesianNet, what: str) -> CNN:
@@ -184,69 +187,25 @@ def remove_dense_neurons(net: BayesianNet, layer: int, neurons: Sequence[int] | 
     return op
 
 
-# ============================================================================ selectors and the plan
-def _snr(groups: list[torch.Tensor], q: Gaussian, p0: Gaussian, gen: torch.Generator) -> torch.Tensor:
-    m, var = q.mean, q.variance
-    return torch.stack([(m[i] ** 2 / var[i]).mean() for i in groups]).to(torch.float64)
+# ============================================================================ the CNN family of the planner
+def channel_candidates(net: CNN, layer: int) -> list[Candidate]:
+    """One candidate per channel of conv ``layer``: :class:`RemoveChannels` of that channel alone."""
+    return [Candidate.of(RemoveChannels(layer, [c]), net) for c in range(net.channels[layer - 1])]
 
 
-def _magnitude(groups: list[torch.Tensor], q: Gaussian, p0: Gaussian, gen: torch.Generator) -> torch.Tensor:
-    m = q.mean
-    return torch.stack([torch.linalg.vector_norm(m[i]) for i in groups]).to(torch.float64)
+def dense_neuron_candidates(net: CNN, layer: int) -> list[Candidate]:
+    """One candidate per neuron of hidden dense ``layer``: :class:`RemoveDenseNeurons` of that neuron alone."""
+    return [Candidate.of(RemoveDenseNeurons(layer, [j]), net) for j in range(net.dense[layer - 1])]
 
 
-def _random(groups: list[torch.Tensor], q: Gaussian | None, p0: Gaussian | None, gen: torch.Generator) -> torch.Tensor:
-    return torch.rand(len(groups), generator=gen, dtype=torch.float64)
+def cnn_candidates(net: BayesianNet) -> list[Candidate]:
+    """Every single-channel and single-dense-neuron removal ``net`` allows (layers of width > 1)."""
+    net = _as_cnn(net, "cnn_candidates")
+    out = [c for t, n in enumerate(net.channels, start=1) if n > 1 for c in channel_candidates(net, t)]
+    return out + [c for t, n in enumerate(net.dense[:-1], start=1) if n > 1 for c in dense_neuron_candidates(net, t)]
 
 
-def _evidence(groups: list[torch.Tensor], q: Gaussian, p0: Gaussian, gen: torch.Generator) -> torch.Tensor:
-    """Keep-score ``-(log q(u_I = 0) - log p0(u_I = 0))``: minus the Savage-Dickey change in log evidence."""
-    out = []
-    for i in groups:
-        zero = torch.zeros(i.numel(), dtype=q.dtype, device=q.device)
-        out.append(q.marginalize(i).log_prob(zero) - p0.marginalize(i).log_prob(zero.to(p0.dtype)))
-    return -torch.stack(out).to(torch.float64)
-
-
-#: name -> (keep-score over coordinate groups: higher means keep, needs a posterior); as the MLP planner's
-CNN_SELECTORS = {"snr": (_snr, True), "magnitude": (_magnitude, True), "random": (_random, False),
-                 "evidence": (_evidence, True)}
-
-
-def _groups(net: CNN, kind: str, layer: int) -> list[torch.Tensor]:
-    if kind == "conv":
-        return [channel_coordinates(net, layer, [c]) for c in range(net.channels[layer - 1])]
-    return [dense_neuron_coordinates(net, layer, [j]) for j in range(net.dense[layer - 1])]
-
-
-def cnn_scores(net: CNN, kind: str, layer: int, selector: str = "snr", posterior: Gaussian | None = None,
-               prior: Gaussian | None = None, seed: int = 0) -> torch.Tensor:
-    """Keep-scores of the channels of conv layer ``layer`` (``kind="conv"``) or the neurons of hidden dense
-    layer ``layer`` (``kind="dense"``); the lowest are removed first."""
-    fn = _selector(selector, posterior)
-    if kind not in ("conv", "dense"):
-        raise ValueError(f"kind must be 'conv' or 'dense', got {kind!r}")
-    if prior is None and posterior is not None:
-        prior = net.default_prior(posterior.dtype, posterior.device)
-    return fn(_groups(net, kind, layer), posterior, prior, torch.Generator().manual_seed(seed))
-
-
-def _selector(selector: str, posterior: Gaussian | None):
-    if selector not in CNN_SELECTORS:
-        raise ValueError(f"unknown selector {selector!r}; choose one of {sorted(CNN_SELECTORS)}")
-    fn, needs = CNN_SELECTORS[selector]
-    if needs and posterior is None:
-        raise ValueError(f"selector {selector!r} scores channels on the teacher's posterior: pass posterior=<Gaussian>,"
-                         " or use selector='random'")
-    return fn
-
-
-def plan_cnn(teacher: BayesianNet, student: BayesianNet, selector: str = "snr", posterior: Gaussian | None = None,
-             seed: int = 0, prior: Gaussian | None = None) -> Plan:
-    """The operations that turn CNN ``teacher`` into the narrower CNN ``student`` (same depth, kernels, pooling,
-    image shape and outputs; no wider layer): per conv layer in order one :class:`RemoveChannels`, then per hidden
-    dense layer one :class:`RemoveDenseNeurons`, each choosing the lowest keep-scores on the posterior as the
-    previous steps conditioned it. ``prior``: the prior ``posterior`` was fitted under (``evidence`` only)."""
+def _check_pair(teacher: BayesianNet, student: BayesianNet) -> None:
     t, s = _as_cnn(teacher, "plan_cnn"), _as_cnn(student, "plan_cnn")
     ct, cs = t.config(), s.config()
     differ = [k for k in ct if k not in ("channels", "dense") and ct[k] != cs[k]]
@@ -265,34 +224,28 @@ def plan_cnn(teacher: BayesianNet, student: BayesianNet, selector: str = "snr", 
     if wider:
         raise SurgeryError(f"the student is wider than the teacher at {wider} (teacher channels={t.channels}, "
                            f"dense={t.dense}; student channels={s.channels}, dense={s.dense}); surgery only removes")
-    fn = _selector(selector, posterior)
-    if posterior is not None:
-        check_layout(t, posterior)
-        p0 = prior if prior is not None else t.default_prior(posterior.dtype, posterior.device)
-        check_layout(t, p0)
-    else:
-        p0 = None
-    gen = torch.Generator().manual_seed(seed)
-    net, q = t, posterior
-    ops: list[Operation] = []
 
-    def shrink(kind: str, layer: int, count: int) -> None:
-        nonlocal net, q, p0
-        if count <= 0:
-            return
-        score = fn(_groups(net, kind, layer), q, p0, gen)
-        drop = torch.sort(score, stable=True).indices[:count].tolist()
-        op = RemoveChannels(layer, drop) if kind == "conv" else RemoveDenseNeurons(layer, drop)
-        if q is not None:
-            _, q = op.apply(net, q)
-            _, p0 = op.apply(net, p0)
-        net = op.architecture(net)
-        ops.append(op)
 
-    for i, (a, b) in enumerate(zip(t.channels, s.channels), start=1):
-        shrink("conv", i, a - b)
-    for i, (a, b) in enumerate(zip(t.dense[:-1], s.dense[:-1]), start=1):
-        shrink("dense", i, a - b)
-    if not ops:
-        ops.append(SameFamily())
-    return Plan(ops, teacher=t.config(), student=net.config(), selector=selector)
+def _schedule(planner: Planner, teacher: CNN, student: CNN) -> None:
+    """Per conv layer in order one :class:`RemoveChannels`, then per hidden dense layer one
+    :class:`RemoveDenseNeurons`, each taking the highest remove-scores on the posterior as the earlier steps left it."""
+    for i, (a, b) in enumerate(zip(teacher.channels, student.channels), start=1):
+        if a > b:
+            chosen = planner.choose(channel_candidates(planner.net, i), a - b)
+            planner.step(RemoveChannels(i, [c.op.channels[0] for c in chosen]))
+    for i, (a, b) in enumerate(zip(teacher.dense[:-1], student.dense[:-1]), start=1):
+        if a > b:
+            chosen = planner.choose(dense_neuron_candidates(planner.net, i), a - b)
+            planner.step(RemoveDenseNeurons(i, [c.op.neurons[0] for c in chosen]))
+    if not planner.ops:
+        planner.ops.append(SameFamily())
+
+
+register_family(Family("cnn", CNN, _check_pair, _schedule, cnn_candidates))
+
+
+def plan_cnn(teacher: BayesianNet, student: BayesianNet, selector: str = "snr", posterior: Gaussian | None = None,
+             seed: int = 0, prior: Gaussian | None = None) -> Plan:
+    """:func:`~pyro_distill.surgery.planning.plan` for a CNN teacher (kept for its callers; same arguments)."""
+    _as_cnn(teacher, "plan_cnn")
+    return plan(teacher, student, selector=selector, posterior=posterior, seed=seed, prior=prior)

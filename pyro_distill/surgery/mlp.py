@@ -9,10 +9,16 @@
 
 The coordinates that remain, in their original order, are exactly the student's layout (rows of ``U_t`` are
 neurons; columns of ``U_{t+1}`` stay row-major), so ``Operation.apply`` only has to condition.
+
+The MLP family of the planner (:mod:`.planning`): candidates are single neurons of a hidden layer and removable
+layers. Schedule (docs/DESIGN.md): remove neurons to equalize the widths of the layers that will merge, then
+remove layers (highest index first, so lower indices stay valid), then remove neurons down to the student's
+widths; each :class:`RemoveNeurons` takes the ``count`` neurons of one layer with the highest remove-scores.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,9 +27,10 @@ import torch
 from ..nets.base import BayesianNet
 from ..nets.mlp import IDEMPOTENT, MLP
 from .base import Operation, SurgeryError, register_operation
+from .planning import Candidate, Family, Planner, register_family
 
 __all__ = ["SameFamily", "RemoveNeurons", "RemoveLayer", "same_family", "remove_neurons", "remove_layer",
-           "neuron_coordinates"]
+           "neuron_coordinates", "neuron_candidates", "mlp_candidates"]
 
 
 def _as_mlp(net: BayesianNet, what: str) -> MLP:
@@ -212,3 +219,98 @@ def remove_layer(net: BayesianNet, layer: int) -> RemoveLayer:
     op = RemoveLayer(layer)
     op.check(net)
     return op
+
+
+# ============================================================================ the MLP family of the planner
+def neuron_candidates(net: MLP, layer: int) -> list[Candidate]:
+    """One candidate per neuron of hidden ``layer``: :class:`RemoveNeurons` of that neuron alone."""
+    return [Candidate.of(RemoveNeurons(layer, [j]), net) for j in range(net.sizes[layer])]
+
+
+def mlp_candidates(net: BayesianNet) -> list[Candidate]:
+    """Every single-neuron removal (hidden layers of width > 1) and every layer removal that ``net`` allows."""
+    net = _as_mlp(net, "mlp_candidates")
+    out = [c for t in range(1, net.num_layers) if net.sizes[t] > 1 for c in neuron_candidates(net, t)]
+    for t in range(1, net.num_layers + 1):
+        try:
+            RemoveLayer(t).check(net)
+        except SurgeryError:
+            continue
+        out.append(Candidate.of(RemoveLayer(t), net))
+    return out
+
+
+def _groups(teacher: MLP, student: MLP) -> list[tuple[int, int]]:
+    """Consecutive groups ``[a, b]`` of teacher layer indices 0..L, one per student layer index 0..M, that merge
+    into one: feasible when ``min(n_a..n_b) >= m_j``; the fewest neurons removed to equalize widths wins."""
+    n, m = teacher.sizes, student.sizes
+    L, M = len(n) - 1, len(m) - 1
+    free_ends = teacher.activation == "identity"
+    best: tuple[int, list[tuple[int, int]]] | None = None
+    for cuts in itertools.combinations(range(L), M):  # cut after teacher index c
+        bounds = [0, *[c + 1 for c in cuts], L + 1]
+        groups = [(bounds[j], bounds[j + 1] - 1) for j in range(M + 1)]
+        if not free_ends and (groups[0] != (0, 0) or groups[-1] != (L, L)):
+            continue
+        if any(min(n[a:b + 1]) < m[j] for j, (a, b) in enumerate(groups)):
+            continue
+        cost = sum(sum(n[a:b + 1]) - (b - a + 1) * min(n[a:b + 1]) for a, b in groups)
+        if best is None or cost < best[0]:
+            best = (cost, groups)
+    if best is None:
+        if max(m[1:-1], default=0) > max(n[1:-1], default=0):
+            raise SurgeryError(f"no plan turns {n} into {m}: the student's widest hidden layer "
+                               f"({max(m[1:-1])}) is wider than every teacher hidden layer; surgery only removes")
+        raise SurgeryError(
+            f"no plan turns {n} into {m}: every student layer needs a run of consecutive teacher layers at least "
+            "as wide (widths can only shrink"
+            + (", and the input/output layers cannot merge with hidden ones in a "
+               f"{teacher.activation} MLP)" if not free_ends else ")")
+        )
+    return best[1]
+
+
+def _check_pair(teacher: BayesianNet, student: BayesianNet) -> None:
+    if not isinstance(teacher, MLP) or not isinstance(student, MLP):
+        raise SurgeryError(f"plan() turns an MLP into an MLP; got {teacher!r} -> {student!r}")
+    for key in ("activation", "bias", "likelihood"):
+        if getattr(teacher, key) != getattr(student, key):
+            raise SurgeryError(
+                f"teacher and student differ in {key} ({getattr(teacher, key)!r} vs {getattr(student, key)!r}); "
+                f"surgery keeps the {key}: make the student with {key}={getattr(teacher, key)!r}"
+            )
+    n, m = teacher.sizes, student.sizes
+    if n[0] != m[0] or n[-1] != m[-1]:
+        raise SurgeryError(f"teacher {n} and student {m} must have the same input and output sizes")
+    if len(m) > len(n):
+        raise SurgeryError(f"student {m} is deeper than teacher {n}: surgery only removes layers")
+    if len(m) < len(n) and teacher.activation not in IDEMPOTENT:
+        raise SurgeryError(
+            f"student {m} has fewer layers than teacher {n}, but activation {teacher.activation!r} is not idempotent "
+            f"so no layer can be removed exactly; use a student of depth {len(n) - 1} or a {list(IDEMPOTENT)} teacher"
+        )
+    _groups(teacher, student)
+
+
+def _schedule(planner: Planner, teacher: MLP, student: MLP) -> None:
+    def shrink(layer: int, count: int) -> None:
+        if count > 0:
+            chosen = planner.choose(neuron_candidates(planner.net, layer), count)
+            planner.step(RemoveNeurons(layer, [c.op.neurons[0] for c in chosen]))
+
+    n, groups = teacher.sizes, _groups(teacher, student)
+    for a, b in groups:  # 1. equalize the widths inside each group that merges
+        w = min(n[a:b + 1])
+        for t in range(max(a, 1), min(b, len(n) - 2) + 1):
+            shrink(t, n[t] - w)
+    for t in sorted((t for a, b in groups for t in range(a + 1, b + 1)), reverse=True):  # 2. layers, highest first
+        planner.step(RemoveLayer(t))
+    for j in range(1, len(student.sizes) - 1):  # 3. down to the student's widths
+        shrink(j, planner.net.sizes[j] - student.sizes[j])
+    if not planner.ops:
+        planner.ops.append(SameFamily())
+    if planner.net.sizes != student.sizes:  # pragma: no cover - guarded by _groups
+        raise AssertionError(f"plan reached {planner.net.sizes}, not {student.sizes}")
+
+
+register_family(Family("mlp", MLP, _check_pair, _schedule, mlp_candidates))

@@ -11,9 +11,10 @@ zero adds nothing to the residual stream, so:
 | ``remove_block(b)`` | both of the above | both of the above |
 
 The teacher with the conditioned coordinates fixed computes exactly the student's function (tests
-hold this). :func:`plan_transformer` turns a teacher configuration into a student one, choosing which
-heads and blocks go with a selector; ``"evidence"`` is the Savage-Dickey log Bayes factor of the
-reduced model, ``log q(u_I = 0) - log p0(u_I = 0)`` for the conditioned coordinates ``I``.
+hold this). The transformer family of the planner (:mod:`.planning`): candidates are heads, attention
+sublayers, FFNs and blocks; :func:`~pyro_distill.surgery.plan` turns a teacher into a student with the shared
+selectors (``"evidence"``: the Savage-Dickey log Bayes factor ``log q(u_I = 0) - log p0(u_I = 0)`` of the
+conditioned coordinates ``I``); :func:`plan_transformer` is the same call with ``evidence`` by default.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from ..gaussian import Gaussian
 from ..nets.base import BayesianNet
 from ..nets.transformer import Transformer
 from .base import Operation, Plan, SurgeryError, register_operation
+from .planning import Candidate, Family, Planner, plan, register_family
 
 __all__ = ["RemoveHead", "RemoveAttentionSublayer", "RemoveFFN", "RemoveBlock", "plan_transformer",
-           "transformer_scores", "TRANSFORMER_SELECTORS"]
-
-TRANSFORMER_SELECTORS = ("evidence", "snr", "magnitude", "random", "first", "last")
+           "head_candidates", "block_candidates", "transformer_candidates"]
 
 
 def _net(net: BayesianNet, op: str) -> Transformer:
@@ -212,59 +212,36 @@ class RemoveBlock(_TransformerOp):
         return {"op": self.name, "block": self.block}
 
 
-# ============================================================================ selectors and plans
-Selector = str | Callable[[Transformer, list[Operation], Gaussian | None, Gaussian | None], torch.Tensor]
+# ============================================================================ the transformer family of the planner
+def head_candidates(net: Transformer, block: int) -> list[Candidate]:
+    """One candidate per head of ``block``: :class:`RemoveHead`."""
+    return [Candidate.of(RemoveHead(block, j), net) for j in range(net.heads[block])]
 
 
-def _marginal_log_density_at_zero(g: Gaussian, I: torch.Tensor) -> torch.Tensor:
-    m = g.marginalize(I)
-    return m.log_prob(torch.zeros(I.numel(), dtype=m.dtype, device=m.device))
+def block_candidates(net: Transformer) -> list[Candidate]:
+    """One candidate per block: :class:`RemoveBlock`."""
+    return [Candidate.of(RemoveBlock(b), net) for b in range(net.n_blocks)]
 
 
-def transformer_scores(net: Transformer, candidates: list[Operation], selector: Selector = "evidence",
-                       posterior: Gaussian | None = None, prior: Gaussian | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """One score per candidate operation; the plan removes the highest-scoring candidates.
-
-    ``evidence``: Savage-Dickey ``log q(u_I = 0) - log p0(u_I = 0)`` over the coordinates ``I`` the
-    operation conditions on 0 (the log Bayes factor of the reduced model, exact for a Gaussian ``q``
-    when the marginalized coordinates are unidentified afterwards); ``snr``: ``-||m_I / s_I||^2 / |I|``
-    (small posterior signal-to-noise goes first); ``magnitude``: ``-||m_I||^2 / |I|``; ``random``;
-    ``first``/``last``: structural (lowest / highest index first; need no posterior).
-    A callable ``selector(net, candidates, posterior, prior) -> scores`` is used as given.
-    """
-    if callable(selector):
-        return torch.as_tensor(selector(net, candidates, posterior, prior), dtype=torch.float64)
-    n = len(candidates)
-    if selector == "first":
-        return -torch.arange(n, dtype=torch.float64)
-    if selector == "last":
-        return torch.arange(n, dtype=torch.float64)
-    if selector == "random":
-        return torch.rand(n, generator=generator, dtype=torch.float64)
-    if selector not in TRANSFORMER_SELECTORS:
-        raise ValueError(f"unknown selector {selector!r}; choose one of {TRANSFORMER_SELECTORS} or pass a callable")
-    if posterior is None:
-        raise ValueError(f"selector {selector!r} needs the teacher's posterior: pass posterior=...")
-    if selector == "evidence" and prior is None:
-        prior = net.default_prior(posterior.dtype, posterior.device)
+def transformer_candidates(net: BayesianNet) -> list[Candidate]:
+    """Every head, attention sublayer, FFN and block removal ``net`` allows (each passes its ``check``)."""
+    net = _net(net, "transformer_candidates")
+    ops: list[Operation] = []
+    for b in range(net.n_blocks):
+        ops += [RemoveHead(b, j) for j in range(net.heads[b])] + [RemoveAttentionSublayer(b), RemoveFFN(b)]
+    ops += [RemoveBlock(b) for b in range(net.n_blocks)]
     out = []
-    for op in candidates:
-        I, _ = op.fixed(net)
-        if I.numel() == 0:  # nothing to condition (an already empty block): removing it changes nothing
-            out.append(0.0)
+    for op in ops:
+        try:
+            op.check(net)
+        except SurgeryError:
             continue
-        if selector == "evidence":
-            s = _marginal_log_density_at_zero(posterior, I) - _marginal_log_density_at_zero(prior, I)
-        elif selector == "snr":
-            s = -(posterior.loc[I] ** 2 / posterior.variance[I]).mean()
-        else:
-            s = -(posterior.loc[I] ** 2).mean()
-        out.append(float(s))
-    return torch.tensor(out, dtype=torch.float64)
+        out.append(Candidate.of(op, net))
+    return out
 
 
-def _structure_check(teacher: Transformer, student: Transformer) -> None:
+def _structure_check(teacher: BayesianNet, student: BayesianNet) -> None:
+    teacher, student = _net(teacher, "plan_transformer"), _net(student, "plan_transformer")
     same = ("input_dim", "n_classes", "max_len", "d_model", "d_head", "d_ff", "embedding", "pooling", "activation",
             "prior_scale")
     tc, sc = teacher.config(), student.config()
@@ -280,39 +257,11 @@ def _fits(t_heads: int, t_ffn: bool, s_heads: int, s_ffn: bool) -> bool:
     return s_heads <= t_heads and (t_ffn or not s_ffn)
 
 
-def plan_transformer(teacher: Transformer, student: Transformer, selector: Selector = "evidence",
-                     posterior: Gaussian | None = None, prior: Gaussian | None = None, seed: int = 0) -> Plan:
-    """Operations that turn ``teacher`` into ``student`` (fewer blocks, fewer heads, sublayers dropped).
-
-    Teacher blocks map in order to student blocks; the blocks that go are the feasible choice with the
-    highest total score (every kept teacher block must have at least the student's heads, and an FFN if
-    the student's block has one). Block removals come first (highest index first), then per kept block
-    the attention sublayer or heads one at a time (greedy: each choice scored on the Gaussian conditioned
-    by the previous ones), then FFNs. ``prior`` is the prior ``posterior`` was fitted under (default:
-    the teacher's default prior); it is carried through the same operations for the evidence selector.
-    """
-    _net(teacher, "plan_transformer")
-    _net(student, "plan_transformer")
-    _structure_check(teacher, student)
-    gen = torch.Generator().manual_seed(seed)
-    sel_name = selector if isinstance(selector, str) else getattr(selector, "__name__", "callable")
-    if isinstance(selector, str) and selector not in ("first", "last", "random") and posterior is None:
-        raise ValueError(f"selector {selector!r} needs the teacher's posterior: pass posterior=...")
-    if posterior is not None and prior is None:
-        prior = teacher.default_prior(posterior.dtype, posterior.device)
-
-    net, q, p0 = teacher, posterior, prior
-    ops: list[Operation] = []
-
-    def do(op: Operation) -> None:
-        nonlocal net, q, p0
-        ops.append(op)
-        if q is not None:
-            _, q = op.apply(net, q)
-            _, p0 = op.apply(net, p0)
-        net = op.architecture(net)
-
-    # ---- which teacher blocks go
+def _schedule(planner: Planner, teacher: Transformer, student: Transformer) -> None:
+    """Teacher blocks map in order to student blocks; the blocks that go are the feasible choice with the highest
+    total remove-score (every kept teacher block needs at least the student's heads, and an FFN if the student's
+    block has one). Block removals first (highest index first), then per kept block the attention sublayer or
+    heads one at a time (each choice scored on the Gaussian the previous ones left), then FFNs."""
     nt, ns = teacher.n_blocks, student.n_blocks
     best, best_score = None, None
     block_scores = None
@@ -321,7 +270,7 @@ def plan_transformer(teacher: Transformer, student: Transformer, selector: Selec
                    for s, t in enumerate(kept)):
             continue
         if block_scores is None:
-            block_scores = transformer_scores(teacher, [RemoveBlock(b) for b in range(nt)], selector, q, p0, gen)
+            block_scores = planner.scores(block_candidates(teacher))
         dropped = [b for b in range(nt) if b not in kept]
         score = float(block_scores[dropped].sum()) if dropped else 0.0
         if best_score is None or score > best_score:
@@ -331,18 +280,25 @@ def plan_transformer(teacher: Transformer, student: Transformer, selector: Selec
                            f"heads={student.heads}, ffn={student.ffn}: each student block needs a teacher block with "
                            "at least as many heads (and an FFN if the student's block has one)")
     for b in sorted(set(range(nt)) - set(best), reverse=True):
-        do(RemoveBlock(b))
-    # ---- inside each kept block (indices are now the student's)
-    for b in range(ns):
+        planner.step(RemoveBlock(b))
+    for b in range(ns):  # inside each kept block (indices are now the student's)
         target = student.heads[b]
-        if target == 0 and net.heads[b] > 0:
-            do(RemoveAttentionSublayer(b))
-        while net.heads[b] > target:
-            cands: list[Operation] = [RemoveHead(b, j) for j in range(net.heads[b])]
-            scores = transformer_scores(net, cands, selector, q, p0, gen)
-            do(cands[int(torch.argmax(scores))])
-        if net.ffn[b] and not student.ffn[b]:
-            do(RemoveFFN(b))
-    if net.config() != student.config():  # pragma: no cover - guarded by the feasibility check
-        raise AssertionError(f"plan ended at {net.config()}, not at {student.config()}")
-    return Plan(ops, teacher=teacher.config(), student=student.config(), selector=sel_name)
+        if target == 0 and planner.net.heads[b] > 0:
+            planner.step(RemoveAttentionSublayer(b))
+        while planner.net.heads[b] > target:
+            planner.step(planner.choose(head_candidates(planner.net, b), 1)[0].op)
+        if planner.net.ffn[b] and not student.ffn[b]:
+            planner.step(RemoveFFN(b))
+    if planner.net.config() != student.config():  # pragma: no cover - guarded by the feasibility check
+        raise AssertionError(f"plan ended at {planner.net.config()}, not at {student.config()}")
+
+
+register_family(Family("transformer", Transformer, _structure_check, _schedule, transformer_candidates))
+
+
+def plan_transformer(teacher: Transformer, student: Transformer, selector: str | Callable[..., Any] = "evidence",
+                     posterior: Gaussian | None = None, prior: Gaussian | None = None, seed: int = 0) -> Plan:
+    """:func:`~pyro_distill.surgery.planning.plan` for a transformer teacher with the evidence selector by default
+    (kept for its callers; note the argument order ``posterior, prior, seed``)."""
+    _net(teacher, "plan_transformer")
+    return plan(teacher, student, selector=selector, posterior=posterior, seed=seed, prior=prior)
