@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..experiments.core import latest_run, read_rows, run_state
+from ..naming import canonical_kind
 from ..store import atomic_write_text
 from . import style
 
@@ -168,7 +169,7 @@ def _kind_figures(run_dir: Path, out_dir: Path) -> list[Path]:
     import json
 
     try:
-        kind = json.loads((run_dir / "config.json").read_text()).get("kind", "")
+        kind = canonical_kind(json.loads((run_dir / "config.json").read_text()).get("kind", ""))
     except (OSError, json.JSONDecodeError):
         return []
     if not kind or kind == "experiments":

@@ -1,13 +1,110 @@
-"""Figures of the ``transformer`` experiment kind, for ``pyro-distill figures`` (see :mod:`.experiments`)."""
+"""Figures and the summary table of the ``transformer`` experiment kind, for ``pyro-distill figures`` (see
+:mod:`.experiments`). ``python -m pyro_distill.plots.transformer OUT RUN_DIR [RUN_DIR ...]`` draws several runs
+with disjoint seeds together."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+from ..experiments.core import read_rows, summarize, summary_markdown
+from ..experiments.transformer import METHODS
+from ..naming import canonical_rows
+from . import style
+from .experiments import _mean_sd, map_steps_of
+
+__all__ = ["figures_for_run", "make_figures", "summary_table"]
+
+
+def _rows(run_dirs: list[Path], name: str) -> list[dict[str, Any]]:
+    rows = []
+    for d in run_dirs:
+        rows += read_rows(d / name) if (d / name).exists() else []
+    return canonical_rows(rows)
+
+
+def _dirs(run_dirs: str | os.PathLike | list[str | os.PathLike]) -> list[Path]:
+    return [Path(d) for d in (run_dirs if isinstance(run_dirs, list) else [run_dirs])]
+
+
+def summary_table(run_dirs: str | os.PathLike | list[str | os.PathLike]) -> str:
+    """The markdown table (mean ± sd over seeds) of one run, or of several runs of the same config that
+    ran disjoint seeds (e.g. seeds split over two invocations), through the runner's own summary code."""
+    dirs = _dirs(run_dirs)
+    rows = _rows(dirs, "metrics.csv")
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) != sum(len({r["seed"] for r in _rows([d], "metrics.csv")}) for d in dirs):
+        raise ValueError(f"runs {dirs} share seeds; combine only runs with disjoint seeds")
+    return summary_markdown(summarize(rows), seeds=len(seeds),
+                            metrics=["accuracy", "nll", "ece", "brier", "agreement", "params"])
+
+
+def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str | os.PathLike = "figures",
+                 prefix: str = "transformer") -> list[Path]:
+    """``{prefix}_metrics.png`` (test accuracy and NLL, mean ± sd over seeds, per student x method) and
+    ``{prefix}_curves.png`` (test accuracy at the posterior mean / point estimate vs step) from a run
+    (or several runs with disjoint seeds). Old method names are read canonical."""
+    dirs = _dirs(run_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _rows(dirs, "metrics.csv")
+    settings = [s for s in dict.fromkeys(r["setting"] for r in rows) if s != "teacher"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    teacher = [r for r in rows if r["setting"] == "teacher"]
+    made = []
+    # points with ± sd bars, not bars: accuracies of 0.74-0.96 drawn as bars from an arbitrary baseline
+    # would exaggerate (or, from 0, hide) the differences; the y range follows the data
+    fig, axes = style.subplots(1, 2, panel=(4.6, 3.2), extra_width=2.4)
+    for ax, metric in zip(axes[0], ("accuracy", "nll")):
+        series = {}
+        for m in methods:
+            stats = [_mean_sd(v) if v else (float("nan"), 0.0) for v in
+                     ([r[metric] for r in rows if r["setting"] == s and r["method"] == m] for s in settings)]
+            series[style.display_name(m)] = ([a for a, _ in stats], [b for _, b in stats])
+        ends = style.dot_groups(ax, settings, series,
+                                {style.display_name(m): style.method_color(m) for m in methods})
+        if teacher:
+            tv = sum(r[metric] for r in teacher) / len(teacher)
+            ax.axhline(tv, color="k", ls="--", lw=1, label="Teacher")
+            ends.append(tv)
+        ax.set_ylabel(f"test {metric}")
+        style.fit_ylim(ax, ends, lo=0.0, hi=1.0 if metric == "accuracy" else None)
+    style.legend_outside(fig, axes)
+    fig.suptitle(f"transformer head/sublayer/block removal ({len({r['seed'] for r in rows})} seeds, mean ± sd)")
+    made.append(style.save(fig, out / f"{prefix}_metrics.png"))
+
+    curves = _rows(dirs, "curves.csv")
+    if curves:
+        fig, axes = style.subplots(1, len(settings), panel=(3.6, 3.0), extra_width=2.4, sharey=True)
+        for ax, s in zip(axes[0], settings):
+            for m in methods:
+                pts = [c for c in curves if c["setting"] == s and c["method"] == m]
+                steps = sorted({c["step"] for c in pts})
+                if not steps:
+                    continue
+                mean = [sum(c["value"] for c in pts if c["step"] == t) / sum(1 for c in pts if c["step"] == t)
+                        for t in steps]
+                ax.plot(steps, mean, marker=".", label=style.display_name(m), color=style.method_color(m))
+            ax.set_title(s)
+            ax.set_xlabel("optimizer step")
+            style.mark_switch(ax, map_steps_of(dirs[0]))
+        axes[0][0].set_ylabel("test accuracy (mean weights)")
+        style.legend_outside(fig, axes)
+        made.append(style.save(fig, out / f"{prefix}_curves.png"))
+    return made
 
 
 def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
     """``transformer_metrics.png`` and ``transformer_curves.png`` from one run (seed count in the title)."""
-    from ..experiments.transformer import make_figures
-
     return make_figures(run_dir, out_dir, prefix="transformer")
+
+
+if __name__ == "__main__":  # python -m pyro_distill.plots.transformer OUT RUN_DIR [RUN_DIR ...]
+    import sys
+
+    if len(sys.argv) < 3:
+        sys.exit("usage: python -m pyro_distill.plots.transformer OUT_DIR RUN_DIR [RUN_DIR ...]")
+    for path in make_figures(sys.argv[2:], sys.argv[1]):
+        print(path)
+    print(summary_table(sys.argv[2:]))

@@ -1,0 +1,61 @@
+"""Figures of the ``rnn`` experiment kind (old name ``rnn_attention``), found by the per-kind hook of
+:mod:`.experiments` (``pyro-distill figures``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..experiments.core import read_rows
+from ..naming import canonical_rows
+from . import style
+from .experiments import _mean_sd
+
+__all__ = ["figures_for_run", "make_figures"]
+
+
+def make_figures(run_dir: str | os.PathLike, out_dir: str | os.PathLike = "figures") -> list[Path]:
+    """``<experiment>_curves.png``: validation token NLL (top) and exact match (bottom) vs step, mean ± sd over
+    seeds, one column per task; the teacher's test value as a dashed line. Old method names are read canonical."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    curves = canonical_rows(read_rows(run_dir / "curves.csv"))
+    if not any(r["metric"] == "val_nll_tok" for r in curves):
+        raise FileNotFoundError(f"{run_dir}/curves.csv has no val_nll_tok curves; is this an rnn run?")
+    rows = read_rows(run_dir / "metrics.csv")
+    settings = list(dict.fromkeys(r["setting"] for r in curves))
+    panels = [("val_nll_tok", "nll_tok", "validation NLL per token", True),
+              ("val_exact_match", "exact_match", "validation exact match", False)]
+    fig, axes = style.subplots(2, len(settings), extra_width=2.4)
+    for col, setting in enumerate(settings):
+        for row, (metric, tkey, label, log) in enumerate(panels):
+            ax = axes[row][col]
+            sel = [r for r in curves if r["setting"] == setting and r["metric"] == metric]
+            for method in dict.fromkeys(r["method"] for r in sel):
+                pts: dict[int, list[float]] = {}
+                for r in sel:
+                    if r["method"] == method:
+                        pts.setdefault(int(r["step"]), []).append(float(r["value"]))
+                steps = sorted(pts)
+                m, sd = zip(*(_mean_sd(pts[s]) for s in steps))
+                lo, hi = [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)]
+                c = style.method_color(method)
+                ax.plot(steps, m, label=style.display_name(method), lw=1.3, color=c)
+                ax.fill_between(steps, lo, hi, alpha=0.2, color=c, lw=0)
+            tv = [r[tkey] for r in rows if r["setting"] == setting and r["method"] == "teacher"]
+            if tv:
+                ax.axhline(sum(tv) / len(tv), color="k", ls="--", lw=1, label="teacher (test)")
+            if log:
+                style.log_y(ax)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(label)
+            ax.set_title(setting)
+    style.legend_outside(fig, axes)
+    fig.suptitle(f"{run_dir.parent.name}: students without attention (run {run_dir.name})")
+    # one file per experiment name, so a variant run (e.g. rnn_attention_tempered_start) never
+    # overwrites the main experiment's figure
+    return [style.save(fig, out_dir / f"{run_dir.parent.name}_curves.png")]
+
+
+def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+    """``<experiment>_curves.png``: validation NLL and exact match vs step per task (mean ± sd over seeds)."""
+    return make_figures(run_dir, out_dir)
