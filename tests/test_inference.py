@@ -289,3 +289,77 @@ def test_float32_dtype_option(cls_data) -> None:
     net, X, y = cls_data
     q, _ = fit_posterior(net, X, y, guide="diag", steps=3, map_steps=3, dtype=torch.float32)
     assert q.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------- one name per structure
+def test_mvn_is_an_alias_of_dense_everywhere(cls_data) -> None:
+    """Configs and old runs say "mvn": fit_posterior, the guides, laplace and the whitening rule read it as "dense"
+    and give exactly the same results (same draws in the same order)."""
+    from pyro_distill.gaussian import STRUCTURES, structure_name
+    from pyro_distill.inference import GUIDES, guide_name
+    from pyro_distill.whitened import WhitenedGuide, resolve_whiten
+
+    net, X, y = cls_data
+    assert GUIDES == tuple(STRUCTURES) and "mvn" not in GUIDES and guide_name("mvn") == "dense"
+    assert structure_name("dense") == "dense"
+    kw = dict(steps=5, map_steps=5, num_particles=2, seed=0, progress=False, elbo_eval_particles=4)
+    a, ha = fit_posterior(net, X, y, guide="mvn", **kw)
+    b, hb = fit_posterior(net, X, y, guide="dense", **kw)
+    assert isinstance(a, DenseGaussian) and torch.equal(a.loc, b.loc) and torch.equal(a.scale_tril, b.scale_tril)
+    assert ha.elbo == hb.elbo and ha.info["guide"] == "dense" and a.meta["guide"] == "dense"
+    w = b.loc
+    la, lb = laplace(net, X, w, net.default_prior(F64), kind="mvn"), laplace(net, X, w, net.default_prior(F64))
+    assert torch.equal(la.scale_tril, lb.scale_tril)
+    assert GaussianGuide(b, "mvn").kind == GaussianGuide(b).kind == "dense"
+    prior = DenseGaussian(torch.zeros(net.num_params, dtype=F64), torch.eye(net.num_params, dtype=F64))
+    assert resolve_whiten("auto", "mvn", prior) == resolve_whiten("auto", "dense", prior) is True
+    assert WhitenedGuide(b, prior, "mvn").kind == "dense"
+    with pytest.raises(ValueError, match=r"unknown guide 'full'; choose one of \('dense'"):
+        fit_posterior(net, X, y, guide="full", **kw)
+    with pytest.raises(ValueError, match="unknown Laplace structure 'full'"):
+        laplace(net, X, w, net.default_prior(F64), kind="full")
+
+
+def test_each_structure_owns_its_guide_parameters(cls_data) -> None:
+    """GaussianGuide holds what the structure's guide_params give and hands back the start (float64 round trip:
+    exp(log) is exact to 1 ulp); a start of another structure is converted (low rank: the one random start)."""
+    from pyro_distill.gaussian import (
+        KronGaussian,
+        LowRankPrecisionGaussian,
+        StructureError,
+        kron_index,
+        structure,
+    )
+
+    net, _, _ = cls_data
+    p, g = net.num_params, torch.Generator().manual_seed(0)
+    loc = torch.randn(p, generator=g, dtype=F64)
+    A = torch.randn(p, p, generator=g, dtype=F64)
+    dense = DenseGaussian.from_covariance(loc, A @ A.T / p + torch.eye(p, dtype=F64))
+    blocks = [(kron_index(net.layout, "layer1.weight", "layer1.bias"), torch.eye(6, dtype=F64) * 0.5,
+               torch.eye(5, dtype=F64) * 0.3)]
+    starts = {"dense": dense, "diag": DiagGaussian(loc, dense.variance.sqrt()),
+              "lowrank": LowRankGaussian(loc, torch.randn(p, 2, generator=g, dtype=F64), dense.variance),
+              "lowrank_precision": LowRankPrecisionGaussian(loc, torch.randn(p, 2, generator=g, dtype=F64),
+                                                            1 / dense.variance),
+              "kron": KronGaussian.from_blocks(loc, blocks, remainder_scale=0.2)}
+    for kind, start in starts.items():
+        guide = GaussianGuide(start, rank=2)
+        assert guide.kind == kind and guide.structure is structure(kind) is type(start)
+        back = guide.gaussian()
+        assert type(back) is type(start)
+        for name, t in start._tensors().items():
+            torch.testing.assert_close(back._tensors()[name], t, rtol=1e-15, atol=0, msg=f"{kind}.{name}")
+    # conversions from a dense start: diagonal and dense keep the variances, low rank adds a small random factor
+    for kind in ("diag", "lowrank", "lowrank_precision"):
+        q = GaussianGuide(dense, kind, rank=3, seed=1).gaussian()
+        assert q.kind == kind and torch.equal(q.loc, dense.loc)
+        if kind == "lowrank":  # 0.99 v + 0.01 v chi2_3 / 3 per coordinate
+            assert bool((q.variance >= 0.99 * dense.variance * (1 - 1e-12)).all())
+            torch.testing.assert_close(q.variance, dense.variance, rtol=0.2, atol=0)
+        else:
+            torch.testing.assert_close(q.variance, dense.variance, rtol=1e-12, atol=0)
+    lr1, lr2 = (GaussianGuide(dense, "lowrank", rank=3, seed=1).gaussian() for _ in range(2))
+    assert lr1.rank == 3 and torch.equal(lr1.cov_factor, lr2.cov_factor)  # seeded: the same start every time
+    with pytest.raises(StructureError, match="guide 'kron' needs a KronGaussian start, got a dense"):
+        GaussianGuide(dense, "kron")
