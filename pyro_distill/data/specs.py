@@ -15,8 +15,8 @@ Every set has its generator's parameters (:func:`defaults` lists them) plus thre
    the test split (:func:`validation_split`; 0: none);
 3. ``fraction`` in (0, 1]: a seeded (``subsample_seed``) training subsample drawn by ``subsample``
    (:data:`SUBSAMPLE_METHODS`: ``"stratified"`` = :func:`pyro_distill.data.tabular.subsample`, the MLP kind's;
-   ``"stratified_permutation"`` = per-class torch permutations, the transformer kind's; ``"permutation"`` = one
-   torch permutation, the RNN kind's), the test split unchanged.
+   ``"stratified_permutation"`` = :func:`pyro_distill.data.subsets.stratified_indices`, the transformer kind's;
+   ``"permutation"`` = :func:`pyro_distill.data.subsets.random_indices`, the RNN kind's), the test split unchanged.
 
 A partial spec (``{"name": "digits"}`` or just ``"digits"``) is completed with the defaults (:func:`complete`);
 an unknown key is refused, naming the allowed ones. Registered sets: tabular ``digits``, ``synthetic_regression``,
@@ -39,7 +39,7 @@ import torch
 from .tabular import Dataset, digits, subsample, synthetic_classification, synthetic_regression
 
 __all__ = ["register", "names", "defaults", "complete", "load", "from_table", "validation_split", "take_fraction",
-           "subsample_indices", "SUBSAMPLE_METHODS", "COMMON"]
+           "SUBSAMPLE_METHODS", "COMMON"]
 
 #: the steps every set has after its generator (see the module docstring), with their defaults
 COMMON: dict[str, Any] = {"validation": 0.0, "validation_seed": 0, "fraction": 1.0, "subsample_seed": 0,
@@ -159,33 +159,20 @@ def validation_split(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:
                    f"{len(va)} rows held out, metrics on them; test split unused)")
 
 
-def subsample_indices(y: torch.Tensor, fraction: float, seed: int, method: str) -> torch.Tensor:
-    """Sorted training-row indices of a seeded ``fraction`` drawn by a torch ``method``:
-    ``"stratified_permutation"`` (per class ``max(1, round(fraction * n_c))`` rows of a permutation) or
-    ``"permutation"`` (the first ``max(1, round(fraction * N))`` rows of one permutation)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    g = torch.Generator().manual_seed(seed)
-    if method == "permutation":
-        return torch.randperm(len(y), generator=g)[: max(1, round(fraction * len(y)))].sort().values
-    if method == "stratified_permutation":
-        parts = []
-        for c in torch.unique(y):
-            members = (y == c).nonzero().reshape(-1)
-            k = max(1, round(fraction * members.numel()))
-            parts.append(members[torch.randperm(members.numel(), generator=g)[:k]])
-        return torch.cat(parts).sort().values
-    raise ValueError(f"unknown subsample method {method!r}; choose from {list(SUBSAMPLE_METHODS)}")
-
-
 def take_fraction(ds: Any, fraction: float, seed: int = 0, method: str = "stratified") -> Any:
     """A seeded training subsample of ``ds`` (a Dataset or a SeqTask), the test split unchanged: ``"stratified"``
-    is :func:`~pyro_distill.data.tabular.subsample`; the torch methods are :func:`subsample_indices`."""
+    is :func:`~pyro_distill.data.tabular.subsample`; ``"stratified_permutation"`` and ``"permutation"`` are
+    :func:`~pyro_distill.data.subsets.stratified_indices` and :func:`~pyro_distill.data.subsets.random_indices`."""
+    if method not in SUBSAMPLE_METHODS:
+        raise ValueError(f"unknown subsample method {method!r}; choose from {list(SUBSAMPLE_METHODS)}")
     if fraction == 1:
         return ds
     if method == "stratified":
         return subsample(ds, fraction, seed=seed)
-    idx = subsample_indices(ds.y, fraction, seed, method)
+    from .subsets import random_indices, stratified_indices
+
+    idx = random_indices(len(ds.y), fraction, seed) if method == "permutation" else \
+        stratified_indices(ds.y, fraction, seed)
     return dataclasses.replace(ds, X=ds.X[idx], y=ds.y[idx], description=ds.description +
                                f"; training subsample {fraction:g} ({method}, seed {seed}, {len(idx)} rows)")
 

@@ -368,14 +368,12 @@ class SeedContext:
         with its ArviZ ``idata.nc`` when ``data = (X, y)`` (the data it was fitted to) and ``idata_draws > 0``:
         ``lp`` under ``prior``, the prior it was fitted under (None: the net's default). Draw seed 0, as
         ``pyro-distill diagnose`` uses by default, so that it reuses the file."""
-        from ..store import save_model
+        from ..store import model_folder_name, save_model
 
-        if not name or any(c in name for c in "/\\") or name.startswith("."):
-            raise ValueError(f"model name {name!r} must be a plain folder name")
-        folder = self.models_dir / f"{name}-seed{self.seed}"
+        folder = self.models_dir / model_folder_name(name, self.seed)
         info = {"experiment": self.cfg.get("name"), "seed": self.seed, "run_dir": str(self.run_dir),
                 "quick": bool(self.cfg.get("quick", False))} | dict(card or {})
-        out = save_model(folder, net, gaussian, info, overwrite=self.overwrite)
+        out = save_model(folder, net, gaussian, info, overwrite=self.overwrite, prior=prior)
         self.saved.append(str(out))
         if data is not None and idata_draws > 0:
             from ..diagnostics import diagnose_model_folder

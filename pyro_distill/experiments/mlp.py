@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..data import digits, synthetic_classification, synthetic_regression
+from ..data import specs
 from ..data.tabular import Dataset
 from ..distill import student_prior
 from ..nets.mlp import MLP
@@ -74,23 +74,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def load_data(d: dict[str, Any], dtype: torch.dtype):
-    """The dataset a config's ``[data]`` table names (generators: :mod:`pyro_distill.data.tabular`)."""
-    name = d["name"]
-    if name == "digits":
-        return digits(test_size=d["test_size"], seed=d["split_seed"], dtype=dtype)
-    if name == "synthetic_regression":
-        return synthetic_regression(n_train=d["n_train"], n_test=d["n_test"], n_features=d["n_features"],
-                                    noise=d["noise"], seed=d["split_seed"], dtype=dtype)
-    if name == "synthetic_classification":
-        return synthetic_classification(n_train=d["n_train"], n_test=d["n_test"], n_features=d["n_features"],
-                                        n_classes=d["n_classes"], seed=d["split_seed"], dtype=dtype)
-    if name == "fashion_mnist":
-        from ..data.idx import fashion_mnist
-
-        return fashion_mnist(d["dir"] or None, pca=d["pca"], max_train=d["max_train"], seed=d["split_seed"],
-                             dtype=dtype)
-    raise ValueError(f"unknown data.name {name!r}; choose digits, synthetic_regression, synthetic_classification "
-                     "or fashion_mnist")
+    """The dataset a config's ``[data]`` table names, before any validation split (:mod:`pyro_distill.data.specs`)."""
+    return specs.load(specs.from_table(d, dtype=dtype, validation=0.0, fraction=1.0))
 
 
 def _check(cfg: dict[str, Any]) -> None:
