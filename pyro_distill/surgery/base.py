@@ -27,7 +27,7 @@ from ..gaussian import Gaussian, StructureError
 from ..nets.base import BayesianNet
 
 __all__ = ["Operation", "SurgeryError", "apply", "embed", "register_operation", "operation_from_dict", "Plan",
-           "savage_dickey", "Reduction"]
+           "savage_dickey", "Reduction", "unit_indices", "named_indices"]
 
 _OPS: dict[str, type[Operation]] = {}
 
@@ -47,6 +47,29 @@ def operation_from_dict(d: dict[str, Any]) -> Operation:
     if op not in _OPS:
         raise ValueError(f"unknown surgery operation {op!r}; known: {sorted(_OPS)}")
     return _OPS[op](**d)
+
+
+def unit_indices(values: Sequence[int] | torch.Tensor, what: str, unit: str) -> tuple[int, ...]:
+    """The sorted unit numbers (neurons, channels) an operation removes; refuses non-integers, none, repeats."""
+    if isinstance(values, torch.Tensor):
+        values = values.reshape(-1).tolist()
+    bad = [j for j in values if isinstance(j, bool) or not float(j).is_integer()]
+    if bad:
+        raise SurgeryError(f"{what}: {unit} indices must be integers, got {bad}; pass whole numbers like [0, 3]")
+    vals = [int(j) for j in values]
+    if not vals:
+        raise SurgeryError(f"{what}: no {unit}s given; pass at least one {unit} index")
+    if len(set(vals)) != len(vals):
+        rep = sorted({j for j in vals if vals.count(j) > 1})
+        raise SurgeryError(f"{what}: {unit}s {rep} are repeated; list each {unit} once")
+    return tuple(sorted(vals))
+
+
+def named_indices(net: BayesianNet, names: Sequence[str]) -> torch.Tensor:
+    """Sorted flat indices of the named layout blocks of ``net`` (empty when ``names`` is)."""
+    if not names:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([net.layout.indices(n) for n in names]).sort().values
 
 
 class Operation(ABC):

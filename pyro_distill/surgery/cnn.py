@@ -25,7 +25,7 @@ import torch
 from ..gaussian import Gaussian
 from ..nets.base import BayesianNet
 from ..nets.cnn import CNN
-from .base import Operation, Plan, SurgeryError, register_operation
+from .base import Operation, Plan, SurgeryError, register_operation, unit_indices
 from .mlp import SameFamily
 from .planning import Candidate, Family, Planner, plan, register_family
 
@@ -38,21 +38,6 @@ def _as_cnn(net: BayesianNet, what: str) -> CNN:
     if not isinstance(net, CNN):
         raise SurgeryError(f"{what} applies to a CNN, got {net!r}; use the operations of that network family")
     return net
-
-
-def _clean_indices(values: Sequence[int] | torch.Tensor, what: str, unit: str) -> tuple[int, ...]:
-    if isinstance(values, torch.Tensor):
-        values = values.reshape(-1).tolist()
-    bad = [j for j in values if isinstance(j, bool) or not float(j).is_integer()]
-    if bad:
-        raise SurgeryError(f"{what}: {unit} indices must be integers, got {bad}; pass whole numbers like [0, 3]")
-    vals = [int(j) for j in values]
-    if not vals:
-        raise SurgeryError(f"{what}: no {unit}s given; pass at least one {unit} index")
-    if len(set(vals)) != len(vals):
-        rep = sorted({j for j in vals if vals.count(j) > 1})
-        raise SurgeryError(f"{what}: {unit}s {rep} are repeated; list each {unit} once")
-    return tuple(sorted(vals))
 
 
 def _check_range(layer: int, n_layers: int, kind: str, what: str) -> None:
@@ -102,7 +87,7 @@ class RemoveChannels(Operation):
 
     def __init__(self, layer: int, channels: Sequence[int] | torch.Tensor):
         self.layer = int(layer)
-        self.channels = _clean_indices(channels, f"remove_channels(layer={layer})", "channel")
+        self.channels = unit_indices(channels, f"remove_channels(layer={layer})", "channel")
 
     def check(self, net: BayesianNet) -> None:
         net = _as_cnn(net, "remove_channels")
@@ -140,7 +125,7 @@ class RemoveDenseNeurons(Operation):
 
     def __init__(self, layer: int, neurons: Sequence[int] | torch.Tensor):
         self.layer = int(layer)
-        self.neurons = _clean_indices(neurons, f"remove_dense_neurons(layer={layer})", "neuron")
+        self.neurons = unit_indices(neurons, f"remove_dense_neurons(layer={layer})", "neuron")
 
     def check(self, net: BayesianNet) -> None:
         net = _as_cnn(net, "remove_dense_neurons")

@@ -26,7 +26,7 @@ import torch
 
 from ..nets.base import BayesianNet
 from ..nets.mlp import IDEMPOTENT, MLP
-from .base import Operation, SurgeryError, register_operation
+from .base import Operation, SurgeryError, register_operation, unit_indices
 from .planning import Candidate, Family, Planner, register_family
 
 __all__ = ["SameFamily", "RemoveNeurons", "RemoveLayer", "same_family", "remove_neurons", "remove_layer",
@@ -93,20 +93,8 @@ class RemoveNeurons(Operation):
     name = "remove_neurons"
 
     def __init__(self, layer: int, neurons: Sequence[int] | torch.Tensor):
-        if isinstance(neurons, torch.Tensor):
-            neurons = neurons.reshape(-1).tolist()
-        bad = [j for j in neurons if isinstance(j, bool) or not float(j).is_integer()]
-        if bad:
-            raise SurgeryError(f"remove_neurons(layer={layer}): neuron indices must be integers, got {bad}; "
-                               "pass whole neuron numbers like [0, 3]")
-        neurons = [int(j) for j in neurons]
-        if not neurons:
-            raise SurgeryError(f"remove_neurons(layer={layer}): no neurons given; pass at least one neuron index")
-        if len(set(neurons)) != len(neurons):
-            rep = sorted({j for j in neurons if neurons.count(j) > 1})
-            raise SurgeryError(f"remove_neurons(layer={layer}): neurons {rep} are repeated; list each neuron once")
         self.layer = int(layer)
-        self.neurons = tuple(sorted(neurons))
+        self.neurons = unit_indices(neurons, f"remove_neurons(layer={layer})", "neuron")
 
     def check(self, net: BayesianNet) -> None:
         net = _as_mlp(net, "remove_neurons")

@@ -21,7 +21,7 @@ import torch
 
 from ..nets.attention_rnn import ATTENTION_BLOCKS, AttentionRNN
 from ..nets.base import BayesianNet
-from .base import Operation, SurgeryError, register_operation
+from .base import Operation, SurgeryError, named_indices, register_operation
 from .mlp import SameFamily
 from .planning import Candidate, Family, Planner, register_family
 
@@ -55,17 +55,12 @@ class RemoveAttention(Operation):
         self.check(net)
         return net.replace(uniform_context=True)
 
-    def _indices(self, net: BayesianNet, names: tuple[str, ...]) -> torch.Tensor:
-        if not names:
-            return torch.zeros(0, dtype=torch.long)
-        return torch.cat([net.layout.indices(n) for n in names]).sort().values
-
     def fixed(self, net: BayesianNet) -> tuple[torch.Tensor, torch.Tensor]:
-        I = self._indices(net, ATTENTION_VARIANTS[self.variant][0])
+        I = named_indices(net, ATTENTION_VARIANTS[self.variant][0])
         return I, torch.zeros(I.numel(), dtype=torch.float64)
 
     def marginalized(self, net: BayesianNet) -> torch.Tensor:
-        return self._indices(net, ATTENTION_VARIANTS[self.variant][1])
+        return named_indices(net, ATTENTION_VARIANTS[self.variant][1])
 
     def to_dict(self) -> dict[str, Any]:
         return {"op": self.name, "variant": self.variant}

@@ -28,7 +28,7 @@ import torch
 from ..gaussian import Gaussian
 from ..nets.base import BayesianNet
 from ..nets.transformer import Transformer
-from .base import Operation, Plan, SurgeryError, register_operation
+from .base import Operation, Plan, SurgeryError, named_indices, register_operation
 from .planning import Candidate, Family, Planner, plan, register_family
 
 __all__ = ["RemoveHead", "RemoveAttentionSublayer", "RemoveFFN", "RemoveBlock", "plan_transformer",
@@ -45,12 +45,6 @@ def _check_block(net: Transformer, block: int, op: str) -> None:
     if not 0 <= block < net.n_blocks:
         raise SurgeryError(f"cannot {op}: block {block} is out of range, the network has blocks "
                            f"0..{net.n_blocks - 1} (heads={net.heads}); use a block index in that range")
-
-
-def _idx(net: Transformer, names: list[str]) -> torch.Tensor:
-    if not names:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.cat([net.layout.indices(n) for n in names]).sort().values
 
 
 def _attn_names(b: int, H: int) -> tuple[list[str], list[str]]:
@@ -74,11 +68,11 @@ class _TransformerOp(Operation):
         raise NotImplementedError
 
     def fixed(self, net: BayesianNet) -> tuple[torch.Tensor, torch.Tensor]:
-        I = _idx(_net(net, self.name), self._names(net)[0])
+        I = named_indices(_net(net, self.name), self._names(net)[0])
         return I, torch.zeros(I.numel(), dtype=torch.float64)
 
     def marginalized(self, net: BayesianNet) -> torch.Tensor:
-        return _idx(_net(net, self.name), self._names(net)[1])
+        return named_indices(_net(net, self.name), self._names(net)[1])
 
 
 @register_operation
