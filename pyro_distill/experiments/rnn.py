@@ -1,22 +1,17 @@
 """Experiment kind ``rnn`` (old name ``rnn_attention``): remove the additive attention of a GRU seq2seq teacher
-by conditioning its posterior, then train the attention-free student in several ways.
+by conditioning its posterior, then train the attention-free student (uniform context) in several ways.
 
-Per task (``dates``: attention matters; ``digit_sum``: it matters little) and seed: the teacher
-(:class:`~pyro_distill.nets.AttentionRNN`, MAP then low-rank SVI from a shrunk-prior covariance start); the
-student is the same net with a uniform context, each method ``student.steps`` optimizer steps, one minibatch size:
-``teacher_prior`` (SVI under the teacher posterior conditioned as ``variant`` says, started at that prior),
-``standard_prior`` (SVI under the fan-in prior, random start), ``teacher_init`` (the teacher's mean without the
-attention blocks, then MAP), ``deterministic`` (MAP, random start), ``kd`` (token-level Hinton KD,
-:func:`~pyro_distill.baselines.token_kd`); controls: ``teacher_prior_tempered`` (the prior's covariance times
-``student.prior_temperature``; ``tempered_start = "conditioned"`` starts it at the untempered prior),
-``marginal_prior`` (the teacher's plain marginal over the kept coordinates), ``deterministic_attention`` (the
-teacher's architecture trained like ``deterministic``) and ``reduced_posterior`` (SVI from the conditioned teacher
-posterior under the student's own prior; the Savage-Dickey ``log_evidence_change`` in the row). Old method names
-(``vi_conditioned_prior``, ...) are read through :data:`pyro_distill.naming.METHOD_ALIASES`.
-``student.fractions``: the students train on a seeded random fraction of the teacher's sequences (setting
-``"<task> frac=<f>"`` below 1). Curves: validation token NLL and exact match at the mean every ``eval.every``
-steps, step 0 included. Metrics on the test split: :func:`pyro_distill.metrics.evaluate_sequences`.
-Figures: :mod:`pyro_distill.plots.rnn`.
+Per task (``dates``: attention matters; ``digit_sum``: little) and seed: the teacher (MAP, then low-rank SVI from a
+shrunk-prior covariance start), then each method with ``student.steps`` optimizer steps: ``teacher_prior`` (SVI under
+the conditioned teacher posterior, started there), ``standard_prior`` (SVI, fan-in prior, random start),
+``teacher_init`` (the teacher's mean without attention, then MAP), ``deterministic`` (MAP), ``kd`` (token-level KD,
+:func:`~pyro_distill.baselines.token_kd`); controls ``teacher_prior_tempered`` (covariance x
+``student.prior_temperature``; ``tempered_start = "conditioned"``: started at the untempered prior),
+``marginal_prior`` (the teacher's plain marginal), ``deterministic_attention`` (the teacher's architecture, MAP),
+``reduced_posterior`` (SVI from the conditioned posterior under the student's own prior). Old method names are read
+through :data:`pyro_distill.naming.METHOD_ALIASES`. ``student.fractions``: students on a seeded random fraction of
+the sequences. Curves: validation token NLL and exact match at the mean every ``eval.every`` steps (step 0
+included); test metrics: :func:`~pyro_distill.metrics.evaluate_sequences`; figures: :mod:`pyro_distill.plots.rnn`.
 """
 
 from __future__ import annotations
@@ -28,6 +23,7 @@ import torch
 
 from .. import metrics
 from ..baselines import token_kd
+from ..data import specs
 from ..data.sequences import SeqTask, sequence_task
 from ..data.subsets import random_indices
 from ..distill import reduced_posterior
@@ -42,7 +38,6 @@ __all__ = ["DEFAULTS", "METHODS", "run_seed"]
 
 METHODS = ("teacher_prior", "standard_prior", "teacher_init", "deterministic", "kd", "teacher_prior_tempered",
            "marginal_prior", "deterministic_attention", "reduced_posterior")
-VI_PRIORS = ("teacher_prior", "teacher_prior_tempered", "marginal_prior")
 POINT_STARTS = ("teacher_init", "deterministic", "deterministic_attention")
 
 DEFAULTS: dict[str, Any] = {
@@ -82,16 +77,11 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
         _run_task(cfg, seed, ctx, sequence_task(task_name, seed=0, **cfg["data"]), getattr(torch, cfg["dtype"]))
 
 
-def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, dtype: torch.dtype) -> None:
-    T, S, E = cfg["teacher"], cfg["student"], cfg["eval"]
-    B, every, setting = int(cfg["batch_size"]), int(E["every"]), task.name
-    teacher = AttentionRNN(**task.net_kwargs(), **cfg["net"])
-    op = RemoveAttention(cfg["variant"])
-    student = op.architecture(teacher)
-    X, y, Xv, yv, Xte, yte = task.X, task.y, task.Xval, task.yval, task.Xte, task.yte
-    ctx.log(f"{setting}: teacher p={teacher.num_params}, student p={student.num_params}, N={len(X)}")
-
-    # ---- teacher
+def _teacher(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, teacher: AttentionRNN,
+             student: AttentionRNN, dtype: torch.dtype) -> tuple[Gaussian, torch.Tensor]:
+    """Fit, evaluate, record and save the teacher; returns its posterior and its start ``w0``."""
+    T, B = cfg["teacher"], int(cfg["batch_size"])
+    X, y, Xv, yv = task.X, task.y, task.Xval, task.yval
     w0 = teacher.init_weights(torch.Generator().manual_seed(10_000 + seed), dtype)
     t0 = time.perf_counter()
     q_t, hist = fit_posterior(teacher, X, y, guide="lowrank", steps=T["steps"], lr=T["lr"], factor_lr=T["factor_lr"],
@@ -99,33 +89,46 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
                               batch_size=B, init=w0, cov_init="prior", rank=T["rank"], seed=seed, dtype=dtype,
                               elbo_eval_particles=2)
     t_teacher, svi_step = time.perf_counter() - t0, hist.svi_time_s / max(1, T["steps"])
-    res = metrics.evaluate_sequences(teacher, q_t, Xte, yte, E["samples"], seed)
+    res = metrics.evaluate_sequences(teacher, q_t, task.Xte, task.yte, cfg["eval"]["samples"], seed)
     # where each removal variant puts the student: conditional mean vs plain marginal (copied) mean
     starts = {f"val_nll_cond_{v}": metrics.sequence_nll(student, RemoveAttention(v).apply(teacher, q_t)[1].loc, Xv, yv)
               for v in ("w", "uv", "all")}
     starts["val_nll_marginal"] = metrics.sequence_nll(student, q_t.loc[RemoveAttention("w").keep(teacher)], Xv, yv)
-    ctx.record({"setting": setting, "method": "teacher", **res, "p": teacher.num_params, **starts,
+    ctx.record({"setting": task.name, "method": "teacher", **res, "p": teacher.num_params, **starts,
                 "val_nll_start": float("nan"), "svi_step_ms": 1e3 * svi_step,
                 "map_step_ms": 1e3 * hist.map_time_s / max(1, T["map_steps"]), "fit_s": t_teacher})
-    ctx.log(f"{setting}: teacher {res} ({t_teacher:.0f} s, SVI step {1e3 * svi_step:.1f} ms)")
+    ctx.log(f"{task.name}: teacher {res} ({t_teacher:.0f} s, SVI step {1e3 * svi_step:.1f} ms)")
     if cfg["save_models"]:
-        ctx.save_model(f"{setting}-teacher", teacher, q_t, {"task": setting, "role": "teacher"},
+        ctx.save_model(f"{task.name}-teacher", teacher, q_t, {"task": task.name, "role": "teacher",
+                                                              "data": specs.from_table(cfg["data"], task.name)},
                        data=(X, y), idata_draws=cfg["idata_draws"])
+    return q_t, w0
 
-    # ---- surgery: the conditioned prior, the plain marginal and the copied weights
+
+def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, dtype: torch.dtype) -> None:
+    S, B, every, setting = cfg["student"], int(cfg["batch_size"]), int(cfg["eval"]["every"]), task.name
+    teacher = AttentionRNN(**task.net_kwargs(), **cfg["net"])
+    op = RemoveAttention(cfg["variant"])
+    student = op.architecture(teacher)
+    X, y, Xv, yv = task.X, task.y, task.Xval, task.yval
+    ctx.log(f"{setting}: teacher p={teacher.num_params}, student p={student.num_params}, N={len(X)}")
+    q_t, w0 = _teacher(cfg, seed, ctx, task, teacher, student, dtype)
+    # ---- surgery: the conditioned prior, the plain marginal and the copied weights; each method's start
     _, prior_c = op.apply(teacher, q_t)
     keep = op.keep(teacher)
     priors = {"teacher_prior": prior_c, "teacher_prior_tempered": prior_c.tempered(S["prior_temperature"]),
               "marginal_prior": q_t.marginalize(keep)}
     w_rand = student.init_weights(torch.Generator().manual_seed(20_000 + seed), dtype)
-    inits = {"teacher_init": q_t.loc[keep].clone(), "deterministic": w_rand, "deterministic_attention": w0}
+    starts = priors | {"teacher_init": q_t.loc[keep].clone(), "deterministic": w_rand, "deterministic_attention": w0,
+                       "standard_prior": w_rand, "kd": w_rand, "reduced_posterior": prior_c}
+    if S["tempered_start"] == "conditioned":  # the tempered student starts at the untempered conditional
+        starts["teacher_prior_tempered"] = prior_c
     vi = {"guide": "lowrank", "steps": S["steps"], "lr": S["svi_lr"], "factor_lr": S["factor_lr"],
           "num_particles": S["num_particles"], "batch_size": B, "seed": seed, "dtype": dtype, "eval_every": every,
           "elbo_eval_particles": 2}
     kd_probs = None
     for frac in S["fractions"]:
-        # the students' training data: a seeded random fraction of the teacher's (1: the same data)
-        idx = random_indices(len(X), frac, seed)
+        idx = random_indices(len(X), frac, seed)  # the students' data: a seeded random fraction (1: the same data)
         Xs, ys = (X, y) if idx is None else (X[idx], y[idx])
         fsetting = setting if frac == 1 else f"{setting} frac={frac:g}"
         for method in cfg["methods"]:
@@ -139,46 +142,38 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
                 ctx.curve(where, method, step, "val_exact_match",
                           metrics.sequence_scores(net, wl, Xv, yv)["exact_match"])
 
-            t0, pc, extra = time.perf_counter(), None, {}  # pc: the prior a VI student is fitted under (None: default)
-            if method in VI_PRIORS:
-                pc = priors[method]
+            start, pc, extra = starts[method], priors.get(method), {}  # pc: the VI prior (None: the default)
+            t0 = time.perf_counter()
+            cb(0, start)
+            if pc is not None:
                 pc.layout = student.layout
-                # q starts at its prior; the tempered one with tempered_start = "conditioned" at the untempered prior
-                start = prior_c if method == "teacher_prior_tempered" and S["tempered_start"] == "conditioned" else pc
-                cb(0, start.loc)
                 q, _ = fit_posterior(student, Xs, ys, prior=pc, init=start, callback=cb, **vi)
             elif method == "standard_prior":
-                start = w_rand
-                cb(0, start)
-                q, _ = fit_posterior(student, Xs, ys, init=w_rand, map_steps=0, cov_init="prior", rank=S["rank"],
+                q, _ = fit_posterior(student, Xs, ys, init=start, map_steps=0, cov_init="prior", rank=S["rank"],
                                      callback=cb, **vi)
             elif method in POINT_STARTS:
-                start = inits[method]
-                cb(0, start)
                 q, _ = fit_map(net, Xs, ys, init=start, steps=S["steps"], lr=S["lr"], batch_size=B, seed=seed,
                                callback=cb, eval_every=every)
             elif method == "reduced_posterior":  # model reduction: conditioned start, the student's own prior
-                start = prior_c
-                cb(0, start.loc)
                 red = reduced_posterior(teacher, q_t, student, Xs, ys, ops=[op], callback=cb, **vi)
                 q, extra = red.posterior, {"log_evidence_change": red.info["log_evidence_change"]}
             else:  # kd
                 if kd_probs is None:
                     kd_probs = metrics.sequence_predictive(teacher, q_t, X, cfg["kd"]["teacher_samples"], seed)
-                start = w_rand
-                cb(0, w_rand)
-                q, _ = token_kd(student, Xs, ys, kd_probs if idx is None else kd_probs[idx], init=w_rand,
+                q, _ = token_kd(student, Xs, ys, kd_probs if idx is None else kd_probs[idx], init=start,
                                 steps=S["steps"], lr=S["lr"], batch_size=B, gamma=cfg["kd"]["gamma"],
                                 temperature=cfg["kd"]["temperature"], seed=seed, callback=cb, eval_every=every)
             fit_s = time.perf_counter() - t0
-            res = metrics.evaluate_sequences(net, q, Xte, yte, E["samples"], seed)
+            res = metrics.evaluate_sequences(net, q, task.Xte, task.yte, cfg["eval"]["samples"], seed)
             v0 = metrics.sequence_nll(net, start.loc if isinstance(start, Gaussian) else start, Xv, yv)
             ctx.record({"setting": fsetting, "method": method, "fraction": float(frac), "n_train": len(Xs), **res,
                         "p": net.num_params, "val_nll_start": v0, "fit_s": fit_s} | extra)
             ctx.log(f"{fsetting}: {method} {res} start val NLL {v0:.3f} ({fit_s:.0f} s)")
             if cfg["save_models"] and isinstance(q, Gaussian):
                 ctx.save_model(f"{fsetting.replace(' ', '-')}-{method}", net, q,
-                               {"task": setting, "role": method, "surgery": op.to_dict(), "fraction": float(frac)},
+                               {"task": setting, "role": method, "surgery": op.to_dict(), "fraction": float(frac),
+                                "data": specs.from_table(cfg["data"], setting, fraction=float(frac),
+                                                         subsample_seed=seed, subsample="permutation")},
                                data=(Xs, ys), prior=pc, idata_draws=cfg["idata_draws"])
 
 

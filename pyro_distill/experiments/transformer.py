@@ -1,16 +1,11 @@
-"""Experiment kind ``transformer``: remove heads, an attention sublayer or a block of a transformer teacher by
-conditioning its posterior, then compare the student trained under that prior with the usual baselines.
-
-Per seed: a teacher (pre-LN transformer, low-rank Gaussian posterior by MAP then SVI) on digits read as 8 rows of 8
-pixels (or the ``match`` task); per student architecture a surgery plan (evidence selector by default) gives the
-conditioned prior; the student is then trained by ``teacher_prior`` (VI under the conditioned teacher posterior,
-started at its mean), ``standard_prior`` (VI under its fan-in prior), ``deterministic`` (MAP), ``kd`` (Hinton KD from
-the teacher's predictive), ``tinybert`` (feature-level KD, :func:`pyro_distill.baselines.tinybert`),
-``teacher_prior(tau=evidence)`` (the prior's covariance times ``tau`` chosen by the student's Laplace evidence on its
-training data; ``tau_chosen`` in the row) and ``reduced_posterior`` (SVI from the conditioned teacher posterior under
-the student's own prior; ``log_evidence_change`` in the row); ``conditioned_prior`` evaluates the prior itself,
-untrained. Every method gets ``map_steps + steps`` optimizer steps. ``student.fractions``: the students train on a
-seeded, stratified fraction of the training split (setting ``"<student> frac=<f>"`` below 1). Old method names
+"""Experiment kind ``transformer``: remove heads, an attention sublayer or a block of a pre-LN transformer teacher
+(low-rank posterior by MAP then SVI; digits read as 8 rows of 8 pixels, or the ``match`` task) by conditioning its
+posterior along a surgery plan, then train the student by ``teacher_prior`` (VI under the conditioned posterior),
+``standard_prior``, ``deterministic`` (MAP), ``kd``, ``tinybert`` (:func:`pyro_distill.baselines.tinybert`),
+``teacher_prior(tau=evidence)`` (the prior's covariance times the ``tau`` the student's Laplace evidence chooses on
+its training data) and ``reduced_posterior`` (SVI from the conditioned posterior under the student's own prior);
+``conditioned_prior`` evaluates the prior itself, untrained. Every method gets ``map_steps + steps`` optimizer steps;
+``student.fractions``: students on a seeded, stratified fraction of the training split. Old method names
 (``vi_conditioned``, ...) are read through :data:`pyro_distill.naming.METHOD_ALIASES`. Figures and the summary
 table: :mod:`pyro_distill.plots.transformer`.
 """
@@ -23,8 +18,8 @@ import torch
 
 from .. import metrics
 from ..baselines import deterministic, knowledge_distillation, standard_prior, tinybert, tinybert_targets
+from ..data import specs
 from ..data.subsets import stratified_indices
-from ..data.token_tasks import digits_sequences, match_task
 from ..distill import evidence_temperature, reduced_posterior
 from ..inference import fit_posterior
 from ..naming import canonical_methods
@@ -66,14 +61,22 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _data(cfg: dict[str, Any], seed: int):
+def _spec(cfg: dict[str, Any], seed: int, **more: Any) -> dict[str, Any]:
+    """The task's data spec (:mod:`pyro_distill.data.specs`; the split seed is the experiment seed)."""
     if cfg["task"] == "digits":
-        d = digits_sequences(seed=seed, pad_fraction=cfg["pad_fraction"])
-        return d, {"input_dim": 8, "n_classes": 10, "max_len": 8, "embedding": "patch"}
+        return specs.complete({"name": "digits_sequences", "split_seed": seed, "pad_fraction": cfg["pad_fraction"]}
+                              | more)
     if cfg["task"] == "match":
-        d = match_task(n_train=cfg["n_train"], n_test=cfg["n_test"], seed=seed)
-        return d, {"input_dim": 8, "n_classes": 2, "max_len": d.X.shape[1], "embedding": "token"}
+        return specs.complete({"name": "match", "n_train": cfg["n_train"], "n_test": cfg["n_test"], "split_seed": seed}
+                              | more)
     raise ValueError(f"unknown task {cfg['task']!r}; use 'digits' or 'match'")
+
+
+def _data(cfg: dict[str, Any], seed: int):
+    d = specs.load(_spec(cfg, seed))
+    if cfg["task"] == "digits":
+        return d, {"input_dim": 8, "n_classes": 10, "max_len": 8, "embedding": "patch"}
+    return d, {"input_dim": 8, "n_classes": 2, "max_len": d.X.shape[1], "embedding": "token"}
 
 
 def _teacher_block_map(plan) -> list[int]:
@@ -106,7 +109,7 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
 
     def curve_cb(net, setting, method):
         def cb(step, q):
-            w = q.mean if hasattr(q, "mean") and not isinstance(q, torch.Tensor) else q  # the mean of a Gaussian
+            w = q.mean  # every fit hands its callback a Gaussian (a PointMass for the point fits)
             acc = metrics.accuracy(metrics.predict(net, w, Xte), yte)
             ctx.curve(setting, method, step, "test_accuracy_at_mean", acc)
         return cb
@@ -122,8 +125,8 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     ctx.record({"setting": "teacher", "method": "vi"} | r | {"fit_s": hist.map_time_s + hist.svi_time_s})
     ctx.log(f"teacher {teacher!r}: acc {r['accuracy']:.3f} nll {r['nll']:.3f}")
     if cfg["save_models"]:
-        ctx.save_model("transformer-teacher", teacher, q_t, {"task": cfg["task"]}, data=(X, y),
-                       idata_draws=cfg["idata_draws"])
+        ctx.save_model("transformer-teacher", teacher, q_t, {"task": cfg["task"], "data": _spec(cfg, seed)},
+                       data=(X, y), idata_draws=cfg["idata_draws"])
     tfeat = tinybert_targets(teacher, q_t.mean, X)
 
     sc = cfg["student"]
@@ -160,7 +163,10 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                     q, _ = fit_posterior(student, Xs, ys, prior=pt, init="prior", callback=cb, **vi, **fit_kw)
                     ev(student, q, sname, method, extra | {"kl_to_prior": float(q.kl(pt))} | info)
                     if cfg["save_models"] and method == "teacher_prior":
-                        ctx.save_model(f"transformer-{sname.replace(' ', '-')}", student, q, {"plan": plan.to_dict()},
+                        spec = _spec(cfg, seed, fraction=float(frac), subsample_seed=seed,
+                                     subsample="stratified_permutation")
+                        ctx.save_model(f"transformer-{sname.replace(' ', '-')}", student, q,
+                                       {"plan": plan.to_dict(), "data": spec},
                                        data=(Xs, ys), prior=prior, idata_draws=cfg["idata_draws"])
                 elif method == "reduced_posterior":  # conditioned posterior as the start, own fan-in prior
                     red = reduced_posterior(teacher, q_t, student, Xs, ys, ops=plan, guide=cfg["guide"],
