@@ -2,6 +2,7 @@
 
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -95,6 +96,66 @@ def test_failed_or_interrupted_run_leaves_earlier_runs_intact(tmp_path):
     assert (dirs[1] / "seeds" / "seed1" / "error.txt").read_text().strip().endswith("ValueError: boom")
     assert len(read_rows(dirs[2] / "metrics.csv")) == 2  # seed 0 finished before the interruption
     assert latest_run("exp", tmp_path / "runs") == good
+
+
+@dataclass(frozen=True)
+class _UnitCell:
+    seed: int
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"c{self.index}"
+
+
+class _Units:
+    """Task units without any fitting: the teacher records a row and hands its cells a payload; cell ``fail_cell``
+    of seed ``fail_seed`` raises; seed ``teacher_fail_seed``'s teacher raises."""
+
+    def teacher(self, cfg, seed, ctx):
+        ctx.record({"setting": "teacher", "method": "teacher", "value": float(seed)})
+        if seed == cfg["train"]["teacher_fail_seed"]:
+            raise ValueError("no teacher")
+        return {"base": 10.0 * seed}, [_UnitCell(seed, i) for i in range(1, cfg["train"]["cells"] + 1)]
+
+    def cell(self, cfg, cell, payload, ctx):
+        ctx.curve("s", cell.name, 0, "accuracy", payload["base"])
+        if (cell.seed, cell.index) == (cfg["train"]["fail_seed"], cfg["train"]["fail_cell"]):
+            raise ValueError("cell boom")
+        ctx.record({"setting": "s", "method": cell.name, "value": payload["base"] + cell.index})
+
+
+register_kind("units_test", {"train": {"cells": 3, "fail_seed": -1, "fail_cell": -1, "teacher_fail_seed": -1}},
+              units=_Units())
+
+
+def test_task_units_run_teacher_then_cells_in_row_order_on_any_worker_count(tmp_path):
+    """A kind with task units: the teacher once per seed, its cells after it with its payload; rows in task order
+    whatever finished first; a failed cell fails its seed (named in the error) but not the other cells; a failed
+    teacher runs no cells. workers = 1 (in-process) and 2 (a pool over all cells) write the same tables."""
+    body = ('name = "u"\nkind = "units_test"\nseeds = 3\n[train]\ncells = 3\nfail_seed = 1\nfail_cell = 2\n'
+            'teacher_fail_seed = 2\n')
+    dirs = []
+    for workers in (1, 2):
+        with pytest.raises(RunError, match=r"2 of 3 seeds failed \(seed 1: c2: ValueError: cell boom; "
+                                           r"seed 2: teacher: ValueError: no teacher\)"):
+            run(_toml(tmp_path, body, "u"), runs_root=tmp_path / f"runs{workers}", models_root=tmp_path / "m",
+                echo=False, workers=workers)
+        dirs.append(next((tmp_path / f"runs{workers}" / "u").iterdir()))
+    for d in dirs:
+        rows = read_rows(d / "metrics.csv")
+        assert [(r["seed"], r["method"], r["value"]) for r in rows] == [
+            (0, "teacher", 0.0), (0, "c1", 1.0), (0, "c2", 2.0), (0, "c3", 3.0),
+            (1, "teacher", 1.0), (1, "c1", 11.0), (1, "c3", 13.0), (2, "teacher", 2.0)]
+        s = json.loads((d / "status.json").read_text())
+        assert s["status"] == "failed" and s["seeds"] == {"0": "complete", "1": "failed", "2": "failed"}
+        assert s["tasks"] == {"done": 4 + 4 + 1, "outstanding": 0}
+        assert len(json.loads((d / "seeds" / "seed1" / "metrics.json").read_text())) == 3
+        assert "ValueError: cell boom" in (d / "seeds" / "seed1" / "error.txt").read_text()
+        assert len(read_rows(d / "curves.csv")) == 3 + 3
+    assert (dirs[0] / "metrics.csv").read_text() == (dirs[1] / "metrics.csv").read_text()
+    assert (dirs[0] / "curves.csv").read_text() == (dirs[1] / "curves.csv").read_text()
+    assert load_config(_toml(tmp_path, body, "u"))["workers"] == (os.cpu_count() or 1)  # not capped by seeds
 
 
 MLP_TOML = """

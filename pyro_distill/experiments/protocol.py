@@ -40,6 +40,7 @@ import torch
 
 from .. import baselines, metrics
 from ..data import subsample
+from ..data.specs import from_table, validation_split
 from ..data.tabular import Dataset
 from ..distill import divided_prior, evidence_temperature, reduced_posterior
 from ..inference import fit_posterior
@@ -118,8 +119,9 @@ class Family:
         raise NotImplementedError
 
     def data_card(self, cfg: dict[str, Any]) -> dict[str, Any]:
-        """The data spec written into model cards, so ``pyro-distill diagnose`` can rebuild the data."""
-        return {"name": cfg["data"]["name"], "split_seed": cfg["data"]["split_seed"]}
+        """The data spec written into model cards (every generator parameter, :mod:`pyro_distill.data.specs`), so
+        ``pyro-distill diagnose`` rebuilds exactly the data."""
+        return from_table(cfg["data"])
 
     def teacher_net(self, cfg: dict[str, Any], ds: Dataset) -> Any:
         raise NotImplementedError
@@ -244,13 +246,11 @@ class Protocol:
             t = extra["tau_chosen"]
             pr = prior1.tempered(float(t)) if t != 1 else prior1
             pr.layout = student.layout
-        folder = ctx.save_model(
+        ctx.save_model(
             f"{cell.student}-f{cell.fraction:g}-{cell.label.replace('(', '-').replace(')', '')}", student, fitted,
             {"data": spec, "data_description": sub.description, "setting": cell.setting, "method": cell.label,
              "plan": ops.to_dict(), "tau": cell.tau},
             data=(sub.X, sub.y), prior=pr, idata_draws=cfg["save"]["idata_draws"])
-        if pr is not None:
-            pr.save(folder / "prior.pt")
 
     def run_seed(self, cfg: dict[str, Any], seed: int, ctx: Any) -> None:
         """The whole seed in this process: the teacher task, then its cells one after another."""
@@ -263,6 +263,8 @@ def fit_method(method: str, tau: float | str | None, teacher: Any, tq: Any, stud
                cfg: dict[str, Any], seed: int, cb: Any, every: int, ops: Any) -> tuple[Any, Any, dict[str, Any]]:
     """``(fitted posterior or weights, history, extra row columns)`` of one method of :data:`METHODS` on ``sub``,
     with the same optimizer-step budget (``student.map_steps + student.steps``) for every method."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     sc, dc = cfg["student"], cfg["distill"]
     X, y = sub.X, sub.y
     bs = sc["batch_size"] or None
@@ -299,36 +301,7 @@ def fit_method(method: str, tau: float | str | None, teacher: Any, tq: Any, stud
         tp = metrics.predict(teacher, tq, X, num_samples=cfg["eval"]["samples"], seed=seed)
         return (*baselines.knowledge_distillation(student, X, y, tp, gamma=dc["kd_gamma"],
                                                   temperature=dc["kd_temperature"], **point), {})
-    if method == "prune_finetune":
-        return (*baselines.prune_finetune(teacher, tq.mean, student, X, y, **point), {})
-    raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-
-
-def validation_split(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:
-    """``ds`` with a seeded, stratified (for classes) ``fraction`` of its training split moved into the place of
-    the test split: train on the rest, evaluate on the held-out part; the real test split is dropped."""
-    import numpy as np
-
-    if not 0 < fraction < 1:
-        raise ValueError(f"validation fraction must lie in (0, 1), got {fraction}")
-    g = np.random.default_rng(seed)
-    n = ds.X.shape[0]
-    if ds.num_classes:
-        y = ds.y.numpy()
-        parts = []
-        for c in range(ds.num_classes):
-            members = np.flatnonzero(y == c)
-            k = min(len(members) - 1, max(1, int(round(fraction * len(members))))) if len(members) > 1 else 0
-            parts.append(g.choice(members, size=k, replace=False))
-        val = np.sort(np.concatenate(parts))
-    else:
-        val = np.sort(g.choice(n, size=max(1, int(round(fraction * n))), replace=False))
-    mask = np.ones(n, dtype=bool)
-    mask[val] = False
-    tr, va = torch.as_tensor(np.flatnonzero(mask)), torch.as_tensor(val)
-    return Dataset(ds.X[tr], ds.y[tr], ds.X[va], ds.y[va], ds.name, ds.num_classes,
-                   ds.description + f"; validation split {fraction:g} of the training split (seed {seed}, "
-                   f"{len(va)} rows held out, metrics on them; test split unused)")
+    return (*baselines.prune_finetune(teacher, tq.mean, student, X, y, **point), {})  # prune_finetune
 
 
 def _short(res: dict[str, Any]) -> str:
