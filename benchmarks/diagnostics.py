@@ -166,9 +166,7 @@ def digits_run(folder: str, teacher_steps: int, student_steps: int) -> None:
     root = Path(folder)
     save_model(root / "teacher", teacher, qt, card={"data": spec, "role": "teacher", "steps": teacher_steps})
     save_model(root / "student", snet, qs, card={"data": spec, "role": "student", "plan": ops.to_dict(),
-                                                 "steps": student_steps, "prior_path": str(root / "student" /
-                                                                                           "prior.pt")})
-    prior.save(root / "student" / "prior.pt")
+                                                 "steps": student_steps}, prior=prior)
     print(f"[digits] saved {root}/teacher and {root}/student (+ prior.pt)")
 
 
