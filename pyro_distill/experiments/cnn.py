@@ -30,7 +30,7 @@ import torch
 from .. import metrics
 from ..baselines import deterministic, knowledge_distillation, prune_finetune, standard_prior
 from ..crossarch import convert, crossarch_kd, kd_laplace, teacher_predictive
-from ..data import Dataset, digits
+from ..data import Dataset, specs
 from ..extraction import GaussianQueries, PoolQueries, digits_images, extract, sample_image_patches, teacher_oracle
 from ..inference import fit_posterior
 from ..nets.cnn import CNN
@@ -75,19 +75,12 @@ DEFAULTS: dict[str, Any] = {
 
 def load_task(task: str, d: dict[str, Any], dtype: torch.dtype, seed: int) -> tuple[Dataset, tuple[int, int]]:
     """The task's data set (inputs flat ``[N, H W]``, standardized per pixel) and its image shape."""
+    common = {"split_seed": d["split_seed"], "dtype": dtype}
     if task == "digits":
-        return digits(test_size=d["test_size"], seed=d["split_seed"], dtype=dtype), (8, 8)
+        return specs.load({"name": "digits", "test_size": d["test_size"]} | common), (8, 8)
     if task == "fashion_mnist":
-        from ..data.idx import fashion_mnist, stratified_indices
-
-        ds = fashion_mnist(d["fashion_dir"] or None, pca=0, max_train=d["fashion_max_train"], seed=d["split_seed"],
-                           dtype=dtype)
-        n = d["fashion_max_test"]
-        if n and n < ds.Xte.shape[0]:
-            idx = torch.as_tensor(stratified_indices(ds.yte.numpy(), n, d["split_seed"]))
-            ds = Dataset(ds.X, ds.y, ds.Xte[idx], ds.yte[idx], ds.name, ds.num_classes,
-                         ds.description + f"; test subset of {n} (stratified, split seed)")
-        return ds, (28, 28)
+        return specs.load({"name": "fashion_mnist", "dir": d["fashion_dir"], "pca": 0,
+                           "max_train": d["fashion_max_train"], "max_test": d["fashion_max_test"]} | common), (28, 28)
     raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
 
 
