@@ -1,6 +1,7 @@
-"""The ``ray`` engine of the experiment runner (issue 17): the same metrics as the local process pool, a worker
-killed mid-sweep retried without duplicated rows, a task that raises recorded as a failed seed, the CLI and TOML
-options, and no ``import ray`` unless the ray engine is asked for. One local Ray instance (2 CPUs) for the module:
+"""The ``ray`` engine of the experiment runner (issue 17): the same metrics as the local process pool (the digits MLP
+as task units: a teacher task per seed, one Ray task per cell), a worker killed mid-sweep retried without duplicated
+rows (a whole seed, and a single cell), a task that raises recorded as failed, the CLI and TOML options, and no
+``import ray`` unless the ray engine is asked for. One local Ray instance (2 CPUs) for the module:
 Ray takes seconds to start."""
 
 import json
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,62 @@ def _fragile_seed(cfg, seed, ctx):
 
 
 register_kind("ray_fragile", {"train": {"marker_dir": "", "kill_seed": -1, "fail_seed": -1}}, _fragile_seed)
+
+
+@dataclass(frozen=True)
+class _Cell:
+    seed: int
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"c{self.index}"
+
+
+class _FragileUnits:
+    """Task units: the teacher hands 3 cells a payload; cell ``kill_cell`` of seed ``kill_seed`` SIGKILLs its worker on
+    its first attempt (after recording a row, so a duplicate would show); cell ``fail_cell`` raises."""
+
+    def teacher(self, cfg, seed, ctx):
+        ctx.record({"setting": "teacher", "method": "teacher", "value": float(seed)})
+        return {"base": 10.0 * seed, "pid": os.getpid()}, [_Cell(seed, i) for i in (1, 2, 3)]
+
+    def cell(self, cfg, cell, payload, ctx):
+        t = cfg["train"]
+        ctx.record({"setting": "s", "method": cell.name, "value": payload["base"] + cell.index})
+        marker = Path(t["marker_dir"]) / f"killed-{cell.seed}-{cell.index}"
+        if (cell.seed, cell.index) == (t["kill_seed"], t["kill_cell"]) and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        if cell.index == t["fail_cell"]:
+            raise ValueError("cell boom")
+
+
+register_kind("ray_fragile_units", {"train": {"marker_dir": "", "kill_seed": -1, "kill_cell": -1, "fail_cell": -1}},
+              units=_FragileUnits())
+
+
+def test_units_a_killed_cell_is_retried_alone_and_every_cell_reports_once(tmp_path):
+    """Teacher and cells as separate Ray tasks, the payload through the object store: the worker of cell 2 of seed 1
+    is SIGKILLed mid-cell; Ray re-runs that cell only, and every (seed, task) row appears exactly once; cell 3 of
+    every seed raises: each recorded failed with its error while the rest completes."""
+    (tmp_path / "markers").mkdir()
+    p = _toml(tmp_path, f'name = "fu"\nkind = "ray_fragile_units"\nseeds = 2\nengine = "ray"\n[train]\n'
+                        f'marker_dir = "{tmp_path / "markers"}"\nkill_seed = 1\nkill_cell = 2\nfail_cell = 3\n')
+    with pytest.raises(RunError, match=r"2 of 2 seeds failed \(seed 0: c3: ValueError: cell boom; "
+                                       r"seed 1: c3: ValueError: cell boom\)"):
+        run(p, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
+    d = next((tmp_path / "runs" / "fu").iterdir())
+    assert (tmp_path / "markers" / "killed-1-2").exists()  # the kill did happen
+    rows = read_rows(d / "metrics.csv")
+    assert [(r["seed"], r["method"], r["value"]) for r in rows] == [
+        (0, "teacher", 0.0), (0, "c1", 1.0), (0, "c2", 2.0), (0, "c3", 3.0),
+        (1, "teacher", 1.0), (1, "c1", 11.0), (1, "c2", 12.0), (1, "c3", 13.0)]
+    s = json.loads((d / "status.json").read_text())
+    assert s["attempts"] == {"1: c2": 2} and s["tasks"] == {"done": 8, "outstanding": 0}
+    assert (d / "seeds" / "seed1" / "tasks" / "task2.attempt").read_text() == "2"
+    assert (d / "seeds" / "seed1" / "tasks" / "task1.attempt").read_text() == "1"
+    assert s["errors"] == {"0": "c3: ValueError: cell boom", "1": "c3: ValueError: cell boom"}
 
 
 def test_config_takes_engine_and_address(tmp_path):
@@ -150,8 +208,9 @@ idata_draws = 0
 def test_ray_and_local_engines_write_identical_metrics(tmp_path):
     """The digits MLP (tiny budget), 2 seeds, on the local engine and on Ray (2 CPUs), one torch thread per task:
     every metrics column but the wall times is equal exactly, and so are the learning curves and the saved
-    teachers. Both engines run each seed in a fresh worker process (``workers = 2``): a seed run inside the test
-    process could see state left by other test files in the same pytest worker (seen once under ``-n 2``)."""
+    teachers. Each seed is a teacher task and 5 cell tasks (its Gaussian to the cells through the object store).
+    Both engines run every task in a fresh worker process (``workers = 2``): a task run inside the test process
+    could see state left by other test files in the same pytest worker (seen once under ``-n 2``)."""
     import torch
 
     from pyro_distill.store import load_model

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -56,10 +57,11 @@ def import_ray() -> Any:
     return ray
 
 
-def _task(spec: TaskSpec, payload: Any, sys_path: list[str]) -> tuple[dict[str, Any], Any]:
+def _task(spec_bytes: bytes, payload_bytes: bytes | None, sys_path: list[str]) -> tuple[dict[str, Any], bytes | None]:
     """One task on a Ray worker: one torch thread, the driver's import path (so kinds registered from a script
     or a test module import here too), the attempt counted in its marker file. Returns ``(result, payload)``: a
-    teacher's payload stays in the object store for its cells."""
+    teacher's payload stays in the object store for its cells. The task and the payload travel pickled and are
+    unpickled here, after the import path is set (they may hold objects of the kind's module)."""
     import torch
 
     torch.set_num_threads(1)
@@ -67,6 +69,8 @@ def _task(spec: TaskSpec, payload: Any, sys_path: list[str]) -> tuple[dict[str, 
     for p in sys_path:
         if p and p not in sys.path and os.path.isdir(p):
             sys.path.append(p)
+    spec: TaskSpec = pickle.loads(spec_bytes)
+    payload = pickle.loads(payload_bytes) if payload_bytes is not None else None
     seed_dir = Path(spec.run_dir) / "seeds" / f"seed{spec.seed}"
     marker = seed_dir / "attempt" if spec.unit == "seed" else seed_dir / "tasks" / f"task{spec.index}.attempt"
     try:
@@ -77,7 +81,8 @@ def _task(spec: TaskSpec, payload: Any, sys_path: list[str]) -> tuple[dict[str, 
     marker.write_text(str(attempt))
     res = run_task(spec, payload, attempt)
     res["attempt"] = attempt
-    return res, res.pop("payload", None)
+    payload = res.pop("payload", None)
+    return res, (pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL) if payload is not None else None)
 
 
 def _unwrapped(fn: Any, *args: Any, **kw: Any) -> Any:
@@ -149,7 +154,7 @@ class RayEngine(Engine):
         self.pending = []
 
         def submit(spec: TaskSpec, payload: Any = None) -> None:
-            res_ref, pay_ref = remote.remote(spec, payload, sys_path)
+            res_ref, pay_ref = remote.remote(pickle.dumps(spec), payload, sys_path)
             refs[res_ref] = spec
             if spec.unit == "teacher":
                 payloads[res_ref] = pay_ref
