@@ -554,6 +554,15 @@ class Gaussian(Distribution, ABC):
         """The Gaussian of a guide's mean and parameters (differentiable in them)."""
         raise StructureError(f"{cls.__name__} has no guide parameters")
 
+    @classmethod
+    def start_around(cls, loc: torch.Tensor, sd: torch.Tensor, rank: int = 20, seed: int = 0,
+                     blocks: Any = None, layout: Layout | None = None) -> Gaussian:
+        """A start of this structure at ``loc`` with independent standard deviations ``sd`` (a fit's shrunk-prior
+        start): covariance ``diag(sd^2)`` where the structure holds it; low rank adds the small random factor of
+        :meth:`LowRankGaussian.random_start`; Kronecker needs ``blocks()`` (a callable giving the ``[r, c]``
+        flat-index matrices) and uses per block the row factor ``max(sd_block) I`` and the column factor ``I``."""
+        raise StructureError(f"{cls.__name__} cannot be a fit's start; choose one of {sorted(STRUCTURES)}")
+
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write tensors, layout and metadata to one file, atomically, and verify it by reading it back.
@@ -767,6 +776,10 @@ class DenseGaussian(Gaussian):
     def from_guide_params(cls, loc, params, layout=None):
         return cls(loc, params["scale_tril"], layout=layout)
 
+    @classmethod
+    def start_around(cls, loc, sd, rank=20, seed=0, blocks=None, layout=None):
+        return cls(loc, torch.diag(sd), layout=layout)
+
 
 # ============================================================================ low rank
 class LowRankGaussian(Gaussian):
@@ -918,6 +931,10 @@ class LowRankGaussian(Gaussian):
     def from_guide_params(cls, loc, params, layout=None):
         return cls(loc, params["cov_factor"], params["log_diag"].exp(), layout=layout)
 
+    @classmethod
+    def start_around(cls, loc, sd, rank=20, seed=0, blocks=None, layout=None):
+        return cls.random_start(loc, sd, sd**2, rank, seed, layout=layout)
+
 
 # ============================================================================ diagonal
 class DiagGaussian(Gaussian):
@@ -998,6 +1015,10 @@ class DiagGaussian(Gaussian):
     @classmethod
     def from_guide_params(cls, loc, params, layout=None):
         return cls(loc, params["log_scale"].exp(), layout=layout)
+
+    @classmethod
+    def start_around(cls, loc, sd, rank=20, seed=0, blocks=None, layout=None):
+        return cls(loc, sd, layout=layout)
 
 
 # ============================================================================ Kronecker
@@ -1378,6 +1399,15 @@ class KronGaussian(Gaussian):
     def from_guide_params(cls, loc, params, layout=None):
         return cls(loc, params["kron_index"], list(params["row_tril"]), list(params["col_tril"]),
                    params["rem_log_scale"].exp(), layout=layout)
+
+    @classmethod
+    def start_around(cls, loc, sd, rank=20, seed=0, blocks=None, layout=None):
+        if blocks is None:
+            raise StructureError("a Kronecker start needs the network's blocks (blocks=lambda: kron_blocks(net))")
+        idx = list(blocks())  # per block: row factor max(sd_block) I, column factor I (sd constant on a layer)
+        eye = [torch.eye(i.shape[1], dtype=loc.dtype, device=loc.device) for i in idx]
+        rows = [torch.eye(i.shape[0], dtype=loc.dtype, device=loc.device) * sd[i].max() for i in idx]
+        return cls.from_blocks(loc, [(i, r, c) for i, r, c in zip(idx, rows, eye)], sd, layout=layout)
 
     # ----------------------------------------------------------------- structure operations
     def _rebuilt(self, loc: torch.Tensor, blocks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -1785,6 +1815,11 @@ class LowRankPrecisionGaussian(Gaussian):
     @classmethod
     def from_guide_params(cls, loc, params, layout=None):
         return cls(loc, params["prec_factor"], params["log_prec_diag"].exp(), layout=layout)
+
+    @classmethod
+    def start_around(cls, loc, sd, rank=20, seed=0, blocks=None, layout=None):
+        F = torch.zeros(loc.shape[-1], rank, dtype=loc.dtype, device=loc.device)  # a valid start in precision form
+        return cls(loc, F, 1.0 / sd**2, layout=layout)
 
 
 # ============================================================================ point mass

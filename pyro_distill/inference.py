@@ -4,7 +4,9 @@ The recipe (measured, see README "Fitting recipe"): a MAP point by Adam on the l
 covariance at MAP from the generalized Gauss-Newton matrix plus the prior precision, then SVI on the
 ELBO ``E_q[log p(y | X, w)] - KL(q || p)`` with the KL in closed form (both Gaussian) and the
 expected log-likelihood by reparameterized draws. The model is the network's Pyro model (one site
-``"w"``); the guide is :class:`GaussianGuide`, a Pyro module over one of the three Gaussian structures.
+``"w"``); the guide is :class:`GaussianGuide`, a Pyro module over one of the Gaussian structures (:data:`GUIDES`),
+whose parameters the structure itself defines. A point fit (MAP) hands its callback a
+:class:`~pyro_distill.gaussian.PointMass`, the SVI phase its Gaussians: callbacks always get a Gaussian.
 Full-covariance SVI with one Adam step size for every entry of the Cholesky factor random-walks the
 p^2 off-diagonal entries and inflates the variance; the factor therefore gets its own, much smaller,
 step (``factor_lr``) on top of the Laplace start, and the ELBO at start and end is reported.
@@ -33,7 +35,6 @@ from .gaussian import (
     DenseGaussian,
     DiagGaussian,
     Gaussian,
-    KronGaussian,
     LowRankGaussian,
     LowRankPrecisionGaussian,
     PointMass,
@@ -720,22 +721,10 @@ def _adam_kwargs(device: torch.device) -> dict[str, Any]:
 
 def _shrunk_prior_start(prior: Gaussian, w0: torch.Tensor, kind: str, rank: int, seed: int, net) -> Gaussian:
     """The start of ``cov_init="prior"``: centred at ``w0`` with standard deviations ``0.1 x`` the prior's, in the
-    structure ``kind`` (Kronecker: per layer block a scaled identity; low rank: a random small factor)."""
+    structure ``kind`` (:meth:`~pyro_distill.gaussian.Gaussian.start_around`)."""
     s = (prior.variance.sqrt() * 0.1).detach()
-    if kind == "dense":
-        return DenseGaussian(w0.detach().clone(), torch.diag(s), layout=net.layout)
-    if kind == "diag":
-        return DiagGaussian(w0.detach().clone(), s, layout=net.layout)
-    if kind == "kron":  # per block: row factor 0.1 s_block I, column factor I (s constant on a layer's block)
-        blocks = kron_blocks(net)
-        eye = [torch.eye(i.shape[1], dtype=w0.dtype, device=w0.device) for i in blocks]
-        rows = [torch.eye(i.shape[0], dtype=w0.dtype, device=w0.device) * s[i].max() for i in blocks]
-        return KronGaussian.from_blocks(w0.detach().clone(), [(i, r, c) for i, r, c in zip(blocks, rows, eye)], s,
+    return structure(kind).start_around(w0.detach().clone(), s, rank, seed, blocks=lambda: kron_blocks(net),
                                         layout=net.layout)
-    if kind == "lowrank_precision":  # precision 1/(0.01 var): a zero factor is a valid start in precision form
-        F = torch.zeros(w0.shape[-1], rank, dtype=w0.dtype, device=w0.device)
-        return LowRankPrecisionGaussian(w0.detach().clone(), F, 1.0 / s**2, layout=net.layout)
-    return LowRankGaussian.random_start(w0.detach().clone(), s, s**2, rank, seed, layout=net.layout)
 
 
 def predictive(net: BayesianNet, q: Gaussian, X: torch.Tensor, num_samples: int = 200, seed: int = 0,
