@@ -1,23 +1,27 @@
 """The experiment runner: TOML config -> seeds in parallel processes -> ``runs/NAME/<timestamp>/``.
 
 An experiment *kind* (MLP distillation, attention RNN, transformer, ...) registers itself with
-:func:`register_kind`: its full nested dict of allowed keys with defaults, and a function that runs one
-seed. The runner validates a TOML file against those defaults (an unknown key is an error naming the
-key and the allowed ones), resolves ``--quick`` overrides, runs every seed as one task of an *engine*
-(:class:`Engine`; ``engine = "local"``: spawned processes of this machine, one torch thread each; ``"ray"``: Ray
-tasks on a local instance or a cluster, :mod:`.ray_engine`) and writes, atomically, the same files whatever the
-engine (the tables rewritten as each seed finishes)::
+:func:`register_kind`: its full nested dict of allowed keys with defaults, and its *task units* (the protocol of
+:mod:`.protocol`: a teacher task per seed whose result its cells reuse, and one cell per student x setting x method)
+or, on the compatibility path, a function that runs one whole seed. The runner validates a TOML file against those
+defaults (an unknown key is an error naming the key and the allowed ones), resolves ``--quick`` overrides, schedules
+the tasks (:class:`TaskSpec`: every seed's teacher first, then each seed's cells as soon as its teacher is done) on
+an *engine* (:class:`Engine`; ``engine = "local"``: spawned processes of this machine, one torch thread each;
+``"ray"``: Ray tasks on a local instance or a cluster, :mod:`.ray_engine`) and writes, atomically, the same files
+whatever the engine and the order tasks finish in (the tables rewritten as each task finishes; a seed's rows in
+task order)::
 
     runs/NAME/<timestamp>/
         config.json          the resolved configuration (defaults + file + quick overrides)
         config.source.toml   the file as given
         status.json          running | complete | failed | interrupted (read back as ``died`` when the
                              process is gone or its heartbeat stale), pid, host, heartbeat, per-seed
-                             status, timings
+                             status and errors, task counts, retried tasks (``attempts``), timings
         metrics.csv/.json    one row per (setting, method, seed): what ``ctx.record`` received
         curves.csv           learning curves: setting, method, seed, step, metric, value
         summary.md/.json     mean ± sd over seeds per setting x method
-        seeds/seed<k>/       that seed's metrics.json, curves.csv and log.txt
+        seeds/seed<k>/       that seed's metrics.json, curves.csv, log.txt (error.txt when a task failed);
+                             tasks/task<i>.json: one task's rows and curves as it records them
     models/NAME-<timestamp>/<model>-seed<k>/   every Gaussian saved with ``ctx.save_model``
 
 A run directory is always new (unique timestamp, created with ``exist_ok=False``), so a failed or
@@ -748,13 +752,14 @@ def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os
         engine_options: dict[str, Any] | None = None) -> Path:
     """Run an experiment file; returns the new run directory ``runs_root/NAME/<timestamp>/``.
 
-    Each seed is one task of the ``engine`` (default: the file's ``engine``, else ``local``): ``local`` runs
-    them in ``workers`` spawned processes (one torch thread each; ``workers=1`` runs in this process);
-    ``ray`` runs them as Ray tasks (one CPU, one torch thread each) on the cluster at ``address`` (default: the
-    file's ``address``; empty: a local Ray instance with ``workers`` CPUs), a task whose worker died retried
-    (``engine_options``: ``max_retries``). The run folder is filled the same way by both: rows, curves and
-    summary rewritten as each seed finishes. A failed seed does not stop the others; :class:`RunError` is
-    raised at the end, after the summary of the seeds that finished has been written
+    The kind's task units (a teacher task per seed, then its cells; a kind without units: one task per seed) run on
+    the ``engine`` (default: the file's ``engine``, else ``local``): ``local`` runs them in ``workers`` spawned
+    processes (one torch thread each; ``workers=1`` runs in this process); ``ray`` runs them as Ray tasks (one CPU,
+    one torch thread each) on the cluster at ``address`` (default: the file's ``address``; empty: a local Ray
+    instance with ``workers`` CPUs), a task whose worker died retried (``engine_options``: ``max_retries``). The
+    run folder is filled the same way by both: rows, curves and summary rewritten as each task finishes. A failed
+    task (a seed fails with it; a failed teacher runs no cells) does not stop the others; :class:`RunError` is
+    raised at the end, after the summary of what finished has been written
     (:class:`pyro_distill.store.StorageError` instead when a seed failed for a full disk or a read-only
     folder). ``runs_root`` and ``models_root`` are checked writable before anything runs. ``overwrite`` lets a
     seed replace model folders that already exist under ``models_root/NAME-<timestamp>/`` (otherwise that is an
