@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ from .gaussian import Gaussian, pid_alive, plain_json
 from .nets.base import BayesianNet, net_from_config
 
 __all__ = ["save_model", "load_model", "load_prior", "open_model", "ModelFolder", "data_spec", "model_folder_name",
-           "parse_model_folder_name", "is_model_folder", "model_folders", "atomic_write_text", "fingerprint",
+           "parse_model_folder_name", "is_model_folder", "model_folders", "atomic_write", "atomic_write_text",
+           "fingerprint",
            "check_writable", "clean_stale_temps", "plain_json", "file_mode", "StorageError", "MODEL_FILE",
            "CARD_FILE", "IDATA_FILE", "PRIOR_FILE", "FINGERPRINT_KEY", "PRIOR_FINGERPRINT_KEY", "DATA_KEY"]
 
@@ -136,16 +138,28 @@ def _free_bytes(folder: Path) -> int:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename (never a half-written file); the
     file's mode follows the umask. A full disk or read-only folder raises :class:`StorageError`."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Make ``path`` by ``write(tmp)`` into a temporary ``.<name>.pd-<pid>-*.tmp`` beside it, then a rename (never
+    a half-written file; the temporary is removed on every exit path); the file's mode follows the umask. A full
+    disk or read-only folder raises :class:`StorageError`."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
+        os.close(fd)
+        write(tmp)
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the file follows the umask like any other
         os.replace(tmp, path)
     except OSError as exc:
         err = storage_error(exc, path)

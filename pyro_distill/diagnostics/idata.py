@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ import torch
 
 from ..gaussian import Gaussian, PointMass
 from ..nets.base import BayesianNet
+from ..store import IDATA_FILE, atomic_write
 
 with warnings.catch_warnings():  # arviz 0.23 announces its 1.0 refactor on import
     warnings.simplefilter("ignore", FutureWarning)
@@ -261,38 +261,20 @@ def weights_from_idata(idata: az.InferenceData, net: BayesianNet) -> torch.Tenso
 
 # ============================================================================ saving
 def save_idata(folder: str | os.PathLike, idata: az.InferenceData, overwrite: bool = False,
-               filename: str = "idata.nc") -> Path:
-    """Write ``folder/idata.nc`` atomically (temporary file + rename); ``az.from_netcdf`` opens it.
+               filename: str = IDATA_FILE) -> Path:
+    """Write ``folder/idata.nc`` atomically (:func:`pyro_distill.store.atomic_write`); ``az.from_netcdf`` opens it.
     Refuses to replace an existing file unless ``overwrite``."""
-    folder = Path(folder)
-    path = folder / filename
+    path = Path(folder) / filename
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    from ..store import file_mode, storage_error
-
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{filename}.pd-{os.getpid()}-", suffix=".tmp")
-    os.close(fd)
-    try:
-        idata.to_netcdf(tmp, engine="h5netcdf")
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the file follows the umask like any other
-        os.replace(tmp, path)
-    except OSError as exc:
-        err = storage_error(exc, path)
-        if err is None:
-            raise
-        raise err from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: idata.to_netcdf(tmp, engine="h5netcdf"))
 
 
 def load_idata(path: str | os.PathLike) -> az.InferenceData:
     """Open a saved ``idata.nc`` (a model folder or the file) fully into memory."""
     path = Path(path)
     if path.is_dir():
-        path = path / "idata.nc"
+        path = path / IDATA_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run `pyro-distill diagnose {path.parent}` first")
     try:
