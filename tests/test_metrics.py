@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_distill import metrics
-from pyro_distill.gaussian import DiagGaussian
+from pyro_distill.gaussian import DiagGaussian, PointMass
 from pyro_distill.nets.mlp import MLP
 
 P = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.05, 0.05, 0.9]], dtype=torch.float64)
@@ -57,7 +57,7 @@ def test_evaluate_point_and_gaussian_agree_for_a_point_mass():
     X = torch.randn(20, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (20,))
     a = metrics.evaluate(net, w, X, y)
-    b = metrics.evaluate(net, DiagGaussian(w, torch.full_like(w, 1e-30)), X, y)
+    b = metrics.evaluate(net, PointMass(w), X, y)  # a point estimate as a member of the Gaussian family
     assert a == b
     probs = torch.softmax(net(w, X), -1)
     assert a["accuracy"] == pytest.approx(metrics.accuracy(probs, y))

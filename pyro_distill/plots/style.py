@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..naming import canonical_method
+
 __all__ = ["DPI", "PANEL", "MAX_COLS", "FONT", "DISPLAY_NAMES", "display_name", "method_color", "pyplot",
            "subplots", "grid", "legend_outside", "mark_switch", "fit_ylim", "log_y", "dot_groups", "save"]
 
@@ -31,33 +33,28 @@ MAX_COLS = 3
 #: font sizes (points)
 FONT = {"base": 9, "small": 8, "title": 10, "suptitle": 11}
 
-#: code names of methods -> what a reader sees
+#: canonical code names of methods -> what a reader sees (old names are read through naming.METHOD_ALIASES)
 DISPLAY_NAMES = {
     "teacher": "Teacher",
     "teacher_prior": "VI, teacher prior",
     "standard_prior": "VI, standard prior",
-    "vi_standard": "VI, standard prior",
-    "vi_standard_prior": "VI, standard prior",
     "standard_prior_cond_init": "VI, standard prior, teacher-mean start",
     "deterministic": "MAP (point)",
     "deterministic_attention": "MAP, with attention",
     "kd": "Hinton KD",
     "prune_finetune": "Prune + fine-tune",
     "conditioned_prior": "Teacher prior, untrained",
-    "vi_conditioned": "VI, teacher prior",
-    "vi_conditioned_prior": "VI, teacher prior",
-    "vi_conditioned_prior_tempered": "VI, tempered teacher prior",
-    "vi_marginal_prior": "VI, marginal teacher prior",
+    "teacher_prior_tempered": "VI, tempered teacher prior",
+    "marginal_prior": "VI, marginal teacher prior",
     "teacher_init": "Teacher-mean start + MAP",
     "tinybert": "TinyBERT-style KD",
 }
 
 #: a fixed colour per method (tab10 indices), so that a method looks the same in every figure
 _COLORS = {
-    "teacher_prior": 0, "vi_conditioned": 0, "vi_conditioned_prior": 0, "conditioned_prior": 7,
-    "standard_prior": 3, "vi_standard": 3, "vi_standard_prior": 3, "standard_prior_cond_init": 4,
+    "teacher_prior": 0, "conditioned_prior": 7, "standard_prior": 3, "standard_prior_cond_init": 4,
     "deterministic": 5, "kd": 6, "prune_finetune": 8, "tinybert": 9, "teacher_init": 4,
-    "vi_conditioned_prior_tempered": 1, "vi_marginal_prior": 2, "deterministic_attention": 8,
+    "teacher_prior_tempered": 1, "marginal_prior": 2, "deterministic_attention": 8,
 }
 #: teacher_prior(tau=...) curves: blues and greens by tau
 _TAU_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#17becf", "#bcbd22"]
@@ -66,6 +63,7 @@ _TAU = re.compile(r"^(?P<base>[a-z_]+)\(tau=(?P<tau>[^)]+)\)$")
 
 def display_name(method: str) -> str:
     """``"kd"`` -> ``"Hinton KD"``; ``"teacher_prior(tau=10)"`` -> ``"VI, teacher prior, τ=10"``; unknown names pass."""
+    method = canonical_method(method)
     m = _TAU.match(method)
     if m:
         return f"{DISPLAY_NAMES.get(m['base'], m['base'])}, τ={m['tau']}"
@@ -77,6 +75,7 @@ def method_color(method: str, taus: Sequence[str] = ()) -> Any:
     import matplotlib
 
     cmap = matplotlib.colormaps["tab10"]
+    method = canonical_method(method)
     m = _TAU.match(method)
     if m:
         ts = list(taus) or [m["tau"]]
