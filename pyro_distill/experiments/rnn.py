@@ -27,7 +27,7 @@ from ..data import specs
 from ..data.sequences import SeqTask, sequence_task
 from ..data.subsets import random_indices
 from ..distill import reduced_posterior
-from ..gaussian import Gaussian
+from ..gaussian import Gaussian, PointMass
 from ..inference import fit_map, fit_posterior
 from ..naming import canonical_methods
 from ..nets.attention_rnn import AttentionRNN
@@ -134,17 +134,18 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
         for method in cfg["methods"]:
             net = teacher if method == "deterministic_attention" else student
 
-            def cb(step: int, w: Any, method: str = method, net: AttentionRNN = net, where: str = fsetting) -> None:
+            def cb(step: int, w: Gaussian, method: str = method, net: AttentionRNN = net, where: str = fsetting
+                   ) -> None:  # w: a Gaussian, or a PointMass (point fits, point starts)
                 if step % every and step != 0:
                     return
-                wl = w.loc if isinstance(w, Gaussian) else w
+                wl = w.mean
                 ctx.curve(where, method, step, "val_nll_tok", metrics.sequence_nll(net, wl, Xv, yv))
                 ctx.curve(where, method, step, "val_exact_match",
                           metrics.sequence_scores(net, wl, Xv, yv)["exact_match"])
 
             start, pc, extra = starts[method], priors.get(method), {}  # pc: the VI prior (None: the default)
             t0 = time.perf_counter()
-            cb(0, start)
+            cb(0, start if isinstance(start, Gaussian) else PointMass(start))
             if pc is not None:
                 pc.layout = student.layout
                 q, _ = fit_posterior(student, Xs, ys, prior=pc, init=start, callback=cb, **vi)
