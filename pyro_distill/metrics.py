@@ -214,7 +214,7 @@ def evaluate_sequences(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Te
     posterior predictive's token NLL from ``num_samples`` draws; the point NLL again for a point estimate)."""
     w = q.loc if isinstance(q, Gaussian) else q
     res = sequence_scores(net, w, X, y) | {"nll_tok": sequence_nll(net, w, X, y)}
-    if isinstance(q, Gaussian) and num_samples > 0:
+    if isinstance(q, Gaussian) and not is_point(q) and num_samples > 0:
         P = sequence_predictive(net, q, X, num_samples, seed)
         lp = P.clamp_min(_EPS).log().gather(-1, y.unsqueeze(-1)).squeeze(-1)
         m = _tokens(net, y)

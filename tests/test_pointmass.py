@@ -137,3 +137,15 @@ def test_inference_data_of_a_point(problem) -> None:
     flat = torch.cat([torch.as_tensor(idata.posterior[b.name].values).reshape(2, 8, -1) for b in net.layout], -1)
     assert torch.equal(flat, w.expand(2, 8, -1)) and "log_q" not in idata.sample_stats
     assert idata.attrs["gaussian_kind"] == "point"
+
+
+def test_sequence_metrics_of_a_point_are_the_point_metrics() -> None:
+    from pyro_distill.data.sequences import dates
+    from pyro_distill.nets import AttentionRNN
+
+    task = dates(n_train=20, n_val=5, n_test=10, seed=1)
+    net = AttentionRNN(**task.net_kwargs(), emb=5, hidden=6, attn=4)
+    w = net.init_weights(torch.Generator().manual_seed(0), F64)
+    a = metrics.evaluate_sequences(net, PointMass(w, layout=net.layout), task.Xte, task.yte, num_samples=4)
+    assert a == metrics.evaluate_sequences(net, w, task.Xte, task.yte, num_samples=4)
+    assert a["nll_pred_tok"] == a["nll_tok"]
