@@ -22,6 +22,7 @@ _SUBMODULES = ("data", "gaussian", "metrics", "nets", "surgery", "diagnostics", 
 _NAMES = {
     "DenseGaussian": ".gaussian", "DiagGaussian": ".gaussian", "Gaussian": ".gaussian",
     "LowRankGaussian": ".gaussian", "KronGaussian": ".gaussian", "LowRankPrecisionGaussian": ".gaussian",
+    "PointMass": ".gaussian",
     "GGN": ".curvature", "reduced_posterior": ".distill",
     "fit_map": ".inference", "fit_posterior": ".inference", "laplace": ".inference", "predictive": ".predictions",
     "Layout": ".layout",
@@ -32,6 +33,7 @@ __all__ = [
     "data", "gaussian", "metrics", "nets", "surgery", "Layout", "Gaussian", "DenseGaussian", "LowRankGaussian",
     "DiagGaussian", "fit_map", "fit_posterior", "laplace", "predictive", "distill", "plan", "apply", "__version__",
     "KronGaussian", "LowRankPrecisionGaussian", "GGN", "reduced_posterior", "curvature", "evidence", "predictions",
+    "PointMass",
 ]
 
 
