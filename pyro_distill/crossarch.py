@@ -39,7 +39,10 @@ from .nets.base import BayesianNet
 from .predictions import predictive
 
 __all__ = ["FORMATS", "input_format", "convert", "teacher_predictive", "crossarch_kd", "KDGGN", "image_shape_of",
-           "kd_laplace"]
+           "kd_laplace", "crossarch_methods", "CROSS_METHODS"]
+
+#: the cross-architecture methods :func:`crossarch_methods` runs
+CROSS_METHODS = ("kd", "kd_laplace", "labels")
 
 #: input formats of image data: rows as a sequence ``[N, H, W]``, an image ``[N, 1, H, W]``, flat ``[N, H W]``
 FORMATS = ("sequence", "image", "flat")
@@ -234,3 +237,37 @@ def kd_laplace(teacher: BayesianNet, teacher_q: Gaussian | torch.Tensor, student
                                                       "temperature": temperature}
     hist.info["laplace"] = {"kind": kind, "rank": rank if kind == "lowrank" else 0}  # through inference.laplace
     return q, hist
+
+
+def crossarch_methods(teacher: BayesianNet, teacher_q: Gaussian | torch.Tensor, student: BayesianNet,
+                      X: torch.Tensor, y: torch.Tensor, methods: Sequence[str], teacher_probs: torch.Tensor,
+                      image_shape: Sequence[int], steps: int, lr: float, gamma: float = 0.5, temperature: float = 2.0,
+                      kind: str = "lowrank", rank: int = 10, seed: int = 0, batch_size: int | None = None) -> Any:
+    """Yield ``(method, fitted, seconds)`` for each of ``methods`` (:data:`CROSS_METHODS`) in order, inputs flat:
+    ``kd`` (:func:`crossarch_kd`, point weights), ``kd_laplace`` (:func:`kd_laplace` around the last KD weights,
+    fitted first when ``kd`` has not run; its seconds include that KD fit), ``labels`` (the same student by MAP on
+    the labels alone, :func:`pyro_distill.baselines.deterministic`); every fit ``steps`` optimizer steps."""
+    import time
+
+    from .baselines import deterministic
+
+    kd_kw = {"gamma": gamma, "temperature": temperature, "image_shape": image_shape, "fmt": "flat",
+             "teacher_probs": teacher_probs, "steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size}
+    w_kd, dt_kd = None, 0.0
+    for m in methods:
+        if m == "kd" or (m == "kd_laplace" and w_kd is None):
+            t0 = time.perf_counter()
+            w_kd, _ = crossarch_kd(teacher, teacher_q, student, X, y, **kd_kw)
+            dt_kd = time.perf_counter() - t0
+            if m == "kd":
+                yield m, w_kd, dt_kd
+        t0 = time.perf_counter()
+        if m == "kd_laplace":
+            q, _ = kd_laplace(teacher, teacher_q, student, X, y, kind=kind, rank=rank, w_kd=w_kd,
+                              **{k: v for k, v in kd_kw.items() if k not in ("steps", "lr", "batch_size")})
+            yield m, q, time.perf_counter() - t0 + dt_kd
+        elif m == "labels":
+            w, _ = deterministic(student, X, y, steps=steps, lr=lr, seed=seed, batch_size=batch_size)
+            yield m, w, time.perf_counter() - t0
+        elif m not in CROSS_METHODS:
+            raise ValueError(f"unknown cross-architecture method {m!r}; choose from {list(CROSS_METHODS)}")

@@ -46,7 +46,8 @@ from ..distill import divided_prior, evidence_temperature, reduced_posterior
 from ..inference import fit_posterior
 
 __all__ = ["METHODS", "VI_METHODS", "OURS", "BASELINES", "Cell", "TeacherResult", "Family", "Protocol",
-           "fit_method", "method_label", "plan_cells", "validation_split"]
+           "fit_method", "method_label", "plan_cells", "timed", "record_evaluation", "check_choices",
+           "vi_kwargs"]
 
 #: the baselines (pyro_distill.baselines), run only for ``distill.baseline_students`` x ``baseline_fractions``
 BASELINES: tuple[str, ...] = tuple(baselines.METHODS)
@@ -302,6 +303,45 @@ def fit_method(method: str, tau: float | str | None, teacher: Any, tq: Any, stud
         return (*baselines.knowledge_distillation(student, X, y, tp, gamma=dc["kd_gamma"],
                                                   temperature=dc["kd_temperature"], **point), {})
     return (*baselines.prune_finetune(teacher, tq.mean, student, X, y, **point), {})  # prune_finetune
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """``(fn(*args, **kwargs), seconds it took)``."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def record_evaluation(ctx: Any, net: Any, q: Any, X: torch.Tensor, y: torch.Tensor, setting: str, method: str,
+                      seconds: float, samples: int, seed: int, teacher_probs: torch.Tensor | None = None,
+                      extra: dict[str, Any] | None = None, **columns: Any) -> dict[str, Any]:
+    """Evaluate ``q`` (a Gaussian or point weights) of ``net`` on ``(X, y)`` (:func:`pyro_distill.metrics.evaluate`),
+    record the row ``setting, method, **columns, time_s, metrics, **extra`` and log it; returns the metrics."""
+    r = metrics.evaluate(net, q, X, y, num_samples=samples, seed=seed, teacher_probs=teacher_probs)
+    ctx.record({"setting": setting, "method": method} | columns | {"time_s": seconds} | r | (extra or {}))
+    agree = f", agreement {r['agreement']:.3f}" if "agreement" in r else ""
+    ctx.log(f"{setting} {method}: {_short(r)}{agree}, p={r.get('params', '?')} ({seconds:.0f}s)")
+    return r
+
+
+def vi_kwargs(fc: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``fit_posterior`` keywords from a fit-settings table (guide, rank, steps, map_steps, lr, map_lr,
+    num_particles, batch_size: 0 = full batch, and ``elbo_eval_particles`` when the table has it)."""
+    out = {"guide": fc["guide"], "rank": fc["rank"], "steps": fc["steps"], "map_steps": fc["map_steps"],
+           "lr": fc["lr"], "map_lr": fc["map_lr"], "num_particles": fc["num_particles"],
+           "batch_size": fc["batch_size"] or None, "seed": seed}
+    return out | ({"elbo_eval_particles": fc["elbo_eval_particles"]} if "elbo_eval_particles" in fc else {})
+
+
+def check_choices(cfg: dict[str, Any], choices: dict[str, tuple[str, ...]]) -> None:
+    """Each dotted config key of ``choices`` (``"methods"``, ``"crossarch.methods"``) lists only allowed names."""
+    for key, allowed in choices.items():
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        bad = [m for m in value if m not in allowed]
+        if bad:
+            raise ValueError(f"unknown {key} {bad}; choose from {list(allowed)}")
 
 
 def _short(res: dict[str, Any]) -> str:
