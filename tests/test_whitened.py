@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from test_inference import InfAfter  # the deliberately divergent net of the NaN-guard tests
 
 from pyro_distill import whitened
 from pyro_distill.data import synthetic_classification
@@ -250,19 +251,6 @@ def test_handed_back_gaussian_is_differentiable(problem, blocks, pk: str) -> Non
     root, M = g._root(), g.scale_tril.detach()
     Bs = root.rows(torch.eye(net.num_params, dtype=F64)).T  # B / s as a matrix
     torch.testing.assert_close(g.scale_tril.grad.tril(), torch.tril(2 * Bs.T @ Bs @ M), rtol=1e-8, atol=1e-10)
-
-
-class InfAfter(MLP):
-    """An MLP whose forward returns inf from its ``n``-th call on (a deliberately divergent net)."""
-
-    def __init__(self, *a, n: int, **kw):
-        super().__init__(*a, **kw)
-        self.n, self.calls = n, 0
-
-    def forward(self, w, x):
-        self.calls += 1
-        out = super().forward(w, x)
-        return out * float("inf") if self.calls >= self.n else out
 
 
 @pytest.mark.parametrize("pk", ["dense", "kron"])
