@@ -35,6 +35,8 @@ METHODS = ("conditioned_prior", "teacher_prior", "standard_prior", "deterministi
 #: the order methods run in (each fit seeds itself; the order only orders the rows)
 RUN_ORDER = ("conditioned_prior", "teacher_prior", "teacher_prior(tau=evidence)", "reduced_posterior",
              "standard_prior", "deterministic", "kd", "tinybert")
+#: the teacher-derived methods (their rows carry the plan)
+OURS = RUN_ORDER[:4]
 
 DEFAULTS: dict[str, Any] = {
     "task": "digits",           # "digits" (8 rows x 8 pixels) or "match" (marked-token matching)
@@ -100,7 +102,7 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     teacher = Transformer(**shape, **dict(cfg["net"]))
     fit_kw = {"guide": cfg["guide"], "rank": cfg["rank"], "batch_size": cfg["batch_size"],
               "num_particles": cfg["num_particles"], "cov_init": "prior", "elbo_eval_particles": 8}
-    S, npts, B = cfg["eval_samples"], max(1, cfg["curve_points"]), cfg["batch_size"]
+    S, npts = cfg["eval_samples"], max(1, cfg["curve_points"])
 
     def ev(net, q, setting, method, extra=None):
         r = metrics.evaluate(net, q, Xte, yte, num_samples=S, seed=seed, teacher_probs=tp_test)
@@ -129,67 +131,68 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                        data=(X, y), idata_draws=cfg["idata_draws"])
     tfeat = tinybert_targets(teacher, q_t.mean, X)
 
-    sc = cfg["student"]
-    budget = sc["map_steps"] + sc["steps"]
-    every = max(1, budget // npts)
-    vi = {"steps": sc["steps"], "lr": sc["lr"], "map_steps": sc["map_steps"], "map_lr": sc["map_lr"], "seed": seed,
-          "eval_every": every}
-    point = {"steps": budget, "lr": sc["map_lr"], "seed": seed, "batch_size": B, "eval_every": every}
     for name, arch in cfg["students"].items():
         student = teacher.replace(heads=list(arch["heads"]), ffn=list(arch.get("ffn", [True] * len(arch["heads"]))))
         plan = plan_transformer(teacher, student, selector=cfg["selector"], posterior=q_t, seed=seed)
         ctx.log(f"{name}: {plan}".replace("\n", " "))
         prior = apply(plan, teacher, q_t)[1].to(dtype=X.dtype)
-        for frac in sc["fractions"]:
-            # the students' training data: a seeded stratified fraction of the teacher's (1: the same data)
-            idx = stratified_indices(y, frac, seed)
+        plan_col = {"plan": [repr(op) for op in plan]}
+        for frac in cfg["student"]["fractions"]:
+            idx = stratified_indices(y, frac, seed)  # the students' data: a seeded stratified fraction (1: all)
             Xs, ys = (X, y) if idx is None else (X[idx], y[idx])
             sname = name if frac == 1 else f"{name} frac={frac:g}"
             fx = {"fraction": float(frac), "n_train": len(Xs)}
-            extra = {"plan": [repr(op) for op in plan]} | fx
+            tp = tp_train if idx is None else tp_train[idx]
+            tf = tfeat if idx is None else {k: [None if v is None else v[idx] for v in vs] for k, vs in tfeat.items()}
             for method in sorted(methods, key=RUN_ORDER.index):
-                cb = curve_cb(student, sname, method)
-                if method == "conditioned_prior":
-                    ev(student, prior.loc, sname, method, extra)
-                elif method in ("teacher_prior", "teacher_prior(tau=evidence)"):
-                    pt, info = prior, {}
-                    if method != "teacher_prior":  # tau chosen by the student's evidence on (Xs, ys)
-                        tau, e = evidence_temperature(student, prior, Xs, ys, map_steps=sc["map_steps"],
-                                                      map_lr=sc["map_lr"], seed=seed, batch_size=B)
-                        pt = prior.tempered(tau) if tau != 1 else prior
-                        info = {"tau_chosen": tau, "log_evidence": e["log_evidence"],
-                                "log_evidence_tau1": e["log_evidence_tau1"], "tau_at_bound": int(e["at_bound"]),
-                                "evidence_structure": e["structure"]}
-                    q, _ = fit_posterior(student, Xs, ys, prior=pt, init="prior", callback=cb, **vi, **fit_kw)
-                    ev(student, q, sname, method, extra | {"kl_to_prior": float(q.kl(pt))} | info)
-                    if cfg["save_models"] and method == "teacher_prior":
-                        spec = _spec(cfg, seed, fraction=float(frac), subsample_seed=seed,
-                                     subsample="stratified_permutation")
-                        ctx.save_model(f"transformer-{sname.replace(' ', '-')}", student, q,
-                                       {"plan": plan.to_dict(), "data": spec},
-                                       data=(Xs, ys), prior=prior, idata_draws=cfg["idata_draws"])
-                elif method == "reduced_posterior":  # conditioned posterior as the start, own fan-in prior
-                    red = reduced_posterior(teacher, q_t, student, Xs, ys, ops=plan, guide=cfg["guide"],
-                                            steps=budget, lr=sc["lr"], seed=seed, callback=cb, eval_every=every,
-                                            **{k: v for k, v in fit_kw.items() if k not in ("guide", "cov_init")})
-                    ev(student, red.posterior, sname, method,
-                       extra | {"log_evidence_change": red.info["log_evidence_change"]})
-                elif method == "standard_prior":
-                    ev(student, standard_prior(student, Xs, ys, callback=cb, **vi, **fit_kw)[0], sname, method, fx)
-                elif method == "deterministic":
-                    ev(student, deterministic(student, Xs, ys, callback=cb, **point)[0], sname, method, fx)
-                elif method == "kd":
-                    w, _ = knowledge_distillation(student, Xs, ys, tp_train if idx is None else tp_train[idx],
-                                                  gamma=cfg["kd"]["gamma"], temperature=cfg["kd"]["temperature"],
-                                                  callback=cb, **point)
-                    ev(student, w, sname, method, fx)
-                else:  # tinybert
-                    tf = tfeat if idx is None else {k: [None if v is None else v[idx] for v in vs]
-                                                    for k, vs in tfeat.items()}
-                    w, _ = tinybert(student, Xs, ys, tf, _teacher_block_map(plan), callback=cb,
-                                    beta_hidden=cfg["tinybert"]["beta_hidden"], beta_attn=cfg["tinybert"]["beta_attn"],
-                                    **point)
-                    ev(student, w, sname, method, fx)
+                q, more = _fit(method, cfg, seed, teacher, q_t, student, plan, prior, Xs, ys, tp, tf, fit_kw,
+                               curve_cb(student, sname, method))
+                ev(student, q, sname, method, (plan_col if method in OURS else {}) | fx | more)
+                if cfg["save_models"] and method == "teacher_prior":
+                    spec = _spec(cfg, seed, fraction=float(frac), subsample_seed=seed,
+                                 subsample="stratified_permutation")
+                    ctx.save_model(f"transformer-{sname.replace(' ', '-')}", student, q,
+                                   {"plan": plan.to_dict(), "data": spec},
+                                   data=(Xs, ys), prior=prior, idata_draws=cfg["idata_draws"])
 
+
+def _fit(method: str, cfg: dict[str, Any], seed: int, teacher: Transformer, q_t: Any, student: Transformer, plan: Any,
+         prior: Any, X: torch.Tensor, y: torch.Tensor, tp: torch.Tensor, tf: dict[str, Any], fit_kw: dict[str, Any],
+         cb: Any) -> tuple[Any, dict[str, Any]]:
+    """One method on the student's data ``(X, y)`` (``tp``, ``tf``: the teacher's predictive and TinyBERT targets
+    on those rows): the fitted Gaussian or weights and the row's extra columns. Budget: ``map_steps + steps``."""
+    sc, B = cfg["student"], cfg["batch_size"]
+    budget = sc["map_steps"] + sc["steps"]
+    every = max(1, budget // max(1, cfg["curve_points"]))
+    vi = {"steps": sc["steps"], "lr": sc["lr"], "map_steps": sc["map_steps"], "map_lr": sc["map_lr"], "seed": seed,
+          "callback": cb, "eval_every": every} | fit_kw
+    point = {"steps": budget, "lr": sc["map_lr"], "seed": seed, "batch_size": B, "callback": cb, "eval_every": every}
+    if method == "conditioned_prior":
+        return prior.loc, {}
+    if method == "teacher_prior":
+        q, _ = fit_posterior(student, X, y, prior=prior, init="prior", **vi)
+        return q, {"kl_to_prior": float(q.kl(prior))}
+    if method == "teacher_prior(tau=evidence)":  # tau chosen by the student's evidence on its own data
+        tau, e = evidence_temperature(student, prior, X, y, map_steps=sc["map_steps"], map_lr=sc["map_lr"], seed=seed,
+                                      batch_size=B)
+        pt = prior.tempered(tau) if tau != 1 else prior
+        q, _ = fit_posterior(student, X, y, prior=pt, init="prior", **vi)
+        return q, {"kl_to_prior": float(q.kl(pt)), "tau_chosen": tau, "log_evidence": e["log_evidence"],
+                   "log_evidence_tau1": e["log_evidence_tau1"], "tau_at_bound": int(e["at_bound"]),
+                   "evidence_structure": e["structure"]}
+    if method == "reduced_posterior":  # the conditioned posterior as the start, the student's own fan-in prior
+        red = reduced_posterior(teacher, q_t, student, X, y, ops=plan, guide=cfg["guide"], steps=budget, lr=sc["lr"],
+                                seed=seed, callback=cb, eval_every=every,
+                                **{k: v for k, v in fit_kw.items() if k not in ("guide", "cov_init")})
+        return red.posterior, {"log_evidence_change": red.info["log_evidence_change"]}
+    if method == "standard_prior":
+        return standard_prior(student, X, y, **vi)[0], {}
+    if method == "deterministic":
+        return deterministic(student, X, y, **point)[0], {}
+    if method == "kd":
+        return knowledge_distillation(student, X, y, tp, gamma=cfg["kd"]["gamma"],
+                                      temperature=cfg["kd"]["temperature"], **point)[0], {}
+    return tinybert(student, X, y, tf, _teacher_block_map(plan), beta_hidden=cfg["tinybert"]["beta_hidden"],
+                    beta_attn=cfg["tinybert"]["beta_attn"], **point)[0], {}
 
 register_kind("transformer", DEFAULTS, run_seed)
