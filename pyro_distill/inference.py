@@ -524,8 +524,9 @@ def fit_posterior(
     """Fit ``q(w) = N(m, S)`` to ``p(w | X, y)`` for ``net`` under ``prior`` (default: the net's fan-in prior).
 
     Phases: (1) ``init``: ``"map"`` runs ``map_steps`` of MAP from a random start, ``"prior"`` runs them
-    from the prior mean (the student's start), a tensor is a given start for MAP, a :class:`Gaussian`
-    is taken as the SVI start as it is (no MAP, no Laplace); (2) ``cov_init="laplace"``: covariance
+    from the prior mean (the student's start), a tensor (or a :class:`~pyro_distill.gaussian.PointMass`) is a given
+    start for MAP, a :class:`Gaussian` is taken as the SVI start as it is (no MAP, no Laplace); (2)
+    ``cov_init="laplace"``: covariance
     from the GGN Laplace approximation (``"prior"``: the prior's covariance shrunk by 1e-2);
     (3) ``steps`` of SVI with Adam (``lr`` for the mean, ``factor_lr`` for the covariance parameters:
     default ``lr / 100`` for ``dense``, ``lr`` otherwise). ``guide`` names the structure (:data:`GUIDES`; ``"mvn"``
@@ -546,6 +547,8 @@ def fit_posterior(
     prior = as_prior(prior, net)
     if isinstance(init, torch.distributions.Distribution):
         init = as_prior(init, net)
+    if isinstance(init, PointMass):  # a point estimate is a start for MAP (it has no covariance to start SVI from)
+        init = init.mean.detach()
     progress = _auto_progress(progress)
     _check_inputs(net, X, y, guide, prior)
     guide = guide_name(guide)
@@ -572,9 +575,6 @@ def fit_posterior(
     if isinstance(init, Gaussian):
         if init.dim != net.num_params:
             raise ValueError(f"init Gaussian has {init.dim} coordinates, the network p={net.num_params}")
-        if isinstance(init, PointMass):
-            raise ValueError("init is a PointMass: pass its weights (init=point.mean) to start MAP and Laplace there, "
-                             "or a Gaussian to start SVI from it")
         start = init.to(device, dtype)  # the guide converts it to its structure (guide_params)
     else:
         if isinstance(init, str):

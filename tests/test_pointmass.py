@@ -112,8 +112,11 @@ def test_point_fits_hand_callbacks_a_pointmass(problem) -> None:
                          progress=False, elbo_eval_particles=4)
     kinds = [type(g).__name__ for _, g in seen]
     assert kinds == ["PointMass", "PointMass", "DiagGaussian", "DiagGaussian"]
-    with pytest.raises(ValueError, match="init is a PointMass: pass its weights"):
-        fit_posterior(net, ds.X, ds.y, init=PointMass(w), steps=1)
+    # a PointMass start is a start for MAP, exactly as its weights
+    kw = dict(guide="diag", steps=2, map_steps=3, seed=0, progress=False, elbo_eval_particles=4)
+    a, _ = fit_posterior(net, ds.X, ds.y, init=PointMass(w), **kw)
+    b, _ = fit_posterior(net, ds.X, ds.y, init=w, **kw)
+    assert torch.equal(a.loc, b.loc) and torch.equal(a.scale, b.scale)
 
 
 def test_pruning_conditions_the_point_by_indexing() -> None:
