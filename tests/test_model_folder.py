@@ -262,3 +262,23 @@ def test_transformer_run_rediagnosed(tmp_path):
     assert n_obs["transformer-teacher-seed0"] == 24
     assert n_obs["transformer-one_head-frac=0.5-seed0"] == 12  # 6 of each class (stratified half)
     assert "transformer-one_head-frac=0.5-seed0 prior" in n_obs
+
+
+def test_diagnostics_imports_neither_data_nor_surgery():
+    """The import rule (docs/DESIGN.md): diagnostics reads models through store; data and surgery come from callers."""
+    import ast
+
+    import pyro_distill.diagnostics as D
+
+    for path in Path(D.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):  # `from .. import data` names the module in the aliases
+                mods = [("." * node.level) + (node.module or a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            for m in mods:
+                parts = m.lstrip(".").split(".")
+                assert not (m.startswith("..") and parts[0] in ("data", "surgery")), f"{path.name} imports {m}"
+                assert not m.startswith(("pyro_distill.data", "pyro_distill.surgery")), f"{path.name} imports {m}"
