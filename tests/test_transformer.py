@@ -307,6 +307,17 @@ steps = 2
     names = {p.name for p in make_run(run_dir, tmp_path / "fig")}
     assert {"transformer_metrics.png", "transformer_curves.png"} <= names
     assert "| one_block | teacher_prior |" in summary_table(run_dir).replace("  ", " ")
+    # a run folder written before the rename (old method names in its tables) still plots and summarizes canonical
+    for name in ("metrics.csv", "curves.csv"):
+        text = (run_dir / name).read_text()
+        (run_dir / name).write_text(text.replace(",teacher_prior,", ",vi_conditioned,").replace(
+            ",standard_prior,", ",vi_standard,"))
+    assert ",vi_conditioned," in (run_dir / "metrics.csv").read_text()
+    table = summary_table(run_dir).replace("  ", " ")
+    assert "| one_block | teacher_prior |" in table and "vi_conditioned" not in table
+    from pyro_distill.plots.transformer import make_figures
+
+    assert len(make_figures(run_dir, tmp_path / "fig_old")) == 2
 
 
 def read_rows_json(run_dir):
