@@ -9,7 +9,8 @@ non-finite loss, a linear-algebra failure inside the loss, or a loss grown past
 :class:`DivergenceError`, which carries the step and the last good weights.
 
 Also home of :class:`FitHistory` and :class:`DivergenceError` (re-exported by :mod:`pyro_distill.inference`),
-so that this module needs nothing above :mod:`pyro_distill.checks`.
+so that this module needs nothing above :mod:`pyro_distill.gaussian` (callbacks get the weights as a
+:class:`~pyro_distill.gaussian.PointMass`).
 """
 
 from __future__ import annotations
