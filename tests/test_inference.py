@@ -363,3 +363,19 @@ def test_each_structure_owns_its_guide_parameters(cls_data) -> None:
     assert lr1.rank == 3 and torch.equal(lr1.cov_factor, lr2.cov_factor)  # seeded: the same start every time
     with pytest.raises(StructureError, match="guide 'kron' needs a KronGaussian start, got a dense"):
         GaussianGuide(dense, "kron")
+
+
+def test_configs_that_say_mvn_still_fit(cls_data, tmp_path) -> None:
+    """An experiment TOML (or an old run's config.json) with guide = "mvn" loads and fits the dense guide."""
+    from pyro_distill.experiments.core import load_config
+
+    net, X, y = cls_data
+    p = tmp_path / "old.toml"
+    p.write_text('name = "old"\nkind = "mlp"\n[students]\ns = [4, 3]\n'
+                 '[teacher]\nguide = "mvn"\n[student]\nguide = "dense"\n')
+    cfg = load_config(p)
+    assert cfg["teacher"]["guide"] == "mvn" and cfg["student"]["guide"] == "dense"
+    kw = dict(steps=2, map_steps=2, num_particles=2, seed=0, progress=False, elbo_eval_particles=4)
+    a, _ = fit_posterior(net, X, y, guide=cfg["teacher"]["guide"], **kw)
+    b, _ = fit_posterior(net, X, y, guide=cfg["student"]["guide"], **kw)
+    assert isinstance(a, DenseGaussian) and torch.equal(a.scale_tril, b.scale_tril)

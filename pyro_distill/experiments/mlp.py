@@ -49,12 +49,12 @@ DEFAULTS: dict[str, Any] = {
         "validation_seed": 0,
     },
     "teacher": {
-        "sizes": [64, 32, 32, 10], "activation": "relu", "guide": "mvn", "steps": 300, "map_steps": 1000,
+        "sizes": [64, 32, 32, 10], "activation": "relu", "guide": "dense", "steps": 300, "map_steps": 1000,
         "lr": 1e-3, "map_lr": 1e-2, "num_particles": 8, "rank": 20, "batch_size": 0, "noise_scale": 0.5,
     },
     "students": {},                 # name -> sizes, e.g. both = [64, 16, 10]
     "student": {
-        "guide": "mvn", "steps": 200, "map_steps": 400, "lr": 1e-3, "map_lr": 1e-2, "num_particles": 8,
+        "guide": "dense", "steps": 200, "map_steps": 400, "lr": 1e-3, "map_lr": 1e-2, "num_particles": 8,
         "rank": 20, "batch_size": 0, "selector": "snr",
     },
     "distill": {
