@@ -65,7 +65,7 @@ def _std_prior(net: BayesianNet, X: torch.Tensor, prior_scale: float | None) -> 
     return DiagGaussian(torch.zeros_like(s), s, layout=net.layout, meta={"source": f"N(0, {prior_scale}^2 I)"})
 
 
-def standard_prior(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, guide: str = "mvn", steps: int = 500,
+def standard_prior(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, guide: str = "dense", steps: int = 500,
                    map_steps: int = 100, prior_scale: float | None = None, seed: int = 0,
                    **fit_kwargs: Any) -> tuple[Gaussian, FitHistory]:
     """Baseline 1: VI under ``N(0, s^2 I)`` from a random start (fan-in ``s`` unless ``prior_scale``)."""
@@ -76,7 +76,7 @@ def standard_prior(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, guide: st
 
 
 def standard_prior_conditioned_init(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, start: torch.Tensor,
-                                    guide: str = "mvn", steps: int = 500, map_steps: int = 100,
+                                    guide: str = "dense", steps: int = 500, map_steps: int = 100,
                                     prior_scale: float | None = None, seed: int = 0,
                                     **fit_kwargs: Any) -> tuple[Gaussian, FitHistory]:
     """Baseline 2: VI under the standard prior, started at ``start`` (the teacher-derived prior's mean)."""

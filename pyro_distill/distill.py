@@ -101,7 +101,7 @@ def student_prior(teacher_net: BayesianNet, teacher_posterior: Gaussian, student
 
 
 def distill(teacher_net: BayesianNet, teacher_posterior: Gaussian, student_net: BayesianNet,
-            X: torch.Tensor, y: torch.Tensor, selector: str = "snr", tau: float | str = 1.0, guide: str = "mvn",
+            X: torch.Tensor, y: torch.Tensor, selector: str = "snr", tau: float | str = 1.0, guide: str = "dense",
             steps: int = 500, map_steps: int = 100, seed: int = 0, ops: Sequence[Any] | None = None,
             evidence: dict[str, Any] | None = None, **fit_kwargs: Any) -> DistillResult:
     """Fit ``student_net`` on ``(X, y)`` under the prior derived from the teacher's posterior.
@@ -159,7 +159,7 @@ def model_reduction(ops: Sequence[Any], teacher_net: BayesianNet, teacher_poster
 
 
 def reduced_posterior(teacher_net: BayesianNet, teacher_posterior: Gaussian, student_net: BayesianNet,
-                      X: torch.Tensor, y: torch.Tensor, selector: str = "snr", guide: str = "mvn", steps: int = 500,
+                      X: torch.Tensor, y: torch.Tensor, selector: str = "snr", guide: str = "dense", steps: int = 500,
                       seed: int = 0, ops: Sequence[Any] | None = None, teacher_prior: Gaussian | None = None,
                       **fit_kwargs: Any) -> DistillResult:
     """The student's posterior by Bayesian model reduction (BMR) of the teacher's, refined by SVI.
