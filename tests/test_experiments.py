@@ -150,6 +150,8 @@ def test_task_units_run_teacher_then_cells_in_row_order_on_any_worker_count(tmp_
         s = json.loads((d / "status.json").read_text())
         assert s["status"] == "failed" and s["seeds"] == {"0": "complete", "1": "failed", "2": "failed"}
         assert s["tasks"] == {"done": 4 + 4 + 1, "outstanding": 0}
+        assert sorted(s["task_time_s"]) == ["0: c1", "0: c2", "0: c3", "0: teacher", "1: c1", "1: c2", "1: c3",
+                                            "1: teacher", "2: teacher"]
         assert len(json.loads((d / "seeds" / "seed1" / "metrics.json").read_text())) == 3
         assert "ValueError: cell boom" in (d / "seeds" / "seed1" / "error.txt").read_text()
         assert len(read_rows(d / "curves.csv")) == 3 + 3

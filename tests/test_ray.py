@@ -112,6 +112,21 @@ def test_units_a_killed_cell_is_retried_alone_and_every_cell_reports_once(tmp_pa
     assert s["errors"] == {"0": "c3: ValueError: cell boom", "1": "c3: ValueError: cell boom"}
 
 
+def test_units_teacher_result_through_a_file(tmp_path):
+    """``teacher_via = "file"``: each teacher writes its result to seeds/seed<k>/teacher.pkl and its cells read it
+    there (a shared filesystem instead of the object store): the same rows; a bad setting is a ConfigError."""
+    p = _toml(tmp_path, 'name = "ff"\nkind = "ray_fragile_units"\nseeds = 2\nengine = "ray"\n')
+    d = run(p, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False,
+            engine_options={"teacher_via": "file"})
+    assert [(r["seed"], r["method"], r["value"]) for r in read_rows(d / "metrics.csv")] == [
+        (0, "teacher", 0.0), (0, "c1", 1.0), (0, "c2", 2.0), (0, "c3", 3.0),
+        (1, "teacher", 1.0), (1, "c1", 11.0), (1, "c2", 12.0), (1, "c3", 13.0)]
+    assert all((d / "seeds" / f"seed{k}" / "teacher.pkl").is_file() for k in (0, 1))
+    with pytest.raises(ConfigError, match=r"teacher_via must be one of \['object_store', 'file'\], got 'nfs'"):
+        run(p, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False,
+            engine_options={"teacher_via": "nfs"})
+
+
 def test_config_takes_engine_and_address(tmp_path):
     base = 'name = "e"\nkind = "ray_fragile"\nseeds = 2\n'
     cfg = load_config(_toml(tmp_path, base))

@@ -915,6 +915,8 @@ def _note(status: _Status, merged: _Merged, res: dict[str, Any]) -> None:
         if res["unit"] != "seed":
             done = sum(len(t) for t in merged.tasks.values())
             status.data["tasks"] = {"done": done, "outstanding": sum(map(len, merged.outstanding.values()))}
+            # the seconds inside each task ("<seed>: <task name>"), for sizing a sweep (benchmarks/sweep.py)
+            status.data.setdefault("task_time_s", {})[f"{res['seed']}: {res['task']}"] = round(res["time_s"], 2)
     status.write()
 
 

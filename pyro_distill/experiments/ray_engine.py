@@ -4,7 +4,9 @@ Units (:class:`pyro_distill.experiments.core.TaskSpec`): a kind with task units 
 :mod:`.protocol`) runs each seed's teacher fit as one task, and, as soon as it finishes, each of that seed's cells
 (student x fraction x method x tau) as its own task; the teacher's result (net, posterior, every student's plan and
 prior) goes to its cells through Ray's object store (the teacher task's second return value, never fetched by the
-driver). A kind that only registers ``run_seed`` (the compatibility path) runs each whole seed as one task.
+driver), or, with ``teacher_via = "file"`` (``run(..., engine_options={"teacher_via": "file"})``), through
+``seeds/seed<k>/teacher.pkl`` in the run folder (a shared filesystem on a cluster), which the cells read. A kind
+that only registers ``run_seed`` (the compatibility path) runs each whole seed as one task.
 
 ``ray.init(address=...)``: without an address a local Ray instance with ``workers`` CPUs (no dashboard, quiet
 logging) that lives as long as the run; with ``"auto"`` (the cluster this machine joined with ``ray start``) or
@@ -41,10 +43,12 @@ from typing import Any
 
 from .core import ConfigError, Engine, TaskSpec, _failed, run_task
 
-__all__ = ["RayEngine", "DEFAULT_MAX_RETRIES", "import_ray"]
+__all__ = ["RayEngine", "DEFAULT_MAX_RETRIES", "TEACHER_VIA", "import_ray"]
 
-#: times Ray re-runs a task whose worker died (not a task that raised: that is a failed seed)
+#: times Ray re-runs a task whose worker died (not a task that raised: that is a failed task)
 DEFAULT_MAX_RETRIES = 3
+#: how a teacher task's result reaches its cells: Ray's object store, or a file in the run folder
+TEACHER_VIA = ("object_store", "file")
 
 
 def import_ray() -> Any:
@@ -57,11 +61,13 @@ def import_ray() -> Any:
     return ray
 
 
-def _task(spec_bytes: bytes, payload_bytes: bytes | None, sys_path: list[str]) -> tuple[dict[str, Any], bytes | None]:
+def _task(spec_bytes: bytes, payload_bytes: bytes | str | None, sys_path: list[str],
+          teacher_via: str = "object_store") -> tuple[dict[str, Any], bytes | str | None]:
     """One task on a Ray worker: one torch thread, the driver's import path (so kinds registered from a script
     or a test module import here too), the attempt counted in its marker file. Returns ``(result, payload)``: a
     teacher's payload stays in the object store for its cells. The task and the payload travel pickled and are
-    unpickled here, after the import path is set (they may hold objects of the kind's module)."""
+    unpickled here, after the import path is set (they may hold objects of the kind's module); a ``str`` payload is
+    the file a teacher wrote it to (``teacher_via = "file"``)."""
     import torch
 
     torch.set_num_threads(1)
@@ -70,6 +76,8 @@ def _task(spec_bytes: bytes, payload_bytes: bytes | None, sys_path: list[str]) -
         if p and p not in sys.path and os.path.isdir(p):
             sys.path.append(p)
     spec: TaskSpec = pickle.loads(spec_bytes)
+    if isinstance(payload_bytes, str):
+        payload_bytes = Path(payload_bytes).read_bytes()
     payload = pickle.loads(payload_bytes) if payload_bytes is not None else None
     seed_dir = Path(spec.run_dir) / "seeds" / f"seed{spec.seed}"
     marker = seed_dir / "attempt" if spec.unit == "seed" else seed_dir / "tasks" / f"task{spec.index}.attempt"
@@ -82,7 +90,16 @@ def _task(spec_bytes: bytes, payload_bytes: bytes | None, sys_path: list[str]) -
     res = run_task(spec, payload, attempt)
     res["attempt"] = attempt
     payload = res.pop("payload", None)
-    return res, (pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL) if payload is not None else None)
+    if payload is None:
+        return res, None
+    data = pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
+    if teacher_via == "file":
+        path = seed_dir / "teacher.pkl"
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # atomic: a cell never reads a half-written file
+        return res, str(path)
+    return res, data
 
 
 def _unwrapped(fn: Any, *args: Any, **kw: Any) -> Any:
@@ -100,14 +117,18 @@ def _unwrapped(fn: Any, *args: Any, **kw: Any) -> Any:
 class RayEngine(Engine):
     """Task units as Ray tasks (see the module docstring). ``workers``: CPUs of the local instance started when
     ``address`` is empty (ignored when joining a cluster: the cluster's CPUs bound the parallelism);
-    ``max_retries``: re-runs of a task whose worker died; ``echo``: forward the workers' log lines."""
+    ``max_retries``: re-runs of a task whose worker died; ``echo``: forward the workers' log lines;
+    ``teacher_via``: how a teacher's result reaches its cells (``"object_store"`` or ``"file"``)."""
 
     name = "ray"
 
     def __init__(self, workers: int, address: str = "", echo: bool = True,
-                 max_retries: int = DEFAULT_MAX_RETRIES):
+                 max_retries: int = DEFAULT_MAX_RETRIES, teacher_via: str = "object_store"):
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ConfigError(f"max_retries must be a non-negative integer, got {max_retries!r}")
+        if teacher_via not in TEACHER_VIA:
+            raise ConfigError(f"teacher_via must be one of {list(TEACHER_VIA)}, got {teacher_via!r}")
+        self.teacher_via = teacher_via
         self.ray = import_ray()
         self.workers, self.address, self.echo, self.max_retries = int(workers), address, echo, max_retries
         self.owns = False  # True when this engine started (and so must stop) the Ray instance
@@ -154,7 +175,7 @@ class RayEngine(Engine):
         self.pending = []
 
         def submit(spec: TaskSpec, payload: Any = None) -> None:
-            res_ref, pay_ref = remote.remote(pickle.dumps(spec), payload, sys_path)
+            res_ref, pay_ref = remote.remote(pickle.dumps(spec), payload, sys_path, self.teacher_via)
             refs[res_ref] = spec
             if spec.unit == "teacher":
                 payloads[res_ref] = pay_ref
