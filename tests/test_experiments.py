@@ -1,5 +1,6 @@
 """The experiment runner, the mlp kind, figures, and the IDX loader."""
 
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch
 
 from pyro_distill.data.idx import IDX_FILES, fashion_mnist, read_idx, write_idx
 from pyro_distill.experiments import ConfigError, RunError, latest_run, load_config, read_rows, register_kind, run
+from pyro_distill.store import StorageError
 
 
 def _dummy_seed(cfg, seed, ctx):
@@ -121,12 +123,12 @@ class _Units:
     def cell(self, cfg, cell, payload, ctx):
         ctx.curve("s", cell.name, 0, "accuracy", payload["base"])
         if (cell.seed, cell.index) == (cfg["train"]["fail_seed"], cfg["train"]["fail_cell"]):
-            raise ValueError("cell boom")
+            raise ValueError("cell boom") if not cfg["train"]["disk_full"] else OSError(errno.ENOSPC, "No space")
         ctx.record({"setting": "s", "method": cell.name, "value": payload["base"] + cell.index})
 
 
-register_kind("units_test", {"train": {"cells": 3, "fail_seed": -1, "fail_cell": -1, "teacher_fail_seed": -1}},
-              units=_Units())
+register_kind("units_test", {"train": {"cells": 3, "fail_seed": -1, "fail_cell": -1, "teacher_fail_seed": -1,
+                                       "disk_full": False}}, units=_Units())
 
 
 def test_task_units_run_teacher_then_cells_in_row_order_on_any_worker_count(tmp_path):
@@ -158,6 +160,12 @@ def test_task_units_run_teacher_then_cells_in_row_order_on_any_worker_count(tmp_
     assert (dirs[0] / "metrics.csv").read_text() == (dirs[1] / "metrics.csv").read_text()
     assert (dirs[0] / "curves.csv").read_text() == (dirs[1] / "curves.csv").read_text()
     assert load_config(_toml(tmp_path, body, "u"))["workers"] == (os.cpu_count() or 1)  # not capped by seeds
+    # a cell that meets a full disk: the run ends with the one StorageError line, as a whole seed does
+    full = body.replace("teacher_fail_seed = 2\n", "disk_full = true\n")
+    with pytest.raises(StorageError, match=r"1 of 3 seeds failed; seed 1: \[Errno 28\] no space left on the device "
+                                           r"holding .*free some space or choose another output folder"):
+        run(_toml(tmp_path, full, "u"), runs_root=tmp_path / "runs3", models_root=tmp_path / "m", echo=False,
+            workers=1)
 
 
 MLP_TOML = """

@@ -854,8 +854,10 @@ def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os
     _finish(status, cfg_out, results, time.perf_counter() - t0)
     full = [r for r in failed if r.get("storage")]
     if full:
+        err = full[0]["error"]  # "[<task>: ]StorageError: <what and the fix>"
+        err = err.split("StorageError: ", 1)[1] if "StorageError: " in err else err.split(": ", 1)[-1]
         raise StorageError(errno.ENOSPC, f"{len(failed)} of {len(results)} seeds failed; seed {full[0]['seed']}: "
-                           f"{full[0]['error'].split(': ', 1)[-1]} (run directory {run_dir})")
+                           f"{err} (run directory {run_dir})")
     if failed:
         msgs = "; ".join(f"seed {r['seed']}: {r['error']}" for r in failed)
         raise RunError(f"{len(failed)} of {len(results)} seeds failed ({msgs}); see {run_dir}/seeds/*/error.txt")
