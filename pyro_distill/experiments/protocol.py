@@ -269,9 +269,7 @@ def fit_method(method: str, tau: float | str | None, teacher: Any, tq: Any, stud
     sc, dc = cfg["student"], cfg["distill"]
     X, y = sub.X, sub.y
     bs = sc["batch_size"] or None
-    vi = {"guide": sc["guide"], "steps": sc["steps"], "map_steps": sc["map_steps"], "lr": sc["lr"],
-          "map_lr": sc["map_lr"], "num_particles": sc["num_particles"], "rank": sc["rank"], "batch_size": bs,
-          "seed": seed, "callback": cb, "eval_every": every}
+    vi = vi_kwargs(sc, seed) | {"callback": cb, "eval_every": every}
     budget = sc["map_steps"] + sc["steps"]
     point = {"steps": budget, "lr": dc["point_lr"], "seed": seed, "batch_size": bs, "callback": cb,
              "eval_every": every}
