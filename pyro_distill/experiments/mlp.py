@@ -1,17 +1,12 @@
 """Experiment kind ``mlp``: MLP teacher -> students under the teacher-derived prior vs the baselines.
 
-One seed: fit the teacher (``fit_posterior``) on the full training split; for every student
-architecture make one plan from the teacher's posterior; for every training fraction (a stratified
-subsample of the training split, seeded by the seed) fit the student under the teacher-derived prior
-at every temperature ``tau`` (numbers >= 1, or ``"evidence"``: chosen per seed and fraction by the student's
-Laplace evidence on its own training data, :func:`~pyro_distill.distill.evidence_temperature`, recorded as
-``tau_chosen``), by ``reduced_posterior`` (Bayesian model reduction: the conditioned teacher posterior as the SVI
-start under the student's own fan-in prior, ``map_steps + steps`` SVI steps, no MAP; its Savage-Dickey log
-evidence change recorded as ``log_evidence_change``), by ``divided_prior`` (optional, issue 13: the student's own
-data divided out of the conditioned teacher posterior, precision clipped to stay positive definite; not in the
-default method list) and every baseline, with the same budget of optimizer steps
-(``map_steps + steps``), and evaluate all on the test split. Fraction 1 is the paper's setting
-(teacher and student on the same data). The test split is only used for reporting, never for choices.
+The family adapter of the protocol (:mod:`.protocol`: the teacher task, then one cell per student x fraction x
+method x tau, with the one methods vocabulary): the defaults, the data (:mod:`pyro_distill.data.specs`), MLP
+teacher and students, and the planner (:func:`pyro_distill.distill.student_prior`, ``student.selector``). The teacher
+trains on the full training split; each student on a stratified fraction of it seeded by the seed (fraction 1 is
+the paper's setting: teacher and student on the same data), every method with the same budget of optimizer steps
+(``map_steps + steps``); ``tau`` is a number >= 1 or ``"evidence"`` (chosen on the student's own training data,
+recorded as ``tau_chosen``); ``divided_prior`` is not in the default method list. The test split only reports.
 
 ``data.validation = f`` (0 < f < 1) carves a seeded (``data.validation_seed``), stratified fraction ``f`` out of the
 training split before anything is fitted; teacher and students train on the rest and every metric is computed on
@@ -30,9 +25,9 @@ from ..data.tabular import Dataset
 from ..distill import student_prior
 from ..nets.mlp import MLP
 from .core import register_kind
-from .protocol import METHODS, Family, Protocol, validation_split
+from .protocol import METHODS, Family, Protocol
 
-__all__ = ["DEFAULTS", "MLPFamily", "PROTOCOL", "run_seed", "load_data", "validation_split"]
+__all__ = ["DEFAULTS", "MLPFamily", "PROTOCOL", "run_seed", "load_data"]
 
 #: the methods a config may list (the one vocabulary of :mod:`.protocol`)
 ALL_METHODS = METHODS
