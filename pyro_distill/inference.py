@@ -58,6 +58,7 @@ __all__ = [
     "GaussianGuide",
     "fit_map",
     "laplace",
+    "laplace_family",
     "fit_posterior",
     "elbo_terms",
     "GUIDES",
@@ -416,20 +417,22 @@ def kron_blocks(net: BayesianNet) -> list[torch.Tensor]:
 
 
 def kron_laplace(net: BayesianNet, X: torch.Tensor, w_map: torch.Tensor, prior: Gaussian,
-                 noise_scale: float | None = None, y: torch.Tensor | None = None) -> Gaussian:
+                 noise_scale: float | None = None, y: torch.Tensor | None = None,
+                 factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, ggn_op: Any = None) -> Gaussian:
     """KFAC Laplace (Ritter, Botev & Barber 2018) as a :class:`~pyro_distill.gaussian.KronGaussian`: per MLP
     layer ``vec([U_t | b_t]) ~ N(., (B_t + pi sqrt(alpha_t) I)^{-1} ⊗ (A_t + sqrt(alpha_t)/pi I)^{-1})`` with the
     KFAC factors ``B_t`` (output side, a sum over the data) and ``A_t`` (input side, a mean) of
     :func:`pyro_distill.curvature.kfac` scaled so that ``B_t ⊗ A_t`` approximates the GGN block, ``alpha_t`` the
     layer's prior precision (the prior must be diagonal and constant on each layer) and ``pi`` the damping
-    split of Martens & Grosse (2015). Coordinates outside the layers keep the diagonal Laplace."""
+    split of Martens & Grosse (2015). Coordinates outside the layers keep the diagonal Laplace. ``factors`` (from
+    ``kfac``) and ``ggn_op`` reuse curvature already computed (:func:`laplace_family`)."""
     from .curvature import GGN, kfac, kfac_indices
     from .gaussian import KronGaussian
 
     if not isinstance(prior, DiagGaussian):
         raise ValueError("a Kronecker Laplace needs a diagonal (per-layer isotropic) prior; convert the prior "
                          "or use kind='lowrank'/'diag'")
-    factors = kfac(net, w_map, X, y, noise_scale=noise_scale)
+    factors = factors if factors is not None else kfac(net, w_map, X, y, noise_scale=noise_scale)
     var = prior.variance.to(w_map)
     blocks = []
     covered = torch.zeros(net.num_params, dtype=torch.bool, device=w_map.device)
@@ -449,10 +452,70 @@ def kron_laplace(net: BayesianNet, X: torch.Tensor, w_map: torch.Tensor, prior: 
     rest = (~covered).nonzero().reshape(-1)
     rem = None
     if rest.numel():
-        gd = GGN(net, w_map, X, y, noise_scale=noise_scale).diagonal()[rest]
+        op = ggn_op if ggn_op is not None else GGN(net, w_map, X, y, noise_scale=noise_scale)
+        gd = op.diagonal()[rest]
         rem = gd.clamp_min(0) + 1.0 / var[rest]
     return KronGaussian.from_precision_factors(w_map.clone(), blocks, remainder_precision=rem, layout=net.layout,
                                                meta={"source": "laplace-kron"})
+
+
+class _CachedGGN:
+    """A GGN operator whose diagonal, dense matrix and top-k eigenpairs are computed once (products pass
+    through): :func:`laplace` can then rebuild its Gaussian at many prior precisions for the cost of the
+    structure's algebra alone."""
+
+    def __init__(self, op: Any):
+        self.op, self._cache = op, {}
+        self.eig_info: dict[str, Any] = {}
+
+    def _get(self, key: Any, fn: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def mv(self, v: torch.Tensor) -> torch.Tensor:
+        return self.op.mv(v)
+
+    def mm(self, V: torch.Tensor) -> torch.Tensor:
+        return self.op.mm(V)
+
+    def diagonal(self) -> torch.Tensor:
+        return self._get("diagonal", self.op.diagonal)
+
+    def dense(self) -> torch.Tensor:
+        return self._get("dense", self.op.dense).clone()  # laplace adds the prior in place
+
+    def eigh_topk(self, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._get(("eigh", k, seed), lambda: self.op.eigh_topk(k, seed=seed))
+        self.eig_info = getattr(self.op, "eig_info", {})
+        return out
+
+
+def laplace_family(net: BayesianNet, X: torch.Tensor, w_map: torch.Tensor, prior: Gaussian, kind: str = "dense",
+                   rank: int = 20, noise_scale: float | None = None, seed: int = 0, y: torch.Tensor | None = None,
+                   ggn_op: Any = None) -> Callable[[float], Gaussian]:
+    """``alpha -> laplace(..., prior with precision alpha P0)``: the Laplace Gaussian with precision
+    ``Lam(alpha) = G + alpha P0`` in structure ``kind``, the curvature computed once (the GGN diagonal, dense
+    matrix, top-k eigenpairs or KFAC factors are cached) and the Gaussian rebuilt per ``alpha`` by :func:`laplace`
+    itself (``alpha = 1`` gives exactly ``laplace(net, X, w_map, prior, kind, ...)``). For ``"lowrank"`` the
+    Lanczos run on ``D^1/2 Lam D^1/2`` depends on ``alpha`` and is repeated (GGN products, no new curvature)."""
+    from .curvature import GGN, kfac
+
+    kind = structure_name(kind, "Laplace structure")
+    w_map = w_map.detach()
+    op = _CachedGGN(ggn_op if ggn_op is not None else GGN(net, w_map, X, y, noise_scale=noise_scale))
+    factors = kfac(net, w_map, X, y, noise_scale=noise_scale) if kind == "kron" else None
+
+    def build(alpha: float) -> Gaussian:
+        if not alpha > 0:
+            raise ValueError(f"the prior precision scale alpha must be positive, got {alpha}")
+        pa = prior if alpha == 1.0 else prior.tempered(1.0 / alpha)
+        if kind == "kron":
+            return kron_laplace(net, X, w_map, pa, noise_scale=noise_scale, y=y, factors=factors, ggn_op=op)
+        return laplace(net, X, w_map, pa, kind=kind, rank=rank, noise_scale=noise_scale, seed=seed, y=y,
+                       ggn_op=op)
+
+    return build
 
 
 # ============================================================================ SVI

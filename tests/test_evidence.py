@@ -122,3 +122,93 @@ def test_laplace_mode_equals_the_quadratic_mode_at_the_map(regression) -> None:
     assert lap == pytest.approx(_exact(Phi, y, prior), abs=1e-8)
     with pytest.raises(ValueError, match="mode"):
         log_evidence(quad, prior, mode="newton")
+
+
+# ----------------------------------------------------------------------------- held-out choice of the scale
+from pyro_distill import metrics  # noqa: E402
+from pyro_distill.evidence import tune_posterior_scale  # noqa: E402
+from pyro_distill.inference import fit_map, laplace, laplace_family  # noqa: E402
+from pyro_distill.predictions import predictive  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    g = torch.Generator().manual_seed(3)
+    net = MLP([3, 6, 3])
+    X = torch.randn(140, 3, generator=g, dtype=D)
+    y = (X[:, 0] + 0.5 * X[:, 1] ** 2 + 0.7 * torch.randn(140, generator=g, dtype=D) > 0.4).long() + (X[:, 2] > 1)
+    w, _ = fit_map(net, X[:100], y[:100], init=0.3 * torch.randn(net.num_params, generator=g, dtype=D),
+                   steps=300, lr=0.05, seed=0, progress=False)
+    return net, X[:100], y[:100], X[100:], y[100:], w, net.default_prior(D)
+
+
+@pytest.mark.parametrize("method", ["linearized", "mc"])
+def test_temperature_picks_grid_argmin_of_the_predictive_nll(classifier, method):
+    """Without refinement the choice is the grid's argmin, and every grid value is the NLL of
+    ``predictive(q.tempered(T))`` (same seed) -- the cached draws change nothing (float64, 1e-9)."""
+    net, X, y, Xt, yt, w, prior = classifier
+    q = laplace(net, X, w, prior, kind="dense")
+    qt, info = tune_posterior_scale(net, q, Xt, yt, method=method, temperature_grid=9, refine=False,
+                                    num_samples=20, seed=4)
+    j = min(range(9), key=info["nll_grid"].__getitem__)
+    assert info["temperature"] == info["grid"][j] and info["prior_precision"] == 1.0
+    for k in (0, j, 8):
+        T = info["grid"][k]
+        ref = metrics.nll(predictive(net, q.tempered(T), Xt, method=method, num_samples=20, seed=4), yt)
+        assert info["nll_grid"][k] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+    torch.testing.assert_close(qt.covariance(), info["temperature"] * q.covariance(), rtol=1e-12, atol=0)
+    _, ref = tune_posterior_scale(net, q, Xt, yt, method=method, temperature_grid=9, num_samples=20, seed=4)
+    assert ref["nll"] <= min(info["nll_grid"]) + 1e-15
+
+
+@pytest.mark.parametrize("kind", ["dense", "diag", "lowrank_precision", "kron"])
+def test_laplace_family_equals_laplace_at_every_prior_precision(classifier, kind):
+    """``laplace_family(alpha)`` (curvature once) is ``laplace`` with the prior precision times alpha (1e-10)."""
+    net, X, y, _, _, w, prior = classifier
+    fam = laplace_family(net, X, w, prior, kind=kind, rank=5, y=y)
+    for alpha in (1.0, 0.1, 30.0):
+        ref = laplace(net, X, w, prior.tempered(1 / alpha), kind=kind, rank=5, y=y)
+        torch.testing.assert_close(fam(alpha).covariance(), ref.covariance(), rtol=1e-10, atol=1e-12)
+
+
+def test_prior_precision_and_both_pick_the_grid_argmin(classifier):
+    net, X, y, Xt, yt, w, prior = classifier
+    fam = laplace_family(net, X, w, prior, kind="diag")
+    q, info = tune_posterior_scale(net, fam, Xt, yt, param="prior_precision", alpha_bounds=(1e-2, 1e4),
+                                   alpha_grid=7, refine=False, num_samples=16)
+    j = min(range(7), key=info["nll_grid"].__getitem__)
+    assert info["prior_precision"] == info["grid"][j] and info["temperature"] == 1.0
+    a = info["grid"][2]
+    ref = metrics.nll(predictive(net, laplace(net, X, w, prior.tempered(1 / a), kind="diag"), Xt,
+                                 method="linearized", num_samples=16), yt)
+    assert info["nll_grid"][2] == pytest.approx(ref, rel=1e-9)
+    torch.testing.assert_close(q.covariance(), fam(info["grid"][j]).covariance(), rtol=0, atol=0)
+    qb, both = tune_posterior_scale(net, fam, Xt, yt, param="both", alpha_bounds=(1e-2, 1e4), alpha_grid=7,
+                                    num_samples=16)
+    assert both["nll"] <= min(info["nll_grid"]) + 1e-12  # T = 1 is on the temperature grid's span
+    torch.testing.assert_close(qb.covariance(), both["temperature"] * fam(both["prior_precision"]).covariance(),
+                               rtol=1e-12, atol=0)
+    with pytest.raises(TypeError, match="laplace_family"):
+        tune_posterior_scale(net, fam(1.0), Xt, yt, param="prior_precision")
+
+
+def test_temperature_matches_predictive_variance_to_held_out_residuals():
+    """Bayesian linear regression, no bias, held-out inputs +-x0 (the same predictive variance s^2 at each): the
+    NLL-optimal temperature makes the predictive variance ``T s^2 + sigma^2`` equal the held-out mean squared
+    residual exactly (stationarity of the Gaussian NLL), up to the golden-section tolerance."""
+    g = torch.Generator().manual_seed(5)
+    net = MLP([4, 1], bias=False, likelihood="gaussian", noise_scale=S_NOISE)
+    X = torch.randn(40, 4, generator=g, dtype=D)
+    prior = DiagGaussian(torch.zeros(4, dtype=D), torch.ones(4, dtype=D))
+    w = torch.zeros(4, dtype=D)  # the posterior covariance of a linear-Gaussian model does not depend on y
+    q = laplace(net, X, w, prior, kind="dense")  # exact (GGN = Hessian)
+    x0 = torch.randn(4, dtype=D, generator=g)
+    Xt = torch.stack([x0, -x0, x0, -x0, x0, -x0])
+    yt = Xt @ w + torch.tensor([3.0, -2.5, 4.0, 1.0, -3.5, 2.0], dtype=D)
+    _, info = tune_posterior_scale(net, q, Xt, yt, num_samples=64, seed=2, temperature_bounds=(1e-2, 1e6))
+    draws = predictive(net, q, Xt, method="linearized", num_samples=64, seed=2)  # [S, N]
+    s2 = (draws - Xt @ w).square().mean(0)
+    torch.testing.assert_close(s2, s2[0].expand(6), rtol=1e-12, atol=0)
+    resid2 = float((yt - Xt @ w).square().mean())
+    assert not info["at_bound"]
+    assert info["temperature"] * float(s2[0]) + S_NOISE**2 == pytest.approx(resid2, rel=1e-6)
