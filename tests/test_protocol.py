@@ -9,7 +9,14 @@ import torch
 
 from pyro_distill.experiments.core import SeedContext, load_config
 from pyro_distill.experiments.mlp import PROTOCOL
-from pyro_distill.experiments.protocol import METHODS, Cell, fit_method, method_label, plan_cells
+from pyro_distill.experiments.protocol import (
+    METHODS,
+    NEEDS_TEACHER_POSTERIOR,
+    Cell,
+    fit_method,
+    method_label,
+    plan_cells,
+)
 
 TOML = """
 name = "proto"
@@ -88,7 +95,8 @@ def _ctx(tmp_path, name, seed=0):
 def test_cells_are_independent_of_what_ran_before_and_of_the_process(cfg, tmp_path):
     """The seed run sequentially (teacher, then every cell in order: the old run_seed) and the same cells run in
     reverse order after a teacher result that went through pickle (as to a worker process), each cell given only its
-    own student: every row and curve is equal exactly (float32, no tolerance), time_s aside."""
+    own student (and the teacher posterior only when its method reads it): every row and curve is equal exactly
+    (float32, no tolerance), time_s aside."""
     seq = _ctx(tmp_path, "seq")
     PROTOCOL.run_seed(cfg, 0, seq)
     units = _ctx(tmp_path, "units")
@@ -98,6 +106,7 @@ def test_cells_are_independent_of_what_ran_before_and_of_the_process(cfg, tmp_pa
     for c in reversed(cells):
         part = pickle.loads(pickle.dumps(tr.part(c)))
         assert set(part.students) == {c.student}
+        assert (part.posterior is None) == (c.method not in NEEDS_TEACHER_POSTERIOR)  # the others never read it
         PROTOCOL.cell(cfg, c, part, units)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
     by_method = {(r["setting"], r["method"]): r for r in strip(units.rows)}

@@ -45,8 +45,8 @@ from ..data.tabular import Dataset
 from ..distill import divided_prior, evidence_temperature, reduced_posterior
 from ..inference import fit_posterior
 
-__all__ = ["METHODS", "VI_METHODS", "OURS", "BASELINES", "Cell", "TeacherResult", "Family", "Protocol",
-           "fit_method", "method_label", "plan_cells", "timed", "record_evaluation", "check_choices",
+__all__ = ["METHODS", "VI_METHODS", "OURS", "BASELINES", "NEEDS_TEACHER_POSTERIOR", "Cell", "TeacherResult", "Family",
+           "Protocol", "fit_method", "method_label", "plan_cells", "timed", "record_evaluation", "check_choices",
            "vi_kwargs"]
 
 #: the baselines (pyro_distill.baselines), run only for ``distill.baseline_students`` x ``baseline_fractions``
@@ -57,6 +57,8 @@ METHODS: tuple[str, ...] = ("teacher_prior", "reduced_posterior") + BASELINES + 
 VI_METHODS = ("teacher_prior", "reduced_posterior", "divided_prior", "standard_prior", "standard_prior_cond_init")
 #: the Bayesian distillation methods: run for every student and fraction
 OURS = ("teacher_prior", "reduced_posterior", "divided_prior")
+#: methods that read the teacher's posterior itself (the others need only the student's conditioned prior)
+NEEDS_TEACHER_POSTERIOR = ("reduced_posterior", "kd", "prune_finetune")
 
 
 def method_label(method: str, tau: float | str | None = None) -> str:
@@ -105,8 +107,10 @@ class TeacherResult:
     students: dict[str, tuple[Any, Any, Any]] = field(default_factory=dict)
 
     def part(self, cell: Cell) -> TeacherResult:
-        """The part one cell needs (its own student only): less to send to a worker."""
-        return replace(self, students={cell.student: self.students[cell.student]})
+        """The part one cell needs: its own student only, and the teacher posterior only for the methods that read
+        it (:data:`NEEDS_TEACHER_POSTERIOR`); less to send to a worker (a dense teacher posterior is O(p^2))."""
+        post = self.posterior if cell.method in NEEDS_TEACHER_POSTERIOR else None
+        return replace(self, posterior=post, students={cell.student: self.students[cell.student]})
 
 
 class Family:
