@@ -38,7 +38,7 @@ from .layout import Layout
 from .nets.base import BayesianNet
 from .nets.mlp import MLP
 
-__all__ = ["GGN", "kfac", "kfac_block_dense", "kfac_indices", "lanczos", "output_hessian_sqrt"]
+__all__ = ["GGN", "kfac", "kfac_block_dense", "kfac_indices", "label_cotangent", "lanczos", "output_hessian_sqrt"]
 
 #: float entries per working buffer (per-example gradient rows, cotangents): 2^25 = 128 MB in float32
 _BUDGET = 2**25
@@ -394,8 +394,14 @@ class GGN:
         return vmap(lambda u: vjp_fn(u)[0])(cot)
 
     # ------------------------------------------------------------------ diagonal, dense, trace
-    def diagonal(self) -> torch.Tensor:
-        """The exact diagonal ``diag(G)_i = sum_n sum_c (J_n^T r_nc)_i^2`` (``[p]``)."""
+    def diagonal(self, estimator: str = "exact", samples: int = 1, seed: int = 0) -> torch.Tensor:
+        """The GGN diagonal ``[p]``: ``"exact"``: ``diag(G)_i = sum_n sum_c (J_n^T r_nc)_i^2``; ``"sampled"``: the
+        sampled-label Fisher, an unbiased Monte-Carlo estimate (:meth:`sampled_diagonal`, ``samples`` draws per
+        example, seeded by ``seed``)."""
+        if estimator == "sampled":
+            return self.sampled_diagonal(samples, seed)
+        if estimator != "exact":
+            raise ValueError(f"unknown diagonal estimator {estimator!r}; choose 'exact' or 'sampled'")
         if isinstance(self.net, MLP):
             d = torch.zeros(self.p, dtype=self.dtype, device=self.device)
             B = max(1, min(self.N, _BUDGET // max(1, self.C * max(self.net.sizes))))
@@ -414,6 +420,69 @@ class GGN:
         for rows in self._factor_rows(_BUDGET // self.p):
             d += rows.square().sum(0)
         return d
+
+    def backward_passes(self, estimator: str = "exact", samples: int = 1) -> int:
+        """Backward passes per example of :meth:`diagonal`: ``groups * K`` (K factor columns: ``C - 1`` for a
+        softmax, ``C`` for a Gaussian) exact, ``samples`` sampled (every group's cotangent in one pass)."""
+        if estimator == "sampled":
+            return int(samples)
+        return self.groups * (self.C - 1 if self.likelihood == "categorical" and self.C > 1 else self.C)
+
+    def sampled_diagonal(self, samples: int = 1, seed: int = 0) -> torch.Tensor:
+        """An unbiased Monte-Carlo estimate of the GGN diagonal: the diagonal of the sampled-label Fisher.
+
+        Per example ``n`` and draw ``s``, labels ``y~_ng`` are drawn from the model's predictive at every output
+        group ``g`` (every target position of a sequence; padding positions masked out) and ``r_ng = d NLL(y~_ng) /
+        d f_ng`` (softmax: ``pi - onehot(y~)``; Gaussian: ``-eps / s``, ``eps ~ N(0, I)``); ``g_ns = sum_g
+        J_ng^T r_ng`` is one backward pass for all groups at once, and::
+
+            diag_i = (1/S) sum_s sum_n g_ns,i^2,     E[diag] = diag(sum_n sum_g J_ng^T H_ng J_ng),
+
+        since ``E[r r^T] = H`` (exponential family with canonical link: softmax, Gaussian) and draws at different
+        groups are independent with mean zero (no cross terms). Cost: ``samples`` backward passes per example
+        instead of ``groups * (C - 1)`` (:meth:`backward_passes`). Seeded by ``seed`` (a ``torch.Generator`` of
+        its own: the global RNG is not touched); the draws depend on the chunking.
+        """
+        if int(samples) < 1:
+            raise ValueError(f"samples must be a positive number of label draws per example, got {samples}")
+        k = int(samples)
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        d = torch.zeros(self.p, dtype=self.dtype, device=self.device)
+        if isinstance(self.net, MLP):
+            B = max(1, min(self.N, _BUDGET // max(1, k * max(self.net.sizes))))
+            for sl in self._slices(B):
+                d += _mlp_diag(self.net, self.w, self.X[sl],
+                               lambda out: _sampled_cotangents(out, self.likelihood, self.noise_scale, gen, k))
+            return d / k
+        if self._paired_ok():  # one backward pass per draw gives every example's gradient
+            dP = self.net.layout.unflatten(d)
+            B = max(1, min(self.N, _BUDGET // max(1, self.p)))
+            for sl in self._slices(B):
+                with torch.enable_grad():
+                    out, leaves = self._paired_forward(self.X[sl])
+                    R = _sampled_cotangents(out.detach(), self.likelihood, self.noise_scale, gen, k, self._mask(sl))
+                    for s in range(k):
+                        grads = torch.autograd.grad(out, leaves, R[..., s], retain_graph=s < k - 1)
+                        for name, t in zip(self.net.layout.names, grads):
+                            dP[name] += t.square().sum(0)
+            return d / k
+        B = max(1, min(self.chunk, _BUDGET // max(1, k * self.p), _generic_chunk(self.p, k)))
+        for sl in self._slices(B):
+            if self._blocks_ok():
+                out, gfn = self._block_vjp(self.X[sl])
+                vjp_fn = lambda u, gfn=gfn: (gfn(u),)  # noqa: E731
+            else:
+                out, vjp_fn = vjp(self._f(sl), self.w)
+            out = out.detach()
+            Bn = out.shape[0]
+            R = _sampled_cotangents(out, self.likelihood, self.noise_scale, gen, k, self._mask(sl))
+            # cotangent (draw s, example b): R[b, ..., s] at example b, zero elsewhere
+            cot = torch.zeros(k, Bn, *out.shape, dtype=out.dtype, device=out.device)
+            idx = torch.arange(Bn, device=out.device)
+            cot[:, idx, idx] = R.movedim(-1, 0)
+            rows = vmap(lambda u, vjp_fn=vjp_fn: vjp_fn(u)[0])(cot.reshape(k * Bn, *out.shape))
+            d += rows.square().sum(0)
+        return d / k
 
     def trace(self) -> float:
         """``tr G`` (the sum of the exact diagonal)."""
@@ -802,6 +871,35 @@ def _sampled_cotangent(out: torch.Tensor, likelihood: str, noise_scale: float | 
         return (pi - torch.zeros_like(pi).scatter_(-1, yt, 1.0)).unsqueeze(-1)
     eps = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
     return (eps / float(noise_scale)).unsqueeze(-1)
+
+
+def label_cotangent(pi: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``pi - onehot(labels)``: the gradient of ``-log softmax(f)[label]`` in the logits ``f`` (``pi`` ``[..., C]``,
+    ``labels`` ``[...]``). Its mean under ``labels ~ Cat(pi)`` is 0, its second moment ``diag(pi) - pi pi^T``."""
+    return pi - torch.zeros_like(pi).scatter_(-1, labels.unsqueeze(-1), 1.0)
+
+
+def _sampled_cotangents(out: torch.Tensor, likelihood: str, noise_scale: float | None, gen: torch.Generator,
+                        samples: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``samples`` output gradients of the NLL of labels drawn from the model, ``[..., C, samples]`` for outputs
+    ``out`` ``[..., C]`` (every leading position drawn independently): :func:`label_cotangent` with
+    ``y~ ~ Cat(softmax(out))``, or ``-eps / s`` with ``eps ~ N(0, I)`` (Gaussian). ``mask`` ``[...]`` zeroes
+    positions (padding)."""
+    out = out.detach()
+    if likelihood == "categorical":
+        pi = torch.softmax(out, -1)
+        flat = pi.reshape(-1, pi.shape[-1])
+        yt = torch.multinomial(flat, samples, replacement=True, generator=gen)  # [M, samples]
+        R = label_cotangent(flat.unsqueeze(0).expand(samples, *flat.shape), yt.T)  # [samples, M, C]
+        R = R.movedim(0, -1).reshape(*pi.shape, samples)
+    else:
+        if noise_scale is None:
+            raise ValueError("a Gaussian likelihood needs its noise scale: pass noise_scale")
+        eps = torch.randn(*out.shape, samples, generator=gen, dtype=out.dtype, device=out.device)
+        R = -eps / float(noise_scale)
+    if mask is not None:
+        R = R * mask[..., None, None].to(R.dtype)
+    return R
 
 
 def kfac_block_dense(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
