@@ -8,9 +8,11 @@ the conditioned teacher posterior, started there), ``standard_prior`` (SVI, fan-
 :func:`~pyro_distill.baselines.token_kd`); controls ``teacher_prior_tempered`` (covariance x
 ``student.prior_temperature``; ``tempered_start = "conditioned"``: started at the untempered prior),
 ``marginal_prior`` (the teacher's plain marginal), ``deterministic_attention`` (the teacher's architecture, MAP),
-``reduced_posterior`` (SVI from the conditioned posterior under the student's own prior). Old method names are read
-through :data:`pyro_distill.naming.METHOD_ALIASES`. ``student.fractions``: students on a seeded random fraction of
-the sequences. Curves: validation token NLL and exact match at the mean every ``eval.every`` steps (step 0
+``reduced_posterior`` (SVI from the conditioned posterior under the student's own prior),
+``teacher_prior(tau=evidence)`` (the conditioned prior's covariance x the tau the student's Laplace evidence picks on
+its own sequences, :func:`~pyro_distill.distill.evidence_temperature`; rows carry ``tau_chosen``). Old method names
+are read through :data:`pyro_distill.naming.METHOD_ALIASES`. ``student.fractions``: students on a seeded random
+fraction of the sequences. Curves: validation token NLL and exact match at the mean every ``eval.every`` steps (step 0
 included); test metrics: :func:`~pyro_distill.metrics.evaluate_sequences`; figures: :mod:`pyro_distill.plots.rnn`.
 """
 
@@ -26,7 +28,7 @@ from ..baselines import token_kd
 from ..data import specs
 from ..data.sequences import SeqTask, sequence_task
 from ..data.subsets import random_indices
-from ..distill import reduced_posterior
+from ..distill import evidence_temperature, reduced_posterior
 from ..gaussian import Gaussian, PointMass
 from ..inference import fit_map, fit_posterior
 from ..naming import canonical_methods
@@ -37,7 +39,7 @@ from .core import SeedContext, register_kind
 __all__ = ["DEFAULTS", "METHODS", "run_seed"]
 
 METHODS = ("teacher_prior", "standard_prior", "teacher_init", "deterministic", "kd", "teacher_prior_tempered",
-           "marginal_prior", "deterministic_attention", "reduced_posterior")
+           "marginal_prior", "deterministic_attention", "reduced_posterior", "teacher_prior(tau=evidence)")
 POINT_STARTS = ("teacher_init", "deterministic", "deterministic_attention")
 
 DEFAULTS: dict[str, Any] = {
@@ -53,7 +55,10 @@ DEFAULTS: dict[str, Any] = {
     "teacher": {"map_steps": 800, "steps": 400, "lr": 1e-3, "factor_lr": 1e-4, "map_lr": 1e-2, "num_particles": 1,
                 "rank": 10},
     "student": {"steps": 800, "lr": 1e-2, "svi_lr": 1e-2, "factor_lr": 1e-3, "num_particles": 1, "rank": 10,
-                "prior_temperature": 100.0, "tempered_start": "prior", "fractions": [1.0]},
+                "prior_temperature": 100.0, "tempered_start": "prior", "fractions": [1.0],
+                # teacher_prior(tau=evidence): MAP steps to the expansion point, diagonal-GGN estimator and its draws
+                "evidence_map_steps": 300, "evidence_structure": "auto", "evidence_curvature": "auto",
+                "evidence_samples": 1},
     "kd": {"gamma": 0.5, "temperature": 2.0, "teacher_samples": 8},
     "eval": {"every": 100, "samples": 8},
 }
@@ -120,7 +125,8 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
               "marginal_prior": q_t.marginalize(keep)}
     w_rand = student.init_weights(torch.Generator().manual_seed(20_000 + seed), dtype)
     starts = priors | {"teacher_init": q_t.loc[keep].clone(), "deterministic": w_rand, "deterministic_attention": w0,
-                       "standard_prior": w_rand, "kd": w_rand, "reduced_posterior": prior_c}
+                       "standard_prior": w_rand, "kd": w_rand, "reduced_posterior": prior_c,
+                       "teacher_prior(tau=evidence)": prior_c}
     if S["tempered_start"] == "conditioned":  # the tempered student starts at the untempered conditional
         starts["teacher_prior_tempered"] = prior_c
     vi = {"guide": "lowrank", "steps": S["steps"], "lr": S["svi_lr"], "factor_lr": S["factor_lr"],
@@ -145,6 +151,9 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
 
             start, pc, extra = starts[method], priors.get(method), {}  # pc: the VI prior (None: the default)
             t0 = time.perf_counter()
+            if method == "teacher_prior(tau=evidence)":  # issue 13: tau chosen on the student's own data (Xs, ys)
+                pc, extra = _evidence_prior(student, prior_c, Xs, ys, S, B, seed)
+                start = pc
             cb(0, start if isinstance(start, Gaussian) else PointMass(start))
             if pc is not None:
                 pc.layout = student.layout
@@ -176,6 +185,20 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
                                 "data": specs.from_table(cfg["data"], setting, fraction=float(frac),
                                                          subsample_seed=seed, subsample="permutation")},
                                data=(Xs, ys), prior=pc, idata_draws=cfg["idata_draws"])
+
+
+def _evidence_prior(student: AttentionRNN, prior: Gaussian, X: torch.Tensor, y: torch.Tensor, S: dict[str, Any],
+                    B: int, seed: int) -> tuple[Gaussian, dict[str, Any]]:
+    """``prior`` tempered by the tau of :func:`~pyro_distill.distill.evidence_temperature` on ``(X, y)``, and the
+    row's columns (the chosen tau, its log evidence, at the bound 1, the curvature used)."""
+    tau, e = evidence_temperature(student, prior, X, y, map_steps=S["evidence_map_steps"], map_lr=S["lr"], seed=seed,
+                                  batch_size=B, structure=S["evidence_structure"], curvature=S["evidence_curvature"],
+                                  samples=S["evidence_samples"])
+    pt = prior.tempered(tau) if tau != 1 else prior
+    pt.layout = student.layout
+    return pt, {"tau_chosen": tau, "log_evidence": e["log_evidence"], "log_evidence_tau1": e["log_evidence_tau1"],
+                "tau_at_bound": int(e["at_bound"]), "evidence_structure": e["structure"],
+                "evidence_curvature": e["curvature"]}
 
 
 register_kind("rnn", DEFAULTS, run_seed)
