@@ -105,7 +105,7 @@ def sweep(cfg_path: Path, engine: str, workers: int, root: Path) -> dict[str, An
             engine=engine, echo=False)
     wall = time.perf_counter() - t0
     st = json.loads((d / "status.json").read_text())
-    task_s = [float(v) for v in st["seed_time_s"].values()]
+    task_s = [float(v) for v in (st.get("task_time_s") or st["seed_time_s"]).values()]  # per task unit
     return {"engine": engine, "wall_s": wall, "tasks": len(task_s), "task_s": task_s,
             "rows": read_rows(d / "metrics.csv"), "run_dir": d, "status": st["status"]}
 
@@ -178,8 +178,11 @@ def main() -> None:
         st = json.loads((Path(args.from_run) / "status.json").read_text())
         per = [float(v) for v in st["seed_time_s"].values()]
         cpu = sum(per) / len(per) * args.full_seeds
-        print(f"{args.from_run}: {len(per)} seeds, {sum(per) / len(per):.0f} s per seed task; a {args.full_seeds}-seed"
-              f" sweep: {args.full_seeds} tasks, {cpu / 3600:.2f} CPU-hours")
+        units = st.get("task_time_s") or {}
+        n_units = len(units) / max(1, len(per)) * args.full_seeds if units else args.full_seeds
+        print(f"{args.from_run}: {len(per)} seeds, {sum(per) / len(per):.0f} s per seed; a {args.full_seeds}-seed"
+              f" sweep: {n_units:.0f} task units, {cpu / 3600:.2f} CPU-hours"
+              + (f", longest unit {max(units.values()):.0f} s" if units else ""))
         return
     o = overhead(args.workers, args.noop)
     print(f"local pool: start {o['local_start_s']:.1f} s ({args.workers} spawned workers importing torch), "

@@ -13,10 +13,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", default="runs", help="root of run directories (default: runs)")
     p.add_argument("--models", default="models", help="root of saved models (default: models)")
     p.add_argument("--workers", type=int, default=None,
-                   help="parallel seed processes; with --engine ray and no --address, the CPUs of the local Ray "
+                   help="parallel worker processes (task units: teacher fits, then per-cell student fits; whole "
+                        "seeds for kinds without units); with --engine ray and no --address, the CPUs of the local Ray "
                         "instance (default: from the file)")
     p.add_argument("--engine", choices=["local", "ray"], default=None,
-                   help="where the seeds run: local (a process pool, the default) or ray (Ray tasks; needs "
+                   help="where the tasks run: local (a process pool, the default) or ray (Ray tasks; needs "
                         "pip install -e '.[ray]') (default: the file's engine, else local)")
     p.add_argument("--address", default=None, metavar="ADDR",
                    help="with --engine ray: the cluster to join, 'auto' (this machine ran `ray start`) or "
