@@ -218,7 +218,7 @@ def evidence_temperature(net: BayesianNet, prior: Gaussian, X: torch.Tensor, y: 
                          bounds: tuple[float, float] = EVIDENCE_TAU_BOUNDS, map_steps: int = 300,
                          map_lr: float = 1e-2, structure: str = "auto", dense_max: int = 4000, seed: int = 0,
                          batch_size: int | None = None, grid: int = 401, curvature: str = "auto",
-                         samples: int = 1) -> tuple[float, dict[str, Any]]:
+                         samples: int = 4) -> tuple[float, dict[str, Any]]:
     """The temperature ``tau`` of the prior ``N(mu, tau S)`` that maximizes the student's log evidence on its own
     training data ``(X, y)`` (the Laplace / quadratic-model evidence of :mod:`pyro_distill.evidence`).
 
@@ -246,7 +246,8 @@ def evidence_temperature(net: BayesianNet, prior: Gaussian, X: torch.Tensor, y: 
     Diagonal curvature (``curvature``): ``"exact"`` (``GGN.diagonal()``: one backward pass per output group and
     factor column, ``groups x (C - 1)`` per example: ~0.4 s per sequence for the RNN dates student), ``"sampled"``
     (``GGN.diagonal("sampled", samples, seed)``: the sampled-label Fisher, unbiased for the GGN diagonal, ``samples``
-    backward passes per example), ``"auto"`` (default): sampled when the exact diagonal needs more than
+    backward passes per example; 4 draws: ~6 ms per dates sequence, tau within 0.2% of the exact diagonal's on 200
+    sequences, ``benchmarks/laplace_scale.py``), ``"auto"`` (default): sampled when the exact diagonal needs more than
     :data:`SAMPLED_CURVATURE_RATIO` times the passes of the sampled one and has no closed form (not an MLP), else
     exact. The dense path is always exact (``curvature="sampled"`` with ``structure="dense"`` is refused).
 

@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
                 "prior_temperature": 100.0, "tempered_start": "prior", "fractions": [1.0],
                 # teacher_prior(tau=evidence): MAP steps to the expansion point, diagonal-GGN estimator and its draws
                 "evidence_map_steps": 300, "evidence_structure": "auto", "evidence_curvature": "auto",
-                "evidence_samples": 1},
+                "evidence_samples": 4},
     "kd": {"gamma": 0.5, "temperature": 2.0, "teacher_samples": 8},
     "eval": {"every": 100, "samples": 8},
 }
