@@ -8,7 +8,15 @@ refined by the experiment's SVI budget. Reported on VALIDATION data (the transfo
 split, seeded and stratified; the RNN: the task's own validation split) -- the test splits are never read:
 NLL and ECE of the MAP point, and of the sampled and the linearized predictive of each Gaussian.
 
+``--tune validation`` chooses the posterior's scale on held-out data (``evidence.tune_posterior_scale``):
+a TUNING split (20%, seeded, stratified for the transformer) is carved out of the fitting data before MAP, so the
+data are train / tune / report (the report split stays the validation split above, never used for a choice), and
+for each Laplace structure the temperature ``T`` of the covariance (and with ``--tune-param both`` also the global
+prior precision ``alpha``, ``Lam = G + alpha P0``, for the structures that rebuild cheaply) minimizing the tuning
+NLL of the linearized predictive (a separate ``T`` for the sampled one) is reported on the report split.
+
     python benchmarks/teacher_quality.py [--families transformer,rnn] [--seeds 1] [--quick]
+    python benchmarks/teacher_quality.py --families transformer --structures lowrank,dense --tune validation --no-svi
 """
 
 from __future__ import annotations
@@ -22,9 +30,9 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from pyro_distill import metrics
-from pyro_distill.evidence import optimize_prior
+from pyro_distill.evidence import optimize_prior, tune_posterior_scale
 from pyro_distill.experiments import core
-from pyro_distill.inference import fit_map, fit_posterior, laplace
+from pyro_distill.inference import fit_map, fit_posterior, laplace_family
 from pyro_distill.nets import AttentionRNN, Transformer
 from pyro_distill.predictions import predictive
 
@@ -52,8 +60,46 @@ def _evaluate(score, net, q, X, samples: int, seed: int) -> dict[str, dict[str, 
             for m in ("mc", "linearized")}
 
 
+#: structures whose Laplace Gaussian rebuilds per prior precision without new curvature (laplace_family)
+_CHEAP_ALPHA = ("dense", "diag", "lowrank_precision", "kron")
+
+
+class _ScaledGGN:
+    """``c`` times a GGN operator (the GGN of a random subset of ``n`` of the ``N`` fitting rows, ``c = N / n``:
+    an unbiased estimate of the full GGN, which is a sum over the rows)."""
+
+    def __init__(self, op, c: float):
+        self.op, self.c, self.eig_info = op, float(c), {}
+
+    def mv(self, v):
+        return self.c * self.op.mv(v)
+
+    def mm(self, V):
+        return self.c * self.op.mm(V)
+
+    def diagonal(self):
+        return self.c * self.op.diagonal()
+
+    def dense(self):
+        return self.c * self.op.dense()
+
+    def eigh_topk(self, k, seed=0):
+        lam, U = self.op.eigh_topk(k, seed=seed)
+        self.eig_info = getattr(self.op, "eig_info", {})
+        return self.c * lam, U
+
+
+def _tune_split(n: int, seed: int, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit rows, tuning rows): 20% of the fitting data, seeded (stratified by ``labels`` when given)."""
+    idx = torch.arange(n).numpy()
+    fit, tune = train_test_split(idx, test_size=0.2, random_state=1000 + seed,
+                                 stratify=None if labels is None else labels.numpy())
+    return torch.as_tensor(fit), torch.as_tensor(tune)
+
+
 def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
-            scales: list[float] = ()) -> None:
+            scales: list[float] = (), tune: str = "none", tune_param: str = "temperature",
+            curvature_rows: int = 0) -> None:
     if name == "transformer":
         cfg = core.load_config(ROOT / "experiments" / "transformer.toml", quick=quick)
         from pyro_distill.experiments.transformer import _data
@@ -87,6 +133,10 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
 
         def score(P):
             return _seq_metrics(P, yv, pad)
+    if tune == "validation":
+        fit_rows, tune_rows = _tune_split(len(X), seed, y if name == "transformer" else None)
+        X, y, Xt, yt = X[fit_rows], y[fit_rows], X[tune_rows], y[tune_rows]
+        print(f"tuning split: {len(Xt)} rows carved from the fitting data (not used by MAP or the curvature)")
     print(f"{name}: {net!r}, N = {len(X)} (fit) / {len(Xv)} (validation), seed {seed}")
     rows = []
     t0 = time.perf_counter()
@@ -94,16 +144,27 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
     t_map = time.perf_counter() - t0
     rows.append(("MAP:point", score(predictive(net, w, Xv)), t_map))
     fan_in = net.default_prior(w.dtype)
-    t0 = time.perf_counter()
-    tuned, info = optimize_prior(net, X, y, w, structure="diag")
-    t_ev = time.perf_counter() - t0
-    print(f"evidence-tuned prior precisions (per layer, diagonal GGN): log evidence {info['log_evidence_start']:.1f}"
-          f" -> {info['log_evidence']:.1f} in {t_ev:.1f}s")
+    priors = [("fan-in", fan_in)]
+    if tune == "none":
+        t0 = time.perf_counter()
+        tuned, info = optimize_prior(net, X, y, w, structure="diag")
+        t_ev = time.perf_counter() - t0
+        print(f"evidence-tuned prior precisions (per layer, diagonal GGN): log evidence "
+              f"{info['log_evidence_start']:.1f} -> {info['log_evidence']:.1f} in {t_ev:.1f}s")
+        priors.append(("evidence", tuned))
+    ggn_op = None
+    if 0 < curvature_rows < len(X):
+        from pyro_distill.curvature import GGN
+
+        sub = torch.randperm(len(X), generator=torch.Generator().manual_seed(2000 + seed))[:curvature_rows]
+        ggn_op = _ScaledGGN(GGN(net, w, X[sub], y[sub]), len(X) / curvature_rows)
+        print(f"curvature from {curvature_rows} of the {len(X)} fitting rows, scaled by {len(X) / curvature_rows:.2f}")
     starts = {}
     for kind in structures:
-        for pname, prior in (("fan-in", fan_in), ("evidence", tuned)):
+        for pname, prior in priors:
             t0 = time.perf_counter()
-            q_lap = laplace(net, X, w, prior, kind=kind, rank=rank, seed=seed, y=y)
+            family = laplace_family(net, X, w, prior, kind=kind, rank=rank, seed=seed, y=y, ggn_op=ggn_op)
+            q_lap = family(1.0)  # equals laplace(net, X, w, prior, kind=kind, ...)
             t_lap = time.perf_counter() - t0
             starts[kind, pname] = q_lap
             label = f"Laplace {kind}" + (f" (rank {rank})" if kind == "lowrank" else "")
@@ -112,7 +173,25 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
             for c in scales if pname == "fan-in" else ():  # the covariance scaled by c (a "cold" posterior)
                 P = predictive(net, q_lap.tempered(c), Xv, method="linearized", num_samples=samples, seed=seed)
                 rows.append((f"{label} x {c:g}, {pname} prior:linearized", score(P), t_lap))
+            if tune == "validation":
+                rows += _tuned_rows(net, family, q_lap, kind, label, Xt, yt, Xv, score, samples, seed, tune_param,
+                                    starts)
     if not svi:
+        _report(name, rows)
+        return
+    if tune == "validation":
+        if ("lowrank", "tuned") not in starts:
+            raise SystemExit("the SVI refinement after tuning starts from the tuned lowrank Laplace: include "
+                             "'lowrank' in --structures, or pass --no-svi")
+        q0, T0 = starts["lowrank", "tuned"]
+        t0 = time.perf_counter()
+        q, _ = fit_posterior(net, X, y, guide="lowrank", init=q0, prior=fan_in, rank=rank, seed=seed, **svi_kw)
+        dt = time.perf_counter() - t0
+        for m, r in _evaluate(score, net, q, Xv, samples, seed).items():
+            rows.append((f"SVI from the tuned lowrank start (T = {T0:.3g}), fan-in prior:{m}", r, dt))
+        qT, info = tune_posterior_scale(net, q, Xt, yt, num_samples=samples, seed=seed)
+        r = score(predictive(net, qT, Xv, method="linearized", num_samples=samples, seed=seed, chunk=10))
+        rows.append((f"SVI result x T = {info['temperature']:.3g} (tuned again):linearized", r, dt))
         _report(name, rows)
         return
     for cov_init, start in (("laplace (evidence prior)", starts["lowrank", "evidence"]), ("prior", None)):
@@ -128,6 +207,36 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
     _report(name, rows)
 
 
+def _tuned_rows(net, family, q_lap, kind, label, Xt, yt, Xv, score, samples, seed, tune_param, starts):
+    """Rows of the scale tuned on (Xt, yt) and scored on Xv: T for the linearized predictive, T for the sampled
+    one, and with ``tune_param="both"`` (alpha, T) for the structures that rebuild cheaply."""
+    rows = []
+    for method in ("linearized", "mc"):
+        t0 = time.perf_counter()
+        q, info = tune_posterior_scale(net, q_lap, Xt, yt, method=method, num_samples=samples, seed=seed,
+                                       temperature_steps=60 if method == "linearized" else 20)
+        dt = time.perf_counter() - t0
+        print(f"{label}: {method} T = {info['temperature']:.4g} (tuning NLL {info['nll_start']:.4f} at T = 1 -> "
+              f"{info['nll']:.4f}, MAP {info['nll_map']:.4f}; at bound: {info['at_bound']}) in {dt:.1f}s")
+        if method == "linearized":
+            starts[kind, "tuned"] = (q, info["temperature"])
+        P = predictive(net, q, Xv, method=method, num_samples=samples, seed=seed, chunk=10)
+        rows.append((f"{label} x T = {info['temperature']:.3g} (tuned for {method}):{method}", score(P), dt))
+    if tune_param == "both" and kind in _CHEAP_ALPHA:
+        t0 = time.perf_counter()
+        q, info = tune_posterior_scale(net, family, Xt, yt, param="both", alpha_bounds=(1e-2, 1e6), alpha_grid=9,
+                                       alpha_steps=6, num_samples=samples, seed=seed)
+        dt = time.perf_counter() - t0
+        grid = ", ".join(f"{a:.3g}: {v:.4f} (T {t:.3g})" for a, v, t in zip(info["grid"], info["nll_grid"],
+                                                                           info["temperature_grid"]))
+        print(f"{label}: alpha = {info['prior_precision']:.4g}, T = {info['temperature']:.4g} (tuning NLL "
+              f"{info['nll']:.4f}) in {dt:.1f}s; grid alpha: NLL (T) {grid}")
+        for m, r in _evaluate(score, net, q, Xv, samples, seed).items():
+            rows.append((f"{label} alpha = {info['prior_precision']:.3g}, T = {info['temperature']:.3g} (tuned):{m}",
+                         r, dt))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default="transformer,rnn")
@@ -137,13 +246,20 @@ def main() -> None:
     ap.add_argument("--no-svi", action="store_true", help="skip the low-rank SVI refinements")
     ap.add_argument("--cov-scales", default="", help="also score each fan-in Laplace with its covariance x c, "
                     "e.g. 0.3,0.1,0.03")
+    ap.add_argument("--tune", choices=("none", "validation"), default="none",
+                    help="choose the posterior's scale on a tuning split carved from the fitting data")
+    ap.add_argument("--tune-param", choices=("temperature", "both"), default="temperature",
+                    help="with --tune validation: T only, or also the global prior precision alpha")
+    ap.add_argument("--curvature-rows", type=int, default=0,
+                    help="GGN from this many random fitting rows, scaled to the full sum (0: all; for the RNN)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     print(f"load {os.getloadavg()[0]:.2f} at start, one torch thread")
     for seed in range(a.seeds):
         for fam in a.families.split(","):
             scales = [float(c) for c in a.cov_scales.split(",") if c]
-            _family(fam.strip(), a.quick, seed, a.structures.split(","), not a.no_svi, scales)
+            _family(fam.strip(), a.quick, seed, a.structures.split(","), not a.no_svi, scales, a.tune, a.tune_param,
+                    a.curvature_rows)
 
 
 if __name__ == "__main__":

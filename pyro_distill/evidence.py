@@ -420,8 +420,9 @@ def tune_posterior_scale(net: BayesianNet, q: Gaussian | Callable[[float], Gauss
                          y_tune: torch.Tensor, param: str = "temperature", method: str = "linearized",
                          temperature_bounds: tuple[float, float] = (1e-4, 1e2), temperature_grid: int = 49,
                          alpha_bounds: tuple[float, float] = (1e-2, 1e6), alpha_grid: int = 17,
-                         refine: bool = True, num_samples: int = 50, seed: int = 0, chunk: int = 25,
-                         noise_scale: float | None = None) -> tuple[Gaussian, dict[str, Any]]:
+                         refine: bool = True, temperature_steps: int = 60, alpha_steps: int = 12,
+                         num_samples: int = 50, seed: int = 0,
+                         chunk: int = 25, noise_scale: float | None = None) -> tuple[Gaussian, dict[str, Any]]:
     """The scale of a (Laplace) Gaussian posterior chosen by held-out negative log-likelihood.
 
     ``NLL(alpha, T) = -1/n sum_n log p_lin(y_n | x_n)`` on the tuning data ``(X_tune, y_tune)`` -- a split carved
@@ -436,12 +437,13 @@ def tune_posterior_scale(net: BayesianNet, q: Gaussian | Callable[[float], Gauss
     the curvature computed once), ``T = 1`` and ``log alpha`` is searched over ``alpha_bounds`` (laplace-torch's
     ``optimize_prior_precision(method="gridsearch")``). ``param="both"``: for every ``alpha`` the best ``T``
     (profile likelihood). Each search: the grid's argmin, then (``refine``) golden-section steps in the bracket
-    around it (60 for ``T``; 12 for ``alpha``, each step a rebuild); the result is never worse than the grid's
-    best. Draws are seeded by ``seed`` and shared across the grid.
+    around it (``temperature_steps`` for ``T``; ``alpha_steps`` for ``alpha``, each a rebuild); the result is never
+    worse than the grid's best. Draws are seeded by ``seed`` and shared across the grid.
 
     Returns the tuned Gaussian ``q(alpha*, T*)`` and ``{"temperature", "prior_precision", "nll", "nll_start"
-    (alpha = T = 1), "grid" (the searched values), "nll_grid", "at_bound" (the grid's best at an end: widen the
-    bounds), "param", "method", "num_samples", "n_tune"}``; with ``"both"`` also ``"temperature_grid"`` (the best
+    (alpha = T = 1), "nll_map" (T = 0: the mean's own prediction), "grid" (the searched values), "nll_grid",
+    "at_bound" (the grid's best at an end: widen the bounds), "param", "method", "num_samples", "n_tune"}``; with
+    ``"both"`` also ``"temperature_grid"`` (the best
     ``T`` per ``alpha``).
     """
     if param not in SCALE_PARAMS:
@@ -471,9 +473,9 @@ def tune_posterior_scale(net: BayesianNet, q: Gaussian | Callable[[float], Gauss
 
     h1 = held(1.0)
     info: dict[str, Any] = {"param": param, "method": method, "num_samples": num_samples,
-                            "n_tune": int(X_tune.shape[0]), "nll_start": h1.nll(1.0)}
+                            "n_tune": int(X_tune.shape[0]), "nll_start": h1.nll(1.0), "nll_map": h1.nll(0.0)}
     if param == "temperature":
-        (nll, logT), xs, vals, i = best_T(h1, 60 if refine else 0)
+        (nll, logT), xs, vals, i = best_T(h1, temperature_steps if refine else 0)
         alpha, T = 1.0, math.exp(logT)
         info |= {"grid": [math.exp(x) for x in xs], "nll_grid": vals}
     else:
@@ -483,12 +485,12 @@ def tune_posterior_scale(net: BayesianNet, q: Gaussian | Callable[[float], Gauss
             h = held(math.exp(log_alpha))
             if param == "prior_precision":
                 return h.nll(1.0)
-            (v, logT), *_ = best_T(h, 60 if refine else 0)
+            (v, logT), *_ = best_T(h, temperature_steps if refine else 0)
             inner[log_alpha] = math.exp(logT)
             return v
 
         lo, hi = alpha_bounds
-        (nll, la), xs, vals, i = _grid_golden(f, math.log(lo), math.log(hi), alpha_grid, 12 if refine else 0,
+        (nll, la), xs, vals, i = _grid_golden(f, math.log(lo), math.log(hi), alpha_grid, alpha_steps if refine else 0,
                                               maximize=False)
         alpha = math.exp(la)
         T = inner.get(la, 1.0) if param == "both" else 1.0
