@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,13 +42,14 @@ import torch
 from .. import baselines, metrics
 from ..data import subsample
 from ..data.specs import from_table, validation_split
+from ..data.subsets import random_indices, stratified_indices
 from ..data.tabular import Dataset
 from ..distill import divided_prior, evidence_temperature, reduced_posterior
 from ..inference import fit_posterior
 
 __all__ = ["METHODS", "VI_METHODS", "OURS", "BASELINES", "NEEDS_TEACHER_POSTERIOR", "Cell", "TeacherResult", "Family",
            "Protocol", "fit_method", "method_label", "plan_cells", "timed", "record_evaluation", "check_choices",
-           "vi_kwargs"]
+           "vi_kwargs", "evidence_prior", "accuracy_curve", "sequence_curve", "record_sequences", "subsamples"]
 
 #: the baselines (pyro_distill.baselines), run only for ``distill.baseline_students`` x ``baseline_fractions``
 BASELINES: tuple[str, ...] = tuple(baselines.METHODS)
@@ -315,14 +317,27 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
 
 
 def record_evaluation(ctx: Any, net: Any, q: Any, X: torch.Tensor, y: torch.Tensor, setting: str, method: str,
-                      seconds: float, samples: int, seed: int, teacher_probs: torch.Tensor | None = None,
+                      seconds: float | None, samples: int, seed: int, teacher_probs: torch.Tensor | None = None,
                       extra: dict[str, Any] | None = None, **columns: Any) -> dict[str, Any]:
     """Evaluate ``q`` (a Gaussian or point weights) of ``net`` on ``(X, y)`` (:func:`pyro_distill.metrics.evaluate`),
-    record the row ``setting, method, **columns, time_s, metrics, **extra`` and log it; returns the metrics."""
+    record the row ``setting, method, **columns, time_s, metrics, **extra`` and log it; returns the metrics.
+    ``seconds=None``: the row has no ``time_s`` (kinds whose rows never had one)."""
     r = metrics.evaluate(net, q, X, y, num_samples=samples, seed=seed, teacher_probs=teacher_probs)
-    ctx.record({"setting": setting, "method": method} | columns | {"time_s": seconds} | r | (extra or {}))
+    timing = {} if seconds is None else {"time_s": seconds}
+    ctx.record({"setting": setting, "method": method} | columns | timing | r | (extra or {}))
     agree = f", agreement {r['agreement']:.3f}" if "agreement" in r else ""
-    ctx.log(f"{setting} {method}: {_short(r)}{agree}, p={r.get('params', '?')} ({seconds:.0f}s)")
+    took = "" if seconds is None else f" ({seconds:.0f}s)"
+    ctx.log(f"{setting} {method}: {_short(r)}{agree}, p={r.get('params', '?')}{took}")
+    return r
+
+
+def record_sequences(ctx: Any, net: Any, q: Any, X: torch.Tensor, y: torch.Tensor, setting: str, method: str,
+                     samples: int, seed: int, extra: dict[str, Any], **columns: Any) -> dict[str, float]:
+    """:func:`record_evaluation` for a sequence model: :func:`pyro_distill.metrics.evaluate_sequences` of ``q`` on
+    ``(X, y)``, the row ``setting, method, **columns, metrics, p, **extra`` (``extra["fit_s"]``: seconds, logged)."""
+    r = metrics.evaluate_sequences(net, q, X, y, samples, seed)
+    ctx.record({"setting": setting, "method": method} | columns | r | {"p": net.num_params} | extra)
+    ctx.log(f"{setting}: {method} {r} ({extra.get('fit_s', float('nan')):.0f} s)")
     return r
 
 
@@ -336,14 +351,62 @@ def vi_kwargs(fc: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 def check_choices(cfg: dict[str, Any], choices: dict[str, tuple[str, ...]]) -> None:
-    """Each dotted config key of ``choices`` (``"methods"``, ``"crossarch.methods"``) lists only allowed names."""
+    """Each dotted config key of ``choices`` (``"methods"``, ``"crossarch.methods"``) lists only allowed names (a
+    string value, like ``"dtype"``, is one name)."""
     for key, allowed in choices.items():
         value = cfg
         for part in key.split("."):
             value = value[part]
-        bad = [m for m in value if m not in allowed]
+        bad = [m for m in ([value] if isinstance(value, str) else value) if m not in allowed]
         if bad:
             raise ValueError(f"unknown {key} {bad}; choose from {list(allowed)}")
+
+
+def subsamples(X: torch.Tensor, y: torch.Tensor, fractions: list[float], seed: int, setting: str,
+               method: str) -> Iterator[tuple[float, torch.Tensor | None, torch.Tensor, torch.Tensor, str]]:
+    """Per training fraction ``f``: ``(f, row indices (None: all rows), X rows, y rows, setting name)``, the rows a
+    seeded subsample drawn by ``method``, the data spec's ``subsample`` (``"permutation"``:
+    :func:`~pyro_distill.data.subsets.random_indices`; ``"stratified_permutation"``:
+    :func:`~pyro_distill.data.subsets.stratified_indices`), the setting ``"<setting> frac=<f>"`` (f < 1)."""
+    if method not in ("permutation", "stratified_permutation"):
+        raise ValueError(f"subsample method must be 'permutation' or 'stratified_permutation', got {method!r}")
+    for frac in fractions:
+        idx = random_indices(len(X), frac, seed) if method == "permutation" else stratified_indices(y, frac, seed)
+        Xs, ys = (X, y) if idx is None else (X[idx], y[idx])
+        yield frac, idx, Xs, ys, setting if frac == 1 else f"{setting} frac={frac:g}"
+
+
+def evidence_prior(student: Any, prior: Any, X: torch.Tensor, y: torch.Tensor, more: tuple[str, ...] = (),
+                   **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """``prior`` with its covariance times the tau :func:`~pyro_distill.distill.evidence_temperature` (``kwargs``)
+    chooses on ``(X, y)`` -- the student's own training data, never evaluation data -- in ``student``'s layout, and
+    the row's columns: ``tau_chosen``, ``log_evidence``, ``log_evidence_tau1``, ``tau_at_bound`` and
+    ``evidence_<k>`` for each ``k`` of ``more`` (``"structure"``, ``"curvature"``)."""
+    tau, e = evidence_temperature(student, prior, X, y, **kwargs)
+    pt = prior.tempered(tau) if tau != 1 else prior
+    pt.layout = student.layout
+    return pt, {"tau_chosen": tau, "log_evidence": e["log_evidence"], "log_evidence_tau1": e["log_evidence_tau1"],
+                "tau_at_bound": int(e["at_bound"])} | {f"evidence_{k}": e[k] for k in more}
+
+
+def accuracy_curve(ctx: Any, net: Any, X: torch.Tensor, y: torch.Tensor, setting: str, method: str) -> Any:
+    """A fit callback recording ``test_accuracy_at_mean``: the accuracy on ``(X, y)`` at the fit's mean weights
+    (every fit hands its callback a Gaussian, a PointMass for the point fits)."""
+    def cb(step: int, q: Any) -> None:
+        ctx.curve(setting, method, step, "test_accuracy_at_mean", metrics.accuracy(metrics.predict(net, q.mean, X), y))
+    return cb
+
+
+def sequence_curve(ctx: Any, net: Any, X: torch.Tensor, y: torch.Tensor, setting: str, method: str,
+                   every: int) -> Any:
+    """A fit callback recording ``val_nll_tok`` and ``val_exact_match`` (:mod:`pyro_distill.metrics` sequence
+    metrics) on ``(X, y)`` at the fit's mean, at the steps that are multiples of ``every`` (step 0 included)."""
+    def cb(step: int, q: Any) -> None:  # q: a Gaussian, or a PointMass (point fits, point starts)
+        if step % every == 0:
+            w = q.mean
+            ctx.curve(setting, method, step, "val_nll_tok", metrics.sequence_nll(net, w, X, y))
+            ctx.curve(setting, method, step, "val_exact_match", metrics.sequence_scores(net, w, X, y)["exact_match"])
+    return cb
 
 
 def _short(res: dict[str, Any]) -> str:

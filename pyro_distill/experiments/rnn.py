@@ -27,14 +27,14 @@ from .. import metrics
 from ..baselines import token_kd
 from ..data import specs
 from ..data.sequences import SeqTask, sequence_task
-from ..data.subsets import random_indices
-from ..distill import evidence_temperature, reduced_posterior
+from ..distill import reduced_posterior
 from ..gaussian import Gaussian, PointMass
 from ..inference import fit_map, fit_posterior
 from ..naming import canonical_methods
 from ..nets.attention_rnn import AttentionRNN
 from ..surgery.rnn import RemoveAttention
 from .core import SeedContext, register_kind
+from .protocol import check_choices, evidence_prior, record_sequences, sequence_curve, subsamples, timed
 
 __all__ = ["DEFAULTS", "METHODS", "run_seed"]
 
@@ -66,17 +66,11 @@ DEFAULTS: dict[str, Any] = {
 
 def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     """One seed of every task in ``cfg["tasks"]``: teacher, surgery, the students (see the module doc)."""
-    if cfg["dtype"] not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {cfg['dtype']!r}")
-    if cfg["student"]["tempered_start"] not in ("prior", "conditioned"):
-        raise ValueError(f"student.tempered_start must be 'prior' or 'conditioned', got "
-                         f"{cfg['student']['tempered_start']!r}")
+    cfg["methods"] = canonical_methods(cfg["methods"])
+    check_choices(cfg, {"dtype": ("float32", "float64"), "student.tempered_start": ("prior", "conditioned"),
+                        "methods": METHODS})
     if any(not 0 < f <= 1 for f in cfg["student"]["fractions"]):
         raise ValueError(f"student.fractions must lie in (0, 1], got {cfg['student']['fractions']}")
-    cfg["methods"] = canonical_methods(cfg["methods"])
-    unknown = sorted(set(cfg["methods"]) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
     for task_name in cfg["tasks"]:
         # the data split is fixed (seed 0) across seeds: seeds vary initialization and minibatches only
         _run_task(cfg, seed, ctx, sequence_task(task_name, seed=0, **cfg["data"]), getattr(torch, cfg["dtype"]))
@@ -88,21 +82,17 @@ def _teacher(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, te
     T, B = cfg["teacher"], int(cfg["batch_size"])
     X, y, Xv, yv = task.X, task.y, task.Xval, task.yval
     w0 = teacher.init_weights(torch.Generator().manual_seed(10_000 + seed), dtype)
-    t0 = time.perf_counter()
-    q_t, hist = fit_posterior(teacher, X, y, guide="lowrank", steps=T["steps"], lr=T["lr"], factor_lr=T["factor_lr"],
-                              map_steps=T["map_steps"], map_lr=T["map_lr"], num_particles=T["num_particles"],
-                              batch_size=B, init=w0, cov_init="prior", rank=T["rank"], seed=seed, dtype=dtype,
-                              elbo_eval_particles=2)
-    t_teacher, svi_step = time.perf_counter() - t0, hist.svi_time_s / max(1, T["steps"])
-    res = metrics.evaluate_sequences(teacher, q_t, task.Xte, task.yte, cfg["eval"]["samples"], seed)
+    (q_t, hist), t_teacher = timed(fit_posterior, teacher, X, y, guide="lowrank", steps=T["steps"], lr=T["lr"],
+                                   factor_lr=T["factor_lr"], map_steps=T["map_steps"], map_lr=T["map_lr"],
+                                   num_particles=T["num_particles"], batch_size=B, init=w0, cov_init="prior",
+                                   rank=T["rank"], seed=seed, dtype=dtype, elbo_eval_particles=2)
     # where each removal variant puts the student: conditional mean vs plain marginal (copied) mean
     starts = {f"val_nll_cond_{v}": metrics.sequence_nll(student, RemoveAttention(v).apply(teacher, q_t)[1].loc, Xv, yv)
               for v in ("w", "uv", "all")}
     starts["val_nll_marginal"] = metrics.sequence_nll(student, q_t.loc[RemoveAttention("w").keep(teacher)], Xv, yv)
-    ctx.record({"setting": task.name, "method": "teacher", **res, "p": teacher.num_params, **starts,
-                "val_nll_start": float("nan"), "svi_step_ms": 1e3 * svi_step,
-                "map_step_ms": 1e3 * hist.map_time_s / max(1, T["map_steps"]), "fit_s": t_teacher})
-    ctx.log(f"{task.name}: teacher {res} ({t_teacher:.0f} s, SVI step {1e3 * svi_step:.1f} ms)")
+    record_sequences(ctx, teacher, q_t, task.Xte, task.yte, task.name, "teacher", cfg["eval"]["samples"], seed,
+                     starts | {"val_nll_start": float("nan"), "svi_step_ms": 1e3 * hist.svi_time_s / max(1, T["steps"]),
+                               "map_step_ms": 1e3 * hist.map_time_s / max(1, T["map_steps"]), "fit_s": t_teacher})
     if cfg["save_models"]:
         ctx.save_model(f"{task.name}-teacher", teacher, q_t, {"task": task.name, "role": "teacher",
                                                               "data": specs.from_table(cfg["data"], task.name)},
@@ -132,27 +122,19 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
     vi = {"guide": "lowrank", "steps": S["steps"], "lr": S["svi_lr"], "factor_lr": S["factor_lr"],
           "num_particles": S["num_particles"], "batch_size": B, "seed": seed, "dtype": dtype, "eval_every": every,
           "elbo_eval_particles": 2}
-    kd_probs = None
-    for frac in S["fractions"]:
-        idx = random_indices(len(X), frac, seed)  # the students' data: a seeded random fraction (1: the same data)
-        Xs, ys = (X, y) if idx is None else (X[idx], y[idx])
-        fsetting = setting if frac == 1 else f"{setting} frac={frac:g}"
+    kd_probs = metrics.sequence_predictive(teacher, q_t, X, cfg["kd"]["teacher_samples"], seed) \
+        if "kd" in cfg["methods"] else None  # the teacher's token predictive, for token-level KD
+    # the students' data: a seeded random fraction (1: the same data)
+    for frac, idx, Xs, ys, fsetting in subsamples(X, y, S["fractions"], seed, setting, "permutation"):
         for method in cfg["methods"]:
             net = teacher if method == "deterministic_attention" else student
-
-            def cb(step: int, w: Gaussian, method: str = method, net: AttentionRNN = net, where: str = fsetting
-                   ) -> None:  # w: a Gaussian, or a PointMass (point fits, point starts)
-                if step % every and step != 0:
-                    return
-                wl = w.mean
-                ctx.curve(where, method, step, "val_nll_tok", metrics.sequence_nll(net, wl, Xv, yv))
-                ctx.curve(where, method, step, "val_exact_match",
-                          metrics.sequence_scores(net, wl, Xv, yv)["exact_match"])
-
+            cb = sequence_curve(ctx, net, Xv, yv, fsetting, method, every)
             start, pc, extra = starts[method], priors.get(method), {}  # pc: the VI prior (None: the default)
             t0 = time.perf_counter()
             if method == "teacher_prior(tau=evidence)":  # issue 13: tau chosen on the student's own data (Xs, ys)
-                pc, extra = _evidence_prior(student, prior_c, Xs, ys, S, B, seed)
+                pc, extra = evidence_prior(student, prior_c, Xs, ys, ("structure", "curvature"), seed=seed,
+                                           batch_size=B, map_lr=S["lr"], map_steps=S["evidence_map_steps"],
+                                           **{k: S[f"evidence_{k}"] for k in ("structure", "curvature", "samples")})
                 start = pc
             cb(0, start if isinstance(start, Gaussian) else PointMass(start))
             if pc is not None:
@@ -168,37 +150,19 @@ def _run_task(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, d
                 red = reduced_posterior(teacher, q_t, student, Xs, ys, ops=[op], callback=cb, **vi)
                 q, extra = red.posterior, {"log_evidence_change": red.info["log_evidence_change"]}
             else:  # kd
-                if kd_probs is None:
-                    kd_probs = metrics.sequence_predictive(teacher, q_t, X, cfg["kd"]["teacher_samples"], seed)
                 q, _ = token_kd(student, Xs, ys, kd_probs if idx is None else kd_probs[idx], init=start,
                                 steps=S["steps"], lr=S["lr"], batch_size=B, gamma=cfg["kd"]["gamma"],
                                 temperature=cfg["kd"]["temperature"], seed=seed, callback=cb, eval_every=every)
             fit_s = time.perf_counter() - t0
-            res = metrics.evaluate_sequences(net, q, task.Xte, task.yte, cfg["eval"]["samples"], seed)
             v0 = metrics.sequence_nll(net, start.loc if isinstance(start, Gaussian) else start, Xv, yv)
-            ctx.record({"setting": fsetting, "method": method, "fraction": float(frac), "n_train": len(Xs), **res,
-                        "p": net.num_params, "val_nll_start": v0, "fit_s": fit_s} | extra)
-            ctx.log(f"{fsetting}: {method} {res} start val NLL {v0:.3f} ({fit_s:.0f} s)")
+            record_sequences(ctx, net, q, task.Xte, task.yte, fsetting, method, cfg["eval"]["samples"], seed,
+                             {"val_nll_start": v0, "fit_s": fit_s} | extra, fraction=float(frac), n_train=len(Xs))
             if cfg["save_models"] and isinstance(q, Gaussian):
                 ctx.save_model(f"{fsetting.replace(' ', '-')}-{method}", net, q,
                                {"task": setting, "role": method, "surgery": op.to_dict(), "fraction": float(frac),
                                 "data": specs.from_table(cfg["data"], setting, fraction=float(frac),
                                                          subsample_seed=seed, subsample="permutation")},
                                data=(Xs, ys), prior=pc, idata_draws=cfg["idata_draws"])
-
-
-def _evidence_prior(student: AttentionRNN, prior: Gaussian, X: torch.Tensor, y: torch.Tensor, S: dict[str, Any],
-                    B: int, seed: int) -> tuple[Gaussian, dict[str, Any]]:
-    """``prior`` tempered by the tau of :func:`~pyro_distill.distill.evidence_temperature` on ``(X, y)``, and the
-    row's columns (the chosen tau, its log evidence, at the bound 1, the curvature used)."""
-    tau, e = evidence_temperature(student, prior, X, y, map_steps=S["evidence_map_steps"], map_lr=S["lr"], seed=seed,
-                                  batch_size=B, structure=S["evidence_structure"], curvature=S["evidence_curvature"],
-                                  samples=S["evidence_samples"])
-    pt = prior.tempered(tau) if tau != 1 else prior
-    pt.layout = student.layout
-    return pt, {"tau_chosen": tau, "log_evidence": e["log_evidence"], "log_evidence_tau1": e["log_evidence_tau1"],
-                "tau_at_bound": int(e["at_bound"]), "evidence_structure": e["structure"],
-                "evidence_curvature": e["curvature"]}
 
 
 register_kind("rnn", DEFAULTS, run_seed)
