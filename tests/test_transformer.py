@@ -216,7 +216,7 @@ def test_tasks_are_deterministic_and_padded():
 
 def test_fit_posterior_and_experiment_config():
     from pyro_distill.experiments.core import load_config
-    from pyro_distill.experiments.transformer import _teacher_block_map
+    from pyro_distill.surgery.transformer import teacher_block_map
     from pyro_distill.inference import fit_posterior
 
     net = _teacher(heads=(2, 1))
@@ -229,7 +229,7 @@ def test_fit_posterior_and_experiment_config():
     assert cfg["kind"] == "transformer" and set(cfg["students"]) == {"fewer_heads", "one_block", "no_attn_b1"}
     teacher = _teacher(heads=(3, 2, 2), ffn=(True, True, True))
     plan = plan_transformer(teacher, teacher.replace(heads=[2], ffn=[True]), selector="first")
-    assert _teacher_block_map(plan) == [2] and list(plan) == [RemoveBlock(1), RemoveBlock(0)]
+    assert teacher_block_map(plan) == [2] and list(plan) == [RemoveBlock(1), RemoveBlock(0)]
 
 
 # ---------------------------------------------------------------- TinyBERT-style KD and the transformer kind

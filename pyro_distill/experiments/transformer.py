@@ -19,14 +19,14 @@ import torch
 from .. import metrics
 from ..baselines import deterministic, knowledge_distillation, standard_prior, tinybert, tinybert_targets
 from ..data import specs
-from ..data.subsets import stratified_indices
-from ..distill import evidence_temperature, reduced_posterior
+from ..distill import reduced_posterior
 from ..inference import fit_posterior
 from ..naming import canonical_methods
 from ..nets.transformer import Transformer
 from ..surgery import apply
-from ..surgery.transformer import RemoveBlock, plan_transformer
+from ..surgery.transformer import plan_transformer, teacher_block_map
 from .core import SeedContext, register_kind
+from .protocol import accuracy_curve, check_choices, evidence_prior, record_evaluation, subsamples
 
 __all__ = ["run_seed", "DEFAULTS", "METHODS"]
 
@@ -63,69 +63,40 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+#: per task: its data set (:mod:`pyro_distill.data.specs`; its parameters, like ``pad_fraction`` or ``n_train``, read
+#: from the config's top level) and the teacher's input wiring (``max_len``: the data's sequence length)
+TASKS = {"digits": ("digits_sequences", {"input_dim": 8, "n_classes": 10, "embedding": "patch"}),
+         "match": ("match", {"input_dim": 8, "n_classes": 2, "embedding": "token"})}
+
+
 def _spec(cfg: dict[str, Any], seed: int, **more: Any) -> dict[str, Any]:
-    """The task's data spec (:mod:`pyro_distill.data.specs`; the split seed is the experiment seed)."""
-    if cfg["task"] == "digits":
-        return specs.complete({"name": "digits_sequences", "split_seed": seed, "pad_fraction": cfg["pad_fraction"]}
-                              | more)
-    if cfg["task"] == "match":
-        return specs.complete({"name": "match", "n_train": cfg["n_train"], "n_test": cfg["n_test"], "split_seed": seed}
-                              | more)
-    raise ValueError(f"unknown task {cfg['task']!r}; use 'digits' or 'match'")
-
-
-def _data(cfg: dict[str, Any], seed: int):
-    d = specs.load(_spec(cfg, seed))
-    if cfg["task"] == "digits":
-        return d, {"input_dim": 8, "n_classes": 10, "max_len": 8, "embedding": "patch"}
-    return d, {"input_dim": 8, "n_classes": 2, "max_len": d.X.shape[1], "embedding": "token"}
-
-
-def _teacher_block_map(plan) -> list[int]:
-    """Which teacher block each student block came from (block removals renumber the later ones)."""
-    blocks = list(range(len(plan.teacher["heads"])))
-    for op in plan:
-        if isinstance(op, RemoveBlock):
-            blocks.pop(op.block)
-    return blocks
+    """The task's data spec (the split seed is the experiment seed)."""
+    check_choices(cfg, {"task": tuple(TASKS)})
+    return specs.from_table(cfg, TASKS[cfg["task"]][0], split_seed=seed, **more)
 
 
 def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     """One seed: the teacher, then per student x fraction every method of ``cfg["methods"]`` (module doc)."""
     methods = canonical_methods(cfg["methods"])
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    check_choices({"methods": methods}, {"methods": METHODS})
     torch.manual_seed(seed)
-    d, shape = _data(cfg, seed)
+    d = specs.load(_spec(cfg, seed))
     X, y, Xte, yte = d.X, d.y, d.Xte, d.yte
-    teacher = Transformer(**shape, **dict(cfg["net"]))
+    teacher = Transformer(**TASKS[cfg["task"]][1], max_len=X.shape[1], **dict(cfg["net"]))
     fit_kw = {"guide": cfg["guide"], "rank": cfg["rank"], "batch_size": cfg["batch_size"],
               "num_particles": cfg["num_particles"], "cov_init": "prior", "elbo_eval_particles": 8}
     S, npts = cfg["eval_samples"], max(1, cfg["curve_points"])
 
-    def ev(net, q, setting, method, extra=None):
-        r = metrics.evaluate(net, q, Xte, yte, num_samples=S, seed=seed, teacher_probs=tp_test)
-        ctx.record({"setting": setting, "method": method} | r | (extra or {}))
-        ctx.log(f"{setting:>12s} {method:>18s}: acc {r['accuracy']:.3f} nll {r['nll']:.3f} p={r['params']}")
-
-    def curve_cb(net, setting, method):
-        def cb(step, q):
-            w = q.mean  # every fit hands its callback a Gaussian (a PointMass for the point fits)
-            acc = metrics.accuracy(metrics.predict(net, w, Xte), yte)
-            ctx.curve(setting, method, step, "test_accuracy_at_mean", acc)
-        return cb
-
-    # ---- teacher
-    tc = cfg["teacher"]
+    # ---- teacher (its rows and the students' carry no time_s: the teacher's fit_s is its MAP + SVI time)
+    tc, tcb = cfg["teacher"], accuracy_curve(ctx, teacher, Xte, yte, "teacher", "vi")
     q_t, hist = fit_posterior(teacher, X, y, prior=None, steps=tc["steps"], lr=tc["lr"], map_steps=tc["map_steps"],
-                              map_lr=tc["map_lr"], seed=seed, callback=curve_cb(teacher, "teacher", "vi"),
+                              map_lr=tc["map_lr"], seed=seed, callback=tcb,
                               eval_every=max(1, (tc["map_steps"] + tc["steps"]) // npts), **fit_kw)
     tp_test = metrics.predict(teacher, q_t, Xte, num_samples=S, seed=seed)
     tp_train = metrics.predict(teacher, q_t, X, num_samples=S, seed=seed)
-    r = metrics.evaluate(teacher, q_t, Xte, yte, num_samples=S, seed=seed)
-    ctx.record({"setting": "teacher", "method": "vi"} | r | {"fit_s": hist.map_time_s + hist.svi_time_s})
-    ctx.log(f"teacher {teacher!r}: acc {r['accuracy']:.3f} nll {r['nll']:.3f}")
+    ctx.log(f"teacher {teacher!r}")
+    record_evaluation(ctx, teacher, q_t, Xte, yte, "teacher", "vi", None, S, seed,
+                      extra={"fit_s": hist.map_time_s + hist.svi_time_s})
     if cfg["save_models"]:
         ctx.save_model("transformer-teacher", teacher, q_t, {"task": cfg["task"], "data": _spec(cfg, seed)},
                        data=(X, y), idata_draws=cfg["idata_draws"])
@@ -137,17 +108,17 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
         ctx.log(f"{name}: {plan}".replace("\n", " "))
         prior = apply(plan, teacher, q_t)[1].to(dtype=X.dtype)
         plan_col = {"plan": [repr(op) for op in plan]}
-        for frac in cfg["student"]["fractions"]:
-            idx = stratified_indices(y, frac, seed)  # the students' data: a seeded stratified fraction (1: all)
-            Xs, ys = (X, y) if idx is None else (X[idx], y[idx])
-            sname = name if frac == 1 else f"{name} frac={frac:g}"
+        # the students' data: a seeded stratified fraction (1: all)
+        for frac, idx, Xs, ys, sname in subsamples(X, y, cfg["student"]["fractions"], seed, name,
+                                                   "stratified_permutation"):
             fx = {"fraction": float(frac), "n_train": len(Xs)}
             tp = tp_train if idx is None else tp_train[idx]
             tf = tfeat if idx is None else {k: [None if v is None else v[idx] for v in vs] for k, vs in tfeat.items()}
             for method in sorted(methods, key=RUN_ORDER.index):
                 q, more = _fit(method, cfg, seed, teacher, q_t, student, plan, prior, Xs, ys, tp, tf, fit_kw,
-                               curve_cb(student, sname, method))
-                ev(student, q, sname, method, (plan_col if method in OURS else {}) | fx | more)
+                               accuracy_curve(ctx, student, Xte, yte, sname, method))
+                record_evaluation(ctx, student, q, Xte, yte, sname, method, None, S, seed, tp_test,
+                                  (plan_col if method in OURS else {}) | fx | more)
                 if cfg["save_models"] and method == "teacher_prior":
                     spec = _spec(cfg, seed, fraction=float(frac), subsample_seed=seed,
                                  subsample="stratified_permutation")
@@ -173,13 +144,10 @@ def _fit(method: str, cfg: dict[str, Any], seed: int, teacher: Transformer, q_t:
         q, _ = fit_posterior(student, X, y, prior=prior, init="prior", **vi)
         return q, {"kl_to_prior": float(q.kl(prior))}
     if method == "teacher_prior(tau=evidence)":  # tau chosen by the student's evidence on its own data
-        tau, e = evidence_temperature(student, prior, X, y, map_steps=sc["map_steps"], map_lr=sc["map_lr"], seed=seed,
-                                      batch_size=B)
-        pt = prior.tempered(tau) if tau != 1 else prior
+        pt, cols = evidence_prior(student, prior, X, y, ("structure",), map_steps=sc["map_steps"], map_lr=sc["map_lr"],
+                                  seed=seed, batch_size=B)
         q, _ = fit_posterior(student, X, y, prior=pt, init="prior", **vi)
-        return q, {"kl_to_prior": float(q.kl(pt)), "tau_chosen": tau, "log_evidence": e["log_evidence"],
-                   "log_evidence_tau1": e["log_evidence_tau1"], "tau_at_bound": int(e["at_bound"]),
-                   "evidence_structure": e["structure"]}
+        return q, {"kl_to_prior": float(q.kl(pt))} | cols
     if method == "reduced_posterior":  # the conditioned posterior as the start, the student's own fan-in prior
         red = reduced_posterior(teacher, q_t, student, X, y, ops=plan, guide=cfg["guide"], steps=budget, lr=sc["lr"],
                                 seed=seed, callback=cb, eval_every=every,
@@ -192,7 +160,7 @@ def _fit(method: str, cfg: dict[str, Any], seed: int, teacher: Transformer, q_t:
     if method == "kd":
         return knowledge_distillation(student, X, y, tp, gamma=cfg["kd"]["gamma"],
                                       temperature=cfg["kd"]["temperature"], **point)[0], {}
-    return tinybert(student, X, y, tf, _teacher_block_map(plan), beta_hidden=cfg["tinybert"]["beta_hidden"],
+    return tinybert(student, X, y, tf, teacher_block_map(plan), beta_hidden=cfg["tinybert"]["beta_hidden"],
                     beta_attn=cfg["tinybert"]["beta_attn"], **point)[0], {}
 
 register_kind("transformer", DEFAULTS, run_seed)

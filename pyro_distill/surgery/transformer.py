@@ -32,7 +32,7 @@ from .base import Operation, Plan, SurgeryError, named_indices, register_operati
 from .planning import Candidate, Family, Planner, plan, register_family
 
 __all__ = ["RemoveHead", "RemoveAttentionSublayer", "RemoveFFN", "RemoveBlock", "plan_transformer",
-           "head_candidates", "block_candidates", "transformer_candidates"]
+           "head_candidates", "block_candidates", "transformer_candidates", "teacher_block_map"]
 
 
 def _net(net: BayesianNet, op: str) -> Transformer:
@@ -296,3 +296,13 @@ def plan_transformer(teacher: Transformer, student: Transformer, selector: str |
     (kept for its callers; note the argument order ``posterior, prior, seed``)."""
     _net(teacher, "plan_transformer")
     return plan(teacher, student, selector=selector, posterior=posterior, seed=seed, prior=prior)
+
+
+def teacher_block_map(ops: Plan) -> list[int]:
+    """Which teacher block each student block of a transformer plan came from (a :class:`RemoveBlock` renumbers
+    the later blocks), e.g. for TinyBERT-style targets."""
+    blocks = list(range(len(ops.teacher["heads"])))
+    for op in ops:
+        if isinstance(op, RemoveBlock):
+            blocks.pop(op.block)
+    return blocks
