@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .. import metrics
-from ..baselines import deterministic, knowledge_distillation, prune_finetune, standard_prior
+from ..baselines import deterministic
 from ..crossarch import CROSS_METHODS, convert, crossarch_methods, teacher_predictive
 from ..data import Dataset, specs
 from ..extraction import GaussianQueries, PoolQueries, digits_images, extract, sample_image_patches, teacher_oracle
@@ -27,7 +27,7 @@ from ..nets.transformer import Transformer
 from ..surgery import apply
 from ..surgery.cnn import plan_cnn
 from .core import SeedContext, register_kind
-from .protocol import check_choices, record_evaluation, timed, vi_kwargs
+from .protocol import check_choices, fit_method, record_evaluation, timed, vi_kwargs
 
 __all__ = ["DEFAULTS", "run_seed", "load_task", "SURGERY_METHODS", "CROSS_METHODS", "EXTRACTION_SOURCES"]
 
@@ -62,25 +62,21 @@ DEFAULTS: dict[str, Any] = {
 
 
 def load_task(task: str, d: dict[str, Any], dtype: torch.dtype, seed: int) -> tuple[Dataset, tuple[int, int]]:
-    """The task's data set (inputs flat ``[N, H W]``, standardized per pixel) and its image shape."""
-    common = {"split_seed": d["split_seed"], "dtype": dtype}
+    """The task's data set (inputs flat ``[N, H W]``, standardized per pixel; spec from ``d``) and its image shape."""
     if task == "digits":
-        return specs.load({"name": "digits", "test_size": d["test_size"]} | common), (8, 8)
+        return specs.load(specs.from_table(d, "digits", dtype=dtype)), (8, 8)
     if task == "fashion_mnist":
-        return specs.load({"name": "fashion_mnist", "dir": d["fashion_dir"], "pca": 0,
-                           "max_train": d["fashion_max_train"], "max_test": d["fashion_max_test"]} | common), (28, 28)
+        return specs.load(specs.from_table(d, "fashion_mnist", dir=d["fashion_dir"], pca=0, dtype=dtype,
+                                           max_train=d["fashion_max_train"], max_test=d["fashion_max_test"])), (28, 28)
     raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
 
 
-def _check(cfg: dict[str, Any]) -> None:
+def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
+    """One seed of every task in ``cfg["tasks"]`` whose data are installed (see the module doc)."""
     check_choices(cfg, {"tasks": TASKS, "methods": SURGERY_METHODS, "crossarch.methods": CROSS_METHODS,
                         "extraction.sources": EXTRACTION_SOURCES})
     if any(b < 1 for b in cfg["extraction"]["budgets"]):
         raise ValueError(f"extraction.budgets must be positive query counts, got {cfg['extraction']['budgets']}")
-
-
-def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
-    _check(cfg)
     torch.manual_seed(seed)
     dtype = getattr(torch, cfg["data"]["dtype"])
     for task in cfg["tasks"]:
@@ -107,8 +103,7 @@ def _run_task(task: str, ds: Dataset, shape: tuple[int, int], cfg: dict[str, Any
     cnn_kw = dict(image_shape=shape, **cfg["cnn"])
     teacher = CNN(channels=arch["teacher"]["channels"], dense=arch["teacher"]["dense"], **cnn_kw)
     (tq, _), dt = timed(fit_posterior, teacher, X, y, **vi_kwargs(tc, seed))
-    tp_test = metrics.predict(teacher, tq, Xte, num_samples=S, seed=seed)
-    tp_train = metrics.predict(teacher, tq, X, num_samples=S, seed=seed)
+    tp_test, tp_train = (metrics.predict(teacher, tq, Z, num_samples=S, seed=seed) for Z in (Xte, X))
     ev(teacher, tq, f"{task} teacher", "cnn_teacher", None, dt)
 
     # ---- 1. channel removal
@@ -117,17 +112,13 @@ def _run_task(task: str, ds: Dataset, shape: tuple[int, int], cfg: dict[str, Any
     prior = apply(plan, teacher, tq)[1].to(dtype=X.dtype)
     setting, extra = f"{task} channel_removal", {"plan": [repr(op) for op in plan]}
     ctx.log(f"{task}: plan {extra['plan']}")
-    point = {"steps": budget, "lr": cc["lr"], "seed": seed, "batch_size": bs}
-    fits = {"teacher_prior": lambda: fit_posterior(student, X, y, prior=prior, init="prior", **vi_kwargs(sc, seed)),
-            "standard_prior": lambda: standard_prior(student, X, y, **vi_kwargs(sc, seed)),
-            "kd": lambda: knowledge_distillation(student, X, y, tp_train, gamma=cc["gamma"],
-                                                 temperature=cc["temperature"], **point),
-            "prune_finetune": lambda: prune_finetune(teacher, tq.mean, student, X, y, **point)}
+    protocol_cfg = {"student": sc, "eval": cfg["eval"],  # fit_method's tables; point fits at crossarch.lr
+                    "distill": {"point_lr": cc["lr"], "kd_gamma": cc["gamma"], "kd_temperature": cc["temperature"]}}
     for m in cfg["methods"]:
         if m == "conditioned_prior":
             ev(student, prior, setting, m, tp_test, 0.0, extra)
             continue
-        (q, _), dt = timed(fits[m])
+        (q, _, _), dt = timed(fit_method, m, 1, teacher, tq, student, prior, ds, protocol_cfg, seed, None, 0, plan)
         ev(student, q, setting, m, tp_test, dt, extra | {"kl_to_prior": float(q.kl(prior))}
            if m == "teacher_prior" else None)
 
@@ -139,17 +130,15 @@ def _run_task(task: str, ds: Dataset, shape: tuple[int, int], cfg: dict[str, Any
                          d_model=trc["d_model"], heads=list(trc["heads"]), ffn=list(trc["ffn"]), d_head=trc["d_head"],
                          d_ff=trc["d_ff"], pooling=trc["pooling"])
         (trq, _), dt = timed(fit_posterior, tr, convert(X, "flat", "sequence", shape), y, **vi_kwargs(trc, seed))
-        trp_test = teacher_predictive(tr, trq, Xte, "flat", shape, num_samples=S, seed=seed)
+        tr_test, tr_train = (teacher_predictive(tr, trq, Z, "flat", shape, num_samples=S, seed=seed) for Z in (Xte, X))
         record_evaluation(ctx, tr, trq, convert(Xte, "flat", "sequence", shape), yte, f"{task} teacher",
                           "transformer_teacher", dt, S, seed, task=task)
-        pairs.append(("transformer->cnn", tr, trq, student, trp_test))
+        pairs.append(("transformer->cnn", tr, trq, student, tr_test, tr_train))
     elif task != "digits":
         ctx.log(f"{task}: transformer -> cnn runs on digits only (8 rows of 8 pixels)")
     mlp = MLP([flat, *arch["mlp_hidden"], ds.num_classes], activation=cfg["cnn"]["activation"])
-    pairs.append(("cnn->mlp", teacher, tq, mlp, tp_test))
-    for name, tnet, tqq, snet, t_test in pairs:
-        t_train = tp_train if tnet is teacher else teacher_predictive(tnet, tqq, X, "flat", shape, num_samples=S,
-                                                                        seed=seed)
+    pairs.append(("cnn->mlp", teacher, tq, mlp, tp_test, tp_train))
+    for name, tnet, tqq, snet, t_test, t_train in pairs:
         for m, fitted, dt in crossarch_methods(tnet, tqq, snet, X, y, cc["methods"], t_train, shape, budget, cc["lr"],
                                                cc["gamma"], cc["temperature"], cc["laplace"], cc["rank"], seed, bs):
             ev(snet, fitted, f"{task} {name}", m, t_test, dt)
