@@ -364,8 +364,8 @@ def check_choices(cfg: dict[str, Any], choices: dict[str, tuple[str, ...]]) -> N
 
 def subsamples(X: torch.Tensor, y: torch.Tensor, fractions: list[float], seed: int, setting: str,
                method: str) -> Iterator[tuple[float, torch.Tensor | None, torch.Tensor, torch.Tensor, str]]:
-    """Per training fraction ``f``: ``(f, row indices (None: all rows), X rows, y rows, setting name)``, the rows a
-    seeded subsample drawn by ``method``, the data spec's ``subsample`` (``"permutation"``:
+    """Per training fraction ``f``: ``(float(f), row indices (None: all rows), X rows, y rows, setting name)``,
+    the rows a seeded subsample drawn by ``method``, the data spec's ``subsample`` (``"permutation"``:
     :func:`~pyro_distill.data.subsets.random_indices`; ``"stratified_permutation"``:
     :func:`~pyro_distill.data.subsets.stratified_indices`), the setting ``"<setting> frac=<f>"`` (f < 1)."""
     if method not in ("permutation", "stratified_permutation"):
@@ -373,7 +373,7 @@ def subsamples(X: torch.Tensor, y: torch.Tensor, fractions: list[float], seed: i
     for frac in fractions:
         idx = random_indices(len(X), frac, seed) if method == "permutation" else stratified_indices(y, frac, seed)
         Xs, ys = (X, y) if idx is None else (X[idx], y[idx])
-        yield frac, idx, Xs, ys, setting if frac == 1 else f"{setting} frac={frac:g}"
+        yield float(frac), idx, Xs, ys, setting if frac == 1 else f"{setting} frac={frac:g}"
 
 
 def evidence_prior(student: Any, prior: Any, X: torch.Tensor, y: torch.Tensor, more: tuple[str, ...] = (),

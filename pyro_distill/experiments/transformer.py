@@ -75,14 +75,20 @@ def _spec(cfg: dict[str, Any], seed: int, **more: Any) -> dict[str, Any]:
     return specs.from_table(cfg, TASKS[cfg["task"]][0], split_seed=seed, **more)
 
 
+def _data(cfg: dict[str, Any], seed: int) -> tuple[Any, dict[str, Any]]:
+    """The task's data set and the teacher's input keywords (also read by ``benchmarks/teacher_quality.py``)."""
+    d = specs.load(_spec(cfg, seed))
+    return d, TASKS[cfg["task"]][1] | {"max_len": d.X.shape[1]}
+
+
 def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     """One seed: the teacher, then per student x fraction every method of ``cfg["methods"]`` (module doc)."""
     methods = canonical_methods(cfg["methods"])
     check_choices({"methods": methods}, {"methods": METHODS})
     torch.manual_seed(seed)
-    d = specs.load(_spec(cfg, seed))
+    d, shape = _data(cfg, seed)
     X, y, Xte, yte = d.X, d.y, d.Xte, d.yte
-    teacher = Transformer(**TASKS[cfg["task"]][1], max_len=X.shape[1], **dict(cfg["net"]))
+    teacher = Transformer(**shape, **dict(cfg["net"]))
     fit_kw = {"guide": cfg["guide"], "rank": cfg["rank"], "batch_size": cfg["batch_size"],
               "num_particles": cfg["num_particles"], "cov_init": "prior", "elbo_eval_particles": 8}
     S, npts = cfg["eval_samples"], max(1, cfg["curve_points"])
@@ -92,8 +98,7 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     q_t, hist = fit_posterior(teacher, X, y, prior=None, steps=tc["steps"], lr=tc["lr"], map_steps=tc["map_steps"],
                               map_lr=tc["map_lr"], seed=seed, callback=tcb,
                               eval_every=max(1, (tc["map_steps"] + tc["steps"]) // npts), **fit_kw)
-    tp_test = metrics.predict(teacher, q_t, Xte, num_samples=S, seed=seed)
-    tp_train = metrics.predict(teacher, q_t, X, num_samples=S, seed=seed)
+    tp_test, tp_train = (metrics.predict(teacher, q_t, Z, num_samples=S, seed=seed) for Z in (Xte, X))
     ctx.log(f"teacher {teacher!r}")
     record_evaluation(ctx, teacher, q_t, Xte, yte, "teacher", "vi", None, S, seed,
                       extra={"fit_s": hist.map_time_s + hist.svi_time_s})
@@ -111,17 +116,15 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
         # the students' data: a seeded stratified fraction (1: all)
         for frac, idx, Xs, ys, sname in subsamples(X, y, cfg["student"]["fractions"], seed, name,
                                                    "stratified_permutation"):
-            fx = {"fraction": float(frac), "n_train": len(Xs)}
             tp = tp_train if idx is None else tp_train[idx]
             tf = tfeat if idx is None else {k: [None if v is None else v[idx] for v in vs] for k, vs in tfeat.items()}
             for method in sorted(methods, key=RUN_ORDER.index):
                 q, more = _fit(method, cfg, seed, teacher, q_t, student, plan, prior, Xs, ys, tp, tf, fit_kw,
                                accuracy_curve(ctx, student, Xte, yte, sname, method))
                 record_evaluation(ctx, student, q, Xte, yte, sname, method, None, S, seed, tp_test,
-                                  (plan_col if method in OURS else {}) | fx | more)
+                                  (plan_col if method in OURS else {}) | {"fraction": frac, "n_train": len(Xs)} | more)
                 if cfg["save_models"] and method == "teacher_prior":
-                    spec = _spec(cfg, seed, fraction=float(frac), subsample_seed=seed,
-                                 subsample="stratified_permutation")
+                    spec = _spec(cfg, seed, fraction=frac, subsample_seed=seed, subsample="stratified_permutation")
                     ctx.save_model(f"transformer-{sname.replace(' ', '-')}", student, q,
                                    {"plan": plan.to_dict(), "data": spec},
                                    data=(Xs, ys), prior=prior, idata_draws=cfg["idata_draws"])
