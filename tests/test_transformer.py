@@ -216,8 +216,8 @@ def test_tasks_are_deterministic_and_padded():
 
 def test_fit_posterior_and_experiment_config():
     from pyro_distill.experiments.core import load_config
-    from pyro_distill.surgery.transformer import teacher_block_map
     from pyro_distill.inference import fit_posterior
+    from pyro_distill.surgery.transformer import teacher_block_map
 
     net = _teacher(heads=(2, 1))
     x = _inputs(net, N=12).float()
