@@ -55,9 +55,28 @@ def _report(name: str, rows: list[tuple[str, dict[str, float], float]]) -> None:
         print(f"| {kind} | {pred} | {r['nll']:.4f} | {r['ece']:.4f} | {r['accuracy']:.4f} | {t:.1f} |")
 
 
+#: the predictives scored for each Gaussian (``--eval-methods``)
+_EVAL_METHODS = ["mc", "linearized"]
+
+
+class _Rows(list):
+    """The table's rows, each also printed as it comes (a run cut short by a time limit keeps its numbers)."""
+
+    def append(self, row) -> None:
+        label, r, t = row
+        print(f"  row | {label} | NLL {r['nll']:.4f} | ECE {r['ece']:.4f} | acc {r['accuracy']:.4f} | {t:.1f}s",
+              flush=True)
+        super().append(row)
+
+    def __iadd__(self, rows):
+        for row in rows:
+            self.append(row)
+        return self
+
+
 def _evaluate(score, net, q, X, samples: int, seed: int) -> dict[str, dict[str, float]]:
     return {m: score(predictive(net, q, X, method=m, num_samples=samples, seed=seed, chunk=10))
-            for m in ("mc", "linearized")}
+            for m in _EVAL_METHODS}
 
 
 #: structures whose Laplace Gaussian rebuilds per prior precision without new curvature (laplace_family)
@@ -99,7 +118,7 @@ def _tune_split(n: int, seed: int, labels: torch.Tensor | None) -> tuple[torch.T
 
 def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
             scales: list[float] = (), tune: str = "none", tune_param: str = "temperature",
-            curvature_rows: int = 0) -> None:
+            curvature_rows: int = 0, tune_methods: tuple[str, ...] = ("linearized", "mc")) -> None:
     if name == "transformer":
         cfg = core.load_config(ROOT / "experiments" / "transformer.toml", quick=quick)
         from pyro_distill.experiments.transformer import _data
@@ -138,7 +157,7 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
         X, y, Xt, yt = X[fit_rows], y[fit_rows], X[tune_rows], y[tune_rows]
         print(f"tuning split: {len(Xt)} rows carved from the fitting data (not used by MAP or the curvature)")
     print(f"{name}: {net!r}, N = {len(X)} (fit) / {len(Xv)} (validation), seed {seed}")
-    rows = []
+    rows = _Rows()
     t0 = time.perf_counter()
     w, _ = fit_map(net, X, y, seed=seed, **map_kw)
     t_map = time.perf_counter() - t0
@@ -175,7 +194,7 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
                 rows.append((f"{label} x {c:g}, {pname} prior:linearized", score(P), t_lap))
             if tune == "validation":
                 rows += _tuned_rows(net, family, q_lap, kind, label, Xt, yt, Xv, score, samples, seed, tune_param,
-                                    starts)
+                                    starts, tune_methods)
     if not svi:
         _report(name, rows)
         return
@@ -207,11 +226,12 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
     _report(name, rows)
 
 
-def _tuned_rows(net, family, q_lap, kind, label, Xt, yt, Xv, score, samples, seed, tune_param, starts):
+def _tuned_rows(net, family, q_lap, kind, label, Xt, yt, Xv, score, samples, seed, tune_param, starts,
+                tune_methods=("linearized", "mc")):
     """Rows of the scale tuned on (Xt, yt) and scored on Xv: T for the linearized predictive, T for the sampled
     one, and with ``tune_param="both"`` (alpha, T) for the structures that rebuild cheaply."""
     rows = []
-    for method in ("linearized", "mc"):
+    for method in tune_methods:
         t0 = time.perf_counter()
         q, info = tune_posterior_scale(net, q_lap, Xt, yt, method=method, num_samples=samples, seed=seed,
                                        temperature_steps=60 if method == "linearized" else 20)
@@ -252,14 +272,18 @@ def main() -> None:
                     help="with --tune validation: T only, or also the global prior precision alpha")
     ap.add_argument("--curvature-rows", type=int, default=0,
                     help="GGN from this many random fitting rows, scaled to the full sum (0: all; for the RNN)")
+    ap.add_argument("--tune-methods", default="linearized,mc",
+                    help="with --tune validation: the predictives whose temperature is tuned (linearized first)")
+    ap.add_argument("--eval-methods", default="mc,linearized", help="predictives scored for each Gaussian")
     a = ap.parse_args()
+    _EVAL_METHODS[:] = a.eval_methods.split(",")
     torch.set_num_threads(1)
     print(f"load {os.getloadavg()[0]:.2f} at start, one torch thread")
     for seed in range(a.seeds):
         for fam in a.families.split(","):
             scales = [float(c) for c in a.cov_scales.split(",") if c]
             _family(fam.strip(), a.quick, seed, a.structures.split(","), not a.no_svi, scales, a.tune, a.tune_param,
-                    a.curvature_rows)
+                    a.curvature_rows, tuple(a.tune_methods.split(",")))
 
 
 if __name__ == "__main__":
