@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "teacher": {
         "sizes": [64, 32, 32, 10], "activation": "relu", "guide": "dense", "steps": 300, "map_steps": 1000,
         "lr": 1e-3, "map_lr": 1e-2, "num_particles": 8, "rank": 20, "batch_size": 0, "noise_scale": 0.5,
+        "laplace": "",  # the Laplace start's structure if not the guide's ("kron": KFAC, for a dense guide on big data)
     },
     "students": {},                 # name -> sizes, e.g. both = [64, 16, 10]
     "student": {

@@ -195,7 +195,8 @@ class Protocol:
         t0 = time.perf_counter()
         tq, th = fit_posterior(teacher, ds.X, ds.y, guide=tc["guide"], steps=tc["steps"], map_steps=tc["map_steps"],
                                lr=tc["lr"], map_lr=tc["map_lr"], num_particles=tc["num_particles"], rank=tc["rank"],
-                               batch_size=tc["batch_size"] or None, seed=seed)
+                               batch_size=tc["batch_size"] or None, seed=seed,
+                               laplace_kind=tc.get("laplace") or None)
         t_teacher = time.perf_counter() - t0
         tres = metrics.evaluate(teacher, tq, ds.Xte, ds.yte, num_samples=ec["samples"], seed=seed)
         ctx.record({"setting": "teacher", "method": "teacher", "student": "teacher", "fraction": 1.0,
