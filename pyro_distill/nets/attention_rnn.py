@@ -131,10 +131,6 @@ class AttentionRNN(BayesianNet):
                 "uniform_context": self.uniform_context, "pad": self.pad, "bos": self.bos, "eos": self.eos,
                 "prior_scale": self.prior_scale}
 
-    def replace(self, **changes: Any) -> AttentionRNN:
-        cfg = self.config() | changes
-        cfg.pop("type")
-        return AttentionRNN(**cfg)
 
     def prior_scales(self) -> torch.Tensor:
         parts = []

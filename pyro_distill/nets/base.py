@@ -26,6 +26,16 @@ def register_net(cls: type[BayesianNet]) -> type[BayesianNet]:
     return cls
 
 
+def check_options(activation: str, activations: Any, likelihood: str, prior_scale: float | None) -> None:
+    """The constructor options every family shares, each refused with the allowed values."""
+    if activation not in activations:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(activations)}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {LIKELIHOODS}")
+    if prior_scale is not None and not prior_scale > 0:
+        raise ValueError(f"prior_scale must be positive, got {prior_scale}")
+
+
 def net_from_config(cfg: dict[str, Any]) -> BayesianNet:
     """Rebuild a network from ``net.config()`` (as stored in a model card)."""
     cfg = dict(cfg)
@@ -55,6 +65,10 @@ class BayesianNet(ABC):
     @abstractmethod
     def prior_scales(self) -> torch.Tensor:
         """Per-coordinate standard deviations of the default (independent) prior, shape ``[p]``."""
+
+    def replace(self, **changes: Any) -> BayesianNet:
+        """The same network with some configuration entries changed (e.g. ``sizes=[64, 16, 10]``)."""
+        return net_from_config(self.config() | changes)
 
     # ---------------------------------------------------------------- shared
     @property

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import Layout
-from .base import LIKELIHOODS, BayesianNet, fan_in_scale, register_net
+from .base import BayesianNet, check_options, fan_in_scale, register_net
 from .mlp import ACTIVATIONS
 
 __all__ = ["CNN", "POOLS"]
@@ -79,12 +79,7 @@ class CNN(BayesianNet):
                              f"stride={stride}, pool={pool}, padding={padding}")
         if pool_type not in POOLS:
             raise ValueError(f"unknown pool_type {pool_type!r}; choose one of {POOLS}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {LIKELIHOODS}")
-        if prior_scale is not None and not prior_scale > 0:
-            raise ValueError(f"prior_scale must be positive, got {prior_scale}")
+        check_options(activation, ACTIVATIONS, likelihood, prior_scale)
         self.image_shape = tuple(shape)
         self.channels, self.dense = channels, dense
         self.kernel_size, self.padding, self.stride, self.pool = kernel_size, padding, stride, pool
@@ -142,11 +137,6 @@ class CNN(BayesianNet):
                 "activation": self.activation, "bias": self.bias, "likelihood": self.likelihood,
                 "prior_scale": self.prior_scale, "noise_scale": self.noise_scale}
 
-    def replace(self, **changes: Any) -> CNN:
-        """The same network with some configuration entries changed (e.g. ``channels=[4, 16]``)."""
-        cfg = self.config() | changes
-        cfg.pop("type")
-        return CNN(**cfg)
 
     def _build(self) -> tuple[Layout, list[tuple[int, float]]]:
         blocks: list[tuple[str, tuple[int, ...]]] = []

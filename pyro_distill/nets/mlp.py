@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..layout import Layout
-from .base import LIKELIHOODS, BayesianNet, fan_in_scale, register_net
+from .base import BayesianNet, check_options, fan_in_scale, register_net
 
 __all__ = ["MLP", "ACTIVATIONS", "IDEMPOTENT", "ANALYTIC_GRAD_ACTIVATIONS"]
 
@@ -48,12 +48,7 @@ class MLP(BayesianNet):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2 or any(s < 1 for s in sizes):
             raise ValueError(f"MLP sizes must be at least [n_in, n_out] with positive widths, got {sizes}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {LIKELIHOODS}")
-        if prior_scale is not None and not prior_scale > 0:
-            raise ValueError(f"prior_scale must be positive, got {prior_scale}")
+        check_options(activation, ACTIVATIONS, likelihood, prior_scale)
         self.sizes = sizes
         self.activation = activation
         self.bias = bool(bias)
@@ -80,10 +75,6 @@ class MLP(BayesianNet):
         return {"type": "MLP", "sizes": list(self.sizes), "activation": self.activation, "bias": self.bias,
                 "likelihood": self.likelihood, "prior_scale": self.prior_scale, "noise_scale": self.noise_scale}
 
-    def replace(self, **changes: Any) -> MLP:
-        cfg = self.config() | changes
-        cfg.pop("type")
-        return MLP(**cfg)
 
     def prior_scales(self) -> torch.Tensor:
         parts = []

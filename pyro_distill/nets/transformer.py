@@ -113,11 +113,6 @@ class Transformer(BayesianNet):
                 "ffn": list(self.ffn), "d_head": self.d_head, "d_ff": self.d_ff, "embedding": self.embedding,
                 "pooling": self.pooling, "activation": self.activation, "prior_scale": self.prior_scale}
 
-    def replace(self, **changes: Any) -> Transformer:
-        """The same network with some configuration entries changed (e.g. ``heads=[4, 3]``)."""
-        cfg = self.config() | changes
-        cfg.pop("type")
-        return Transformer(**cfg)
 
     def _build(self) -> tuple[Layout, list[tuple[int, float]]]:
         d, e, f = self.d_model, self.d_head, self.d_ff
