@@ -72,13 +72,18 @@ def learning_curves(curves: list[dict[str, Any]], setting: str, out: Path, title
                             alpha=0.15, lw=0)
             drawn += [a - b for a, b in zip(m, sd)] + [a + b for a, b in zip(m, sd)]
         style.mark_switch(ax, switch)
-        ax.set_xlabel("optimizer step" + (" (VI methods: MAP, then SVI)" if switch else ""))
-        ax.set_ylabel(f"test {metric}")
-        style.fit_ylim(ax, drawn, log=metric == "nll", lo=0.0 if metric == "accuracy" else None,
-                       hi=1.0 if metric == "accuracy" else None)
-        if metric == "nll":
-            style.log_y(ax)
+        _metric_axis(ax, metric, drawn, "optimizer step" + (" (VI methods: MAP, then SVI)" if switch else ""))
     return _finish(fig, axes, title or setting, out)
+
+
+def _metric_axis(ax: Any, metric: str, drawn: list[float], xlabel: str) -> None:
+    """Labels and y-range of a test-metric panel (accuracy in [0, 1], NLL on a log axis)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"test {metric}")
+    style.fit_ylim(ax, drawn, log=metric == "nll", lo=0.0 if metric == "accuracy" else None,
+                   hi=1.0 if metric == "accuracy" else None)
+    if metric == "nll":
+        style.log_y(ax)
 
 
 def _finish(fig, axes, title: str, out: Path) -> Path:
@@ -119,12 +124,7 @@ def fraction_plot(rows: list[dict[str, Any]], student: str, out: Path, title: st
         ax.set_xticks(fracs)
         ax.set_xticklabels([f"{f:g}" for f in fracs])
         ax.minorticks_off()
-        ax.set_xlabel("student's fraction of the training split")
-        ax.set_ylabel(f"test {metric}")
-        style.fit_ylim(ax, drawn, log=metric == "nll", lo=0.0 if metric == "accuracy" else None,
-                       hi=1.0 if metric == "accuracy" else None)
-        if metric == "nll":
-            style.log_y(ax)
+        _metric_axis(ax, metric, drawn, "student's fraction of the training split")
     return _finish(fig, axes, title or student, out)
 
 
