@@ -7,10 +7,11 @@ a 5-seed full sweep costs in tasks and CPU-hours (issue 17), so a user can size 
    import torch, as the runner's do) and a local Ray instance (``ray.init`` with ``workers`` CPUs, then its
    workers' first task); then ``--noop`` empty tasks through each, the time per task at ``workers`` in parallel.
 2. The sweep itself: ``experiments/digits.toml`` (``--quick``: its [quick] table), ``--seeds`` seeds, through
-   ``run(..., engine="local")`` and ``run(..., engine="ray")``; wall time, the time inside the tasks (status.json
-   ``seed_time_s``), and the rest (start-up, scheduling, result transfer, tables) per task.
-3. Sizing: a task is one seed (all its cells: teacher fit, then every student x fraction x method x tau); a
-   5-seed sweep of the FULL config is 5 tasks. Its CPU time is the measured per-task time x 5 when the sweep ran
+   ``run(..., engine="local")`` and ``run(..., engine="ray")``; wall time, the time inside the task units
+   (status.json ``task_time_s``: each seed's teacher fit and each cell, student x fraction x method x tau), and the
+   rest (start-up, scheduling, result transfer, tables) per task.
+3. Sizing: an mlp seed is 1 teacher task + one task per cell (41 for the full digits config), so a 5-seed sweep
+   of the FULL config is about 210 tasks whose longest chain is a teacher fit followed by its longest cell. Its CPU time is the measured per-task time x 5 when the sweep ran
    the full config; after ``--quick`` it is extrapolated cell by cell from the quick cells (each cell's fit time
    x full/quick optimizer steps x full/quick training rows, plus the measured per-row evaluation time): an
    indication only (MAP and SVI steps weighed alike; SVI steps cost more, so it is a low estimate). ``--from-run``
