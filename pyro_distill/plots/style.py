@@ -48,6 +48,8 @@ DISPLAY_NAMES = {
     "marginal_prior": "VI, marginal teacher prior",
     "teacher_init": "Teacher-mean start + MAP",
     "tinybert": "TinyBERT-style KD",
+    "reduced_posterior": "VI, reduced posterior (BMR start)",
+    "divided_prior": "VI, divided prior",
 }
 
 #: a fixed colour per method (tab10 indices), so that a method looks the same in every figure
@@ -55,6 +57,8 @@ _COLORS = {
     "teacher_prior": 0, "conditioned_prior": 7, "standard_prior": 3, "standard_prior_cond_init": 4,
     "deterministic": 5, "kd": 6, "prune_finetune": 8, "tinybert": 9, "teacher_init": 4,
     "teacher_prior_tempered": 1, "marginal_prior": 2, "deterministic_attention": 8,
+    # outside tab10, so that they never share a colour with the methods above or the tau colours
+    "reduced_posterior": "#393b79", "divided_prior": "#637939",
 }
 #: teacher_prior(tau=...) curves: blues and greens by tau
 _TAU_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#17becf", "#bcbd22"]
@@ -82,7 +86,8 @@ def method_color(method: str, taus: Sequence[str] = ()) -> Any:
         i = ts.index(m["tau"]) if m["tau"] in ts else 0
         return _TAU_COLORS[i % len(_TAU_COLORS)]
     if method in _COLORS:
-        return cmap(_COLORS[method])
+        c = _COLORS[method]
+        return c if isinstance(c, str) else cmap(c)
     return cmap(sum(map(ord, method)) % 10)  # stable for names not listed
 
 
