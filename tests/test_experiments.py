@@ -160,6 +160,11 @@ def test_task_units_run_teacher_then_cells_in_row_order_on_any_worker_count(tmp_
     assert (dirs[0] / "metrics.csv").read_text() == (dirs[1] / "metrics.csv").read_text()
     assert (dirs[0] / "curves.csv").read_text() == (dirs[1] / "curves.csv").read_text()
     assert load_config(_toml(tmp_path, body, "u"))["workers"] == (os.cpu_count() or 1)  # not capped by seeds
+    one = body.replace("seeds = 3", "seeds = 1").replace("teacher_fail_seed = 2", "teacher_fail_seed = -1")
+    one = one.replace("fail_seed = 1", "fail_seed = -1")
+    d1 = run(_toml(tmp_path, one, "u1"), runs_root=tmp_path / "runs_one", models_root=tmp_path / "m", echo=False,
+             workers=2)  # one seed, two workers: its cells still run in a pool of 2 (not capped by the seeds)
+    assert json.loads((d1 / "config.json").read_text())["workers"] == 2
     # a cell that meets a full disk: the run ends with the one StorageError line, as a whole seed does
     full = body.replace("teacher_fail_seed = 2\n", "disk_full = true\n")
     with pytest.raises(StorageError, match=r"1 of 3 seeds failed; seed 1: \[Errno 28\] no space left on the device "

@@ -766,8 +766,9 @@ def run(config_path: str | os.PathLike, quick: bool = False, runs_root: str | os
     error before any fit).
     """
     cfg = load_config(config_path, quick=quick)
-    if workers is not None:
-        cfg["workers"] = max(1, min(int(workers), len(cfg["seeds"])))
+    if workers is not None:  # whole-seed kinds cannot use more workers than seeds; kinds with task units can
+        units = _get_kind(cfg["kind"]).units is not None
+        cfg["workers"] = max(1, int(workers) if units else min(int(workers), len(cfg["seeds"])))
     if engine is not None:
         cfg["engine"] = engine
     if address is not None:
