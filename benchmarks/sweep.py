@@ -10,12 +10,12 @@ a 5-seed full sweep costs in tasks and CPU-hours (issue 17), so a user can size 
    ``run(..., engine="local")`` and ``run(..., engine="ray")``; wall time, the time inside the task units
    (status.json ``task_time_s``: each seed's teacher fit and each cell, student x fraction x method x tau), and the
    rest (start-up, scheduling, result transfer, tables) per task.
-3. Sizing: an mlp seed is 1 teacher task + one task per cell (41 for the full digits config), so a 5-seed sweep
-   of the FULL config is about 210 tasks whose longest chain is a teacher fit followed by its longest cell. Its CPU time is the measured per-task time x 5 when the sweep ran
-   the full config; after ``--quick`` it is extrapolated cell by cell from the quick cells (each cell's fit time
-   x full/quick optimizer steps x full/quick training rows, plus the measured per-row evaluation time): an
-   indication only (MAP and SVI steps weighed alike; SVI steps cost more, so it is a low estimate). ``--from-run``
-   reads a finished full run instead (exact).
+3. Sizing: an mlp seed is 1 teacher task + one task per cell (41 for the full digits config), so a 5-seed sweep of
+   the FULL config is about 210 tasks whose longest chain is a teacher fit followed by its longest cell. Its CPU time
+   is the measured time per seed x 5 when the sweep ran the full config; after ``--quick`` it is extrapolated cell by
+   cell from the quick cells (each cell's fit time x full/quick optimizer steps x full/quick training rows, plus the
+   measured per-row evaluation time): an indication only (MAP and SVI steps weighed alike; SVI steps cost more, so it
+   is a low estimate). ``--from-run`` reads a finished full run instead (exact).
 
 The machine this runs on may be shared: the 1-minute load average is printed before and after.
 """
@@ -118,7 +118,7 @@ def _budget(cfg: dict[str, Any], role: str) -> int:
 
 def full_cells(cfg: dict[str, Any], n_train: int) -> list[dict[str, Any]]:
     """The cells one seed of ``cfg`` runs (the loops of experiments/mlp.py: student x fraction x method x tau)."""
-    from pyro_distill.experiments.mlp import VI_METHODS
+    from pyro_distill.experiments.protocol import VI_METHODS
 
     dc = cfg["distill"]
     cells = [{"student": "teacher", "method": "teacher", "n": n_train, "budget": _budget(cfg, "teacher")}]
@@ -216,18 +216,19 @@ def main() -> None:
         per_task = sum(loc["task_s"]) / len(loc["task_s"])
         cfg = load_config(cfg_path, quick=args.quick)
         full = load_config(args.config)
-        n_cells = len(loc["rows"]) // max(1, loc["tasks"])
-        print(f"\nsizing: one task = one seed = {n_cells} cells of this config ({per_task:.0f} CPU s measured)")
+        n_units = loc["tasks"] / max(1, args.seeds)
+        print(f"\nsizing: {n_units:.0f} task units per seed (1 teacher + its cells), {per_task:.1f} CPU s per unit "
+              "measured")
         if not args.quick:
-            cpu = per_task * args.full_seeds
-            print(f"a {args.full_seeds}-seed sweep: {args.full_seeds} tasks, {cpu / 3600:.2f} CPU-hours; "
-                  f"wall >= {per_task / 60:.1f} min (one seed per core; more cores than seeds do not help)")
+            cpu = sum(loc["task_s"]) / max(1, args.seeds) * args.full_seeds
+            print(f"a {args.full_seeds}-seed sweep: {n_units * args.full_seeds:.0f} task units, {cpu / 3600:.2f} "
+                  f"CPU-hours; wall >= the longest teacher + its longest cell")
         else:
             est = size_full(cfg, full, loc)
             cpu = est["cpu_s_per_seed"] * args.full_seeds
             print(f"full config (extrapolated from the quick cells, a low estimate): {est['cells']} cells per seed, "
-                  f"~{est['cpu_s_per_seed'] / 60:.1f} CPU-min per seed task; a {args.full_seeds}-seed sweep: "
-                  f"{args.full_seeds} tasks, ~{cpu / 3600:.3f} CPU-hours"
+                  f"~{est['cpu_s_per_seed'] / 60:.1f} CPU-min per seed; a {args.full_seeds}-seed sweep: "
+                  f"{(est['cells'] + 1) * args.full_seeds} task units, ~{cpu / 3600:.3f} CPU-hours"
                   + (f" (cells without a quick measurement left out: {est['unmeasured_cells']})"
                      if est["unmeasured_cells"] else ""))
     print(f"load after: {os.getloadavg()[0]:.2f}")
