@@ -670,6 +670,7 @@ def fit_posterior(
             w0, _ = fit_map(net, X, y, prior, init=w0, steps=map_steps, lr=map_lr, batch_size=batch_size,
                             seed=seed, history=history, progress=progress,
                             callback=callback, eval_every=eval_every)
+            history.map_weights = w0.detach().clone()
         elif w0 is None:
             w0 = net.init_weights(torch.Generator().manual_seed(seed or 0), dtype).to(device)
         t0 = time.perf_counter()

@@ -58,6 +58,9 @@ class FitHistory:
     svi_time_s: float = 0.0
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    #: the MAP point the posterior fit started from (``fit_posterior`` with ``map_steps > 0``), kept so a run can
+    #: check the posterior's predictive against its own MAP point
+    map_weights: torch.Tensor | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         e = (f", ELBO {self.elbo_start:.1f} -> {self.elbo_end:.1f}" if self.elbo_start is not None
@@ -69,7 +72,8 @@ class FitHistory:
         self.curves.setdefault(name, []).append((step, float(value)))
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """The plain fields (losses, times, curves, info); the MAP weights tensor is left out."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "map_weights"}
 
 
 def fit_point(loss: LossClosure, init: torch.Tensor, n: int, steps: int, lr: float, batch_size: int | None = None,

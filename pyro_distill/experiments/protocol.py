@@ -45,6 +45,7 @@ from ..data.specs import from_table, validation_split
 from ..data.subsets import random_indices, stratified_indices
 from ..data.tabular import Dataset
 from ..distill import divided_prior, evidence_temperature, reduced_posterior
+from ..gaussian import PointMass
 from ..inference import fit_posterior
 
 __all__ = ["METHODS", "VI_METHODS", "OURS", "BASELINES", "NEEDS_TEACHER_POSTERIOR", "Cell", "TeacherResult", "Family",
@@ -202,6 +203,11 @@ class Protocol:
         ctx.record({"setting": "teacher", "method": "teacher", "student": "teacher", "fraction": 1.0,
                     "n_train": ds.X.shape[0], "eval_split": split, "time_s": t_teacher, "elbo": th.elbo_end} | tres)
         ctx.log(f"teacher fitted in {t_teacher:.0f}s: {_short(tres)}")
+        if th.map_weights is not None:  # the check every posterior owes: its predictive against its own MAP point
+            mres = metrics.evaluate(teacher, PointMass(th.map_weights), ds.Xte, ds.yte, num_samples=1, seed=seed)
+            ctx.record({"setting": "teacher", "method": "teacher_map", "student": "teacher", "fraction": 1.0,
+                        "n_train": ds.X.shape[0], "eval_split": split, "time_s": th.map_time_s} | mres)
+            ctx.log(f"teacher MAP point: {_short(mres)}")
         if "teacher" in cfg["save"]["methods"]:
             ctx.save_model("teacher", teacher, tq, {"data": self.family.data_card(cfg),
                                                     "data_description": ds.description, "role": "teacher",

@@ -36,6 +36,7 @@ FONT = {"base": 9, "small": 8, "title": 10, "suptitle": 11}
 #: canonical code names of methods -> what a reader sees (old names are read through naming.METHOD_ALIASES)
 DISPLAY_NAMES = {
     "teacher": "Teacher",
+    "teacher_map": "Teacher, MAP point",
     "teacher_prior": "VI, teacher prior",
     "standard_prior": "VI, standard prior",
     "standard_prior_cond_init": "VI, standard prior, teacher-mean start",
