@@ -111,7 +111,9 @@ def test_cells_are_independent_of_what_ran_before_and_of_the_process(cfg, tmp_pa
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
     by_method = {(r["setting"], r["method"]): r for r in strip(units.rows)}
     assert strip(seq.rows) == [by_method[(r["setting"], r["method"])] for r in strip(seq.rows)]
-    assert len(seq.rows) == 1 + 15 and seq.rows[0]["method"] == "teacher"
+    assert len(seq.rows) == 2 + 15 and [r["method"] for r in seq.rows[:2]] == ["teacher", "teacher_map"]
+    # the teacher's MAP point is evaluated on the same split: the check of the posterior against its own start
+    assert seq.rows[1]["setting"] == "teacher" and 0.0 <= seq.rows[1]["accuracy"] <= 1.0 and seq.rows[1]["nll"] > 0
     key = lambda c: (c["setting"], c["method"], c["step"], c["metric"])  # noqa: E731
     assert sorted(seq.curves, key=key) == sorted(units.curves, key=key) and len(seq.curves) > 0
     assert Cell(0, 1, "both", 0.25, "kd").setting == "both frac=0.25"
