@@ -270,6 +270,18 @@ samples = 2
     pngs = {p.name: p for p in make_run(run_dir, tmp_path / "fig")}
     png = pngs[f"{run_dir.parent.name}_curves.png"]
     assert png.stat().st_size > 1000
+    # seeds split over two invocations draw together; the same seed twice is refused
+    from pyro_distill.plots.experiments import merged_rows, merged_summary
+    from pyro_distill.plots.rnn import make_figures
+
+    toml1 = tmp_path / "tiny1.toml"
+    toml1.write_text(toml.read_text().replace("seeds = 1", "seeds = [1]").replace("idata_draws = 8", "idata_draws = 0"))
+    run1 = run(toml1, runs_root=tmp_path / "runs", models_root=tmp_path / "models1", echo=False)
+    assert {r["seed"] for r in merged_rows([run_dir, run1], "metrics.csv")} == {0, 1}
+    assert "| digit_sum | kd | 2 |" in merged_summary([run_dir, run1]).replace("  ", " ")
+    assert make_figures([run_dir, run1], tmp_path / "fig2")[0].stat().st_size > 1000
+    with pytest.raises(ValueError, match="both hold seed 0"):
+        merged_rows([run_dir, run_dir], "metrics.csv")
 
 
 # ---------------------------------------------------------------- token-level KD and the sequence metrics

@@ -27,6 +27,43 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", s).strip("_")
 
 
+def run_dirs(dirs: str | os.PathLike | list[str | os.PathLike]) -> list[Path]:
+    """One run directory, or several runs of the same config that ran disjoint seeds, as a list of paths."""
+    return [Path(d) for d in (dirs if isinstance(dirs, list) else [dirs])]
+
+
+def merged_rows(dirs: list[Path], name: str) -> list[dict[str, Any]]:
+    """The rows of ``name`` (``metrics.csv``, ``curves.csv``) of every run in ``dirs``, method names canonical.
+    Runs that share a seed are refused: seeds split over several invocations combine, repeats do not."""
+    from ..naming import canonical_rows
+
+    rows: list[dict[str, Any]] = []
+    seen: dict[Any, Path] = {}
+    for d in dirs:
+        part = read_rows(d / name) if (d / name).exists() else []
+        for seed in {r.get("seed") for r in part}:
+            if seed in seen:
+                raise ValueError(f"runs {seen[seed]} and {d} both hold seed {seed}; combine only runs with "
+                                 "disjoint seeds")
+            seen[seed] = d
+        rows += part
+    return canonical_rows(rows)
+
+
+def merged_summary(dirs: str | os.PathLike | list[str | os.PathLike], metrics: list[str] | None = None) -> str:
+    """The markdown table (mean ± sd over seeds) of one run, or of several runs of the same config that ran
+    disjoint seeds (e.g. seeds split over two invocations), through the runner's own summary code."""
+    from ..experiments.core import summarize, summary_markdown
+
+    rows = merged_rows(run_dirs(dirs), "metrics.csv")
+    return summary_markdown(summarize(rows), seeds=len({r["seed"] for r in rows}), metrics=metrics)
+
+
+def runs_label(dirs: list[Path]) -> str:
+    """``run 20261202-220105`` or ``runs 20261202-220105 + 20261202-222517`` for a figure title."""
+    return ("run " if len(dirs) == 1 else "runs ") + " + ".join(d.name for d in dirs)
+
+
 def _mean_sd(vals: list[float]) -> tuple[float, float]:
     m = sum(vals) / len(vals)
     sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0

@@ -6,22 +6,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..experiments.core import read_rows
-from ..naming import canonical_rows
 from . import style
-from .experiments import _mean_sd
+from .experiments import _mean_sd, merged_rows, merged_summary, run_dirs, runs_label
 
 __all__ = ["figures_for_run", "make_figures"]
 
 
-def make_figures(run_dir: str | os.PathLike, out_dir: str | os.PathLike = "figures") -> list[Path]:
+def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike],
+                 out_dir: str | os.PathLike = "figures") -> list[Path]:
     """``<experiment>_curves.png``: validation token NLL (top) and exact match (bottom) vs step, mean ± sd over
-    seeds, one column per task; the teacher's test value as a dashed line. Old method names are read canonical."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    curves = canonical_rows(read_rows(run_dir / "curves.csv"))
+    seeds, one column per task; the teacher's test value as a dashed line. ``run_dir``: one run, or several runs of
+    the same experiment with disjoint seeds (drawn together). Old method names are read canonical."""
+    dirs, out_dir = run_dirs(run_dir), Path(out_dir)
+    curves = merged_rows(dirs, "curves.csv")
     if not any(r["metric"] == "val_nll_tok" for r in curves):
-        raise FileNotFoundError(f"{run_dir}/curves.csv has no val_nll_tok curves; is this an rnn run?")
-    rows = read_rows(run_dir / "metrics.csv")
+        raise FileNotFoundError(f"{dirs[0]}/curves.csv has no val_nll_tok curves; is this an rnn run?")
+    rows = merged_rows(dirs, "metrics.csv")
     settings = list(dict.fromkeys(r["setting"] for r in curves))
     panels = [("val_nll_tok", "nll_tok", "validation NLL per token", True),
               ("val_exact_match", "exact_match", "validation exact match", False)]
@@ -50,12 +50,23 @@ def make_figures(run_dir: str | os.PathLike, out_dir: str | os.PathLike = "figur
             ax.set_ylabel(label)
             ax.set_title(setting)
     style.legend_outside(fig, axes)
-    fig.suptitle(f"{run_dir.parent.name}: students without attention (run {run_dir.name})")
+    name = dirs[0].parent.name
+    fig.suptitle(f"{name}: students without attention ({runs_label(dirs)}, {len({r['seed'] for r in rows})} seeds)")
     # one file per experiment name, so a variant run (e.g. rnn_attention_tempered_start) never
     # overwrites the main experiment's figure
-    return [style.save(fig, out_dir / f"{run_dir.parent.name}_curves.png")]
+    return [style.save(fig, out_dir / f"{name}_curves.png")]
 
 
 def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
     """``<experiment>_curves.png``: validation NLL and exact match vs step per task (mean ± sd over seeds)."""
     return make_figures(run_dir, out_dir)
+
+
+if __name__ == "__main__":  # python -m pyro_distill.plots.rnn OUT_DIR RUN_DIR [RUN_DIR ...]
+    import sys
+
+    if len(sys.argv) < 3:
+        sys.exit("usage: python -m pyro_distill.plots.rnn OUT_DIR RUN_DIR [RUN_DIR ...] (runs with disjoint seeds)")
+    for path in make_figures(sys.argv[2:], sys.argv[1]):
+        print(path)
+    print(merged_summary(sys.argv[2:]))

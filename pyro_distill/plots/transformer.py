@@ -6,38 +6,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-from ..experiments.core import read_rows, summarize, summary_markdown
 from ..experiments.transformer import METHODS
-from ..naming import canonical_rows
 from . import style
-from .experiments import _mean_sd, map_steps_of
+from .experiments import _mean_sd, map_steps_of, merged_rows, merged_summary
+from .experiments import run_dirs as run_dirs_of
 
 __all__ = ["figures_for_run", "make_figures", "summary_table"]
-
-
-def _rows(run_dirs: list[Path], name: str) -> list[dict[str, Any]]:
-    rows = []
-    for d in run_dirs:
-        rows += read_rows(d / name) if (d / name).exists() else []
-    return canonical_rows(rows)
-
-
-def _dirs(run_dirs: str | os.PathLike | list[str | os.PathLike]) -> list[Path]:
-    return [Path(d) for d in (run_dirs if isinstance(run_dirs, list) else [run_dirs])]
 
 
 def summary_table(run_dirs: str | os.PathLike | list[str | os.PathLike]) -> str:
     """The markdown table (mean ± sd over seeds) of one run, or of several runs of the same config that
     ran disjoint seeds (e.g. seeds split over two invocations), through the runner's own summary code."""
-    dirs = _dirs(run_dirs)
-    rows = _rows(dirs, "metrics.csv")
-    seeds = sorted({r["seed"] for r in rows})
-    if len(seeds) != sum(len({r["seed"] for r in _rows([d], "metrics.csv")}) for d in dirs):
-        raise ValueError(f"runs {dirs} share seeds; combine only runs with disjoint seeds")
-    return summary_markdown(summarize(rows), seeds=len(seeds),
-                            metrics=["accuracy", "nll", "ece", "brier", "agreement", "params"])
+    return merged_summary(run_dirs, ["accuracy", "nll", "ece", "brier", "agreement", "params"])
 
 
 def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str | os.PathLike = "figures",
@@ -45,10 +26,10 @@ def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str 
     """``{prefix}_metrics.png`` (test accuracy and NLL, mean ± sd over seeds, per student x method) and
     ``{prefix}_curves.png`` (test accuracy at the posterior mean / point estimate vs step) from a run
     (or several runs with disjoint seeds). Old method names are read canonical."""
-    dirs = _dirs(run_dir)
+    dirs = run_dirs_of(run_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = _rows(dirs, "metrics.csv")
+    rows = merged_rows(dirs, "metrics.csv")
     settings = [s for s in dict.fromkeys(r["setting"] for r in rows) if s != "teacher"]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     teacher = [r for r in rows if r["setting"] == "teacher"]
@@ -74,7 +55,7 @@ def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str 
     fig.suptitle(f"transformer head/sublayer/block removal ({len({r['seed'] for r in rows})} seeds, mean ± sd)")
     made.append(style.save(fig, out / f"{prefix}_metrics.png"))
 
-    curves = _rows(dirs, "curves.csv")
+    curves = merged_rows(dirs, "curves.csv")
     if curves:
         fig, axes = style.subplots(1, len(settings), panel=(3.6, 3.0), extra_width=2.4, sharey=True)
         for ax, s in zip(axes[0], settings):
