@@ -215,7 +215,7 @@ def test_mlp_kind_runs_every_method_and_figures(tmp_path):
             echo=False)
     rows = read_rows(d / "metrics.csv")
     methods = {r["method"] for r in rows}
-    assert methods == {"teacher", "teacher_prior(tau=1)", "teacher_prior(tau=10)", "reduced_posterior",
+    assert methods == {"teacher", "teacher_map", "teacher_prior(tau=1)", "teacher_prior(tau=10)", "reduced_posterior",
                        "standard_prior", "standard_prior_cond_init", "deterministic", "kd", "prune_finetune"}
     students = [r for r in rows if r["student"] == "both"]
     assert len(students) == 2 * 8 and all(r["params"] == 4 * 3 + 3 + 3 * 3 + 3 for r in students)

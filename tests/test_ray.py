@@ -236,7 +236,7 @@ def test_ray_and_local_engines_write_identical_metrics(tmp_path):
                   workers=2)
     d_ray = run(p, runs_root=tmp_path / "ray", models_root=tmp_path / "mray", echo=False, engine="ray")
     local, remote = read_rows(d_local / "metrics.csv"), read_rows(d_ray / "metrics.csv")
-    assert len(local) == 2 * (1 + 2 + 2) and {r["seed"] for r in local} == {0, 1}
+    assert len(local) == 2 * (2 + 2 + 2) and {r["seed"] for r in local} == {0, 1}
     assert list(local[0]) == list(remote[0])  # the same columns in the same order
     strip = lambda rows: [{k: v for k, v in r.items() if k != "time_s"} for r in rows]  # noqa: E731
     assert strip(local) == strip(remote)

@@ -216,8 +216,8 @@ methods = []
 """)
     d = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
     rows = {r["method"]: r for r in read_rows(d / "metrics.csv")}
-    assert set(rows) == {"teacher", "teacher_prior(tau=1)", "teacher_prior(tau=evidence)", "reduced_posterior",
-                         "divided_prior", "deterministic"}
+    assert set(rows) == {"teacher", "teacher_map", "teacher_prior(tau=1)", "teacher_prior(tau=evidence)",
+                         "reduced_posterior", "divided_prior", "deterministic"}
     assert all(r["eval_split"] == "validation" for r in rows.values())
     assert rows["teacher"]["n_train"] == 80  # 20 of the 100 training rows held out (stratified, rounded per class)
     ev = rows["teacher_prior(tau=evidence)"]

@@ -23,6 +23,8 @@ def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike],
         raise FileNotFoundError(f"{dirs[0]}/curves.csv has no val_nll_tok curves; is this an rnn run?")
     rows = merged_rows(dirs, "metrics.csv")
     settings = list(dict.fromkeys(r["setting"] for r in curves))
+    # "teacher_prior" is tau = 1: a tau chosen by evidence gets the next colour, not the same one
+    taus = ["1"] + sorted({m.split("tau=", 1)[1].rstrip(")") for m in (r["method"] for r in curves) if "tau=" in m})
     panels = [("val_nll_tok", "nll_tok", "validation NLL per token", True),
               ("val_exact_match", "exact_match", "validation exact match", False)]
     fig, axes = style.subplots(2, len(settings), extra_width=2.4)
@@ -38,7 +40,7 @@ def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike],
                 steps = sorted(pts)
                 m, sd = zip(*(_mean_sd(pts[s]) for s in steps))
                 lo, hi = [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)]
-                c = style.method_color(method)
+                c = style.method_color(method, taus)
                 ax.plot(steps, m, label=style.display_name(method), lw=1.3, color=c)
                 ax.fill_between(steps, lo, hi, alpha=0.2, color=c, lw=0)
             tv = [r[tkey] for r in rows if r["setting"] == setting and r["method"] == "teacher"]
@@ -51,7 +53,7 @@ def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike],
             ax.set_title(setting)
     style.legend_outside(fig, axes)
     name = dirs[0].parent.name
-    fig.suptitle(f"{name}: students without attention ({runs_label(dirs)}, {len({r['seed'] for r in rows})} seeds)")
+    fig.suptitle(f"{name}: students without attention\n({runs_label(dirs)}, {len({r['seed'] for r in rows})} seeds)")
     # one file per experiment name, so a variant run (e.g. rnn_attention_tempered_start) never
     # overwrites the main experiment's figure
     return [style.save(fig, out_dir / f"{name}_curves.png")]

@@ -57,9 +57,11 @@ DISPLAY_NAMES = {
 _COLORS = {
     "teacher_prior": 0, "conditioned_prior": 7, "standard_prior": 3, "standard_prior_cond_init": 4,
     "deterministic": 5, "kd": 6, "prune_finetune": 8, "tinybert": 9, "teacher_init": 4,
-    "teacher_prior_tempered": 1, "marginal_prior": 2, "deterministic_attention": 8,
-    # outside tab10, so that they never share a colour with the methods above or the tau colours
-    "reduced_posterior": "#393b79", "divided_prior": "#637939",
+    "deterministic_attention": 8,
+    # outside tab10, so that they never share a colour with the methods above or the tau colours (tau = evidence is
+    # the second tau colour, the orange the tempered prior had)
+    "reduced_posterior": "#393b79", "divided_prior": "#637939", "teacher_prior_tempered": "#843c39",
+    "marginal_prior": "#7b4173",
 }
 #: teacher_prior(tau=...) curves: blues and greens by tau
 _TAU_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#17becf", "#bcbd22"]
