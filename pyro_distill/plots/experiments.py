@@ -59,6 +59,18 @@ def merged_summary(dirs: str | os.PathLike | list[str | os.PathLike], metrics: l
     return summary_markdown(summarize(rows), seeds=len({r["seed"] for r in rows}), metrics=metrics)
 
 
+def merged_main(module: str, make_figures: Any, summary: Any) -> None:
+    """``python -m <module> OUT_DIR RUN_DIR [RUN_DIR ...]``: a kind's figures and summary table from one run or from
+    several runs with disjoint seeds (``make_figures(dirs, out_dir)``, ``summary(dirs)``)."""
+    import sys
+
+    if len(sys.argv) < 3:
+        sys.exit(f"usage: python -m {module} OUT_DIR RUN_DIR [RUN_DIR ...] (runs with disjoint seeds)")
+    for path in make_figures(sys.argv[2:], sys.argv[1]):
+        print(path)
+    print(summary(sys.argv[2:]))
+
+
 def runs_label(dirs: list[Path]) -> str:
     """``run 20261202-220105`` or ``runs 20261202-220105 + 20261202-222517`` for a figure title."""
     return ("run " if len(dirs) == 1 else "runs ") + " + ".join(d.name for d in dirs)

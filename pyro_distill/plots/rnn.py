@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from . import style
-from .experiments import _mean_sd, merged_rows, merged_summary, run_dirs, runs_label
+from .experiments import _mean_sd, merged_main, merged_rows, merged_summary, run_dirs, runs_label
 
 __all__ = ["figures_for_run", "make_figures"]
 
@@ -65,10 +65,4 @@ def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> l
 
 
 if __name__ == "__main__":  # python -m pyro_distill.plots.rnn OUT_DIR RUN_DIR [RUN_DIR ...]
-    import sys
-
-    if len(sys.argv) < 3:
-        sys.exit("usage: python -m pyro_distill.plots.rnn OUT_DIR RUN_DIR [RUN_DIR ...] (runs with disjoint seeds)")
-    for path in make_figures(sys.argv[2:], sys.argv[1]):
-        print(path)
-    print(merged_summary(sys.argv[2:]))
+    merged_main("pyro_distill.plots.rnn", make_figures, merged_summary)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..experiments.transformer import METHODS
 from . import style
-from .experiments import _mean_sd, map_steps_of, merged_rows, merged_summary
+from .experiments import _mean_sd, map_steps_of, merged_main, merged_rows, merged_summary
 from .experiments import run_dirs as run_dirs_of
 
 __all__ = ["figures_for_run", "make_figures", "summary_table"]
@@ -81,11 +81,5 @@ def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> l
     return make_figures(run_dir, out_dir, prefix="transformer")
 
 
-if __name__ == "__main__":  # python -m pyro_distill.plots.transformer OUT RUN_DIR [RUN_DIR ...]
-    import sys
-
-    if len(sys.argv) < 3:
-        sys.exit("usage: python -m pyro_distill.plots.transformer OUT_DIR RUN_DIR [RUN_DIR ...]")
-    for path in make_figures(sys.argv[2:], sys.argv[1]):
-        print(path)
-    print(summary_table(sys.argv[2:]))
+if __name__ == "__main__":  # python -m pyro_distill.plots.transformer OUT_DIR RUN_DIR [RUN_DIR ...]
+    merged_main("pyro_distill.plots.transformer", make_figures, summary_table)
