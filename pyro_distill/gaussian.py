@@ -1256,6 +1256,29 @@ class KronGaussian(Gaussian):
         P[self.rem_index, self.rem_index] = self.rem_scale**-2
         return P
 
+    def precision_diagonal(self) -> torch.Tensor:
+        """``diag(Sigma^{-1})`` without the ``p x p`` precision: per block ``diag((A ⊗ B)^{-1}) =
+        outer(diag(A^{-1}), diag(B^{-1}))``."""
+        parts = [torch.outer(torch.cholesky_inverse(LA).diagonal(), torch.cholesky_inverse(LB).diagonal()).reshape(-1)
+                 for LA, LB in zip(self.row_tril, self.col_tril)]
+        return self._assemble(parts + [self.rem_scale**-2])
+
+    def precision_mv(self, v: torch.Tensor) -> torch.Tensor:
+        """``Sigma^{-1} v`` for ``v`` of shape ``[p]`` or ``[p, n]`` without the ``p x p`` precision: per block
+        ``(A ⊗ B)^{-1} vec(V) = vec(A^{-1} V B^{-1})`` by two Cholesky solves, the remainder divided by its
+        variances."""
+        vec = v.dim() == 1
+        V = v.unsqueeze(-1) if vec else v
+        out = torch.empty_like(V)
+        out[self.rem_index] = V[self.rem_index] / (self.rem_scale**2).unsqueeze(-1)
+        for idx, LA, LB in zip(self.index, self.row_tril, self.col_tril):
+            r, c = idx.shape
+            n = V.shape[-1]
+            X = torch.cholesky_solve(V[idx].reshape(r, c * n), LA).reshape(r, c, n)       # A^{-1} V
+            Y = torch.cholesky_solve(X.permute(1, 0, 2).reshape(c, r * n), LB)             # B^{-1} (A^{-1} V)^T
+            out[idx.reshape(-1)] = Y.reshape(c, r, n).permute(1, 0, 2).reshape(r * c, n)
+        return out.squeeze(-1) if vec else out
+
     def _factor_form(self):
         # dense-ish: one column per block coordinate (p x covered); used by the generic KL against dense or
         # low-rank priors only

@@ -35,6 +35,7 @@ from .gaussian import (
     DenseGaussian,
     DiagGaussian,
     Gaussian,
+    KronGaussian,
     LowRankGaussian,
     LowRankPrecisionGaussian,
     PointMass,
@@ -185,8 +186,13 @@ def fit_map(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian 
             init: torch.Tensor | None = None, steps: int = 1000, lr: float = 1e-2, batch_size: int | None = None,
             seed: int | None = 0, history: FitHistory | None = None, progress: bool | None = None,
             callback: Callable[[int, PointMass], dict[str, float] | None] | None = None,
-            eval_every: int = 0, fit_noise: bool = False) -> tuple[torch.Tensor, FitHistory]:
+            eval_every: int = 0, fit_noise: bool = False,
+            schedule: str = "constant") -> tuple[torch.Tensor, FitHistory]:
     """Maximize ``log p(y | X, w) + log p(w)`` by Adam (full batch unless ``batch_size``).
+
+    ``schedule``: ``"constant"`` step size or ``"cosine"`` decay to 0 over ``steps``
+    (:func:`pyro_distill.training.fit_point`): with minibatches the decay lets the fit end at the mode, not at a
+    noisy iterate around it, which matters for a Laplace approximation built there.
 
     Returns the MAP weights ``[p]`` and the history (``map_loss`` = negative log joint per datum).
     ``callback(step, point)`` gets the current weights as a :class:`~pyro_distill.gaussian.PointMass` every
@@ -217,7 +223,7 @@ def fit_map(net: BayesianNet, X: torch.Tensor, y: torch.Tensor, prior: Gaussian 
     extra = [] if log_noise is None else [log_noise]
     w, history = fit_point(loss, init.to(device=X.device, dtype=wdtype), N, steps, lr, batch_size, extra_params=extra,
                            history=history, callback=callback, eval_every=eval_every,
-                           progress=(lambda r: _progress(r, True, "MAP")) if progress else None)
+                           progress=(lambda r: _progress(r, True, "MAP")) if progress else None, schedule=schedule)
     if history.map_loss:
         log.info("MAP: %d steps in %.1fs, loss %.4g -> %.4g", steps, history.map_time_s, history.map_loss[0],
                  history.map_loss[-1])
@@ -369,6 +375,8 @@ def _precision_mv(prior: Gaussian, v: torch.Tensor) -> torch.Tensor:
         return v / dd - (W @ t) / dd
     if isinstance(prior, LowRankPrecisionGaussian):  # (diag(d) + F F^T) v: no solve at all
         return prior.prec_diag * v + prior.prec_factor @ (prior.prec_factor.T @ v)
+    if isinstance(prior, KronGaussian):  # per block A^{-1} V B^{-1}: no p x p matrix
+        return prior.precision_mv(v)
     return prior.precision() @ v
 
 
@@ -584,6 +592,7 @@ def fit_posterior(
     init: str | torch.Tensor | Gaussian = "map",
     map_steps: int = 1500,
     map_lr: float = 1e-2,
+    map_schedule: str = "constant",
     cov_init: str = "laplace",
     rank: int = 20,
     seed: int | None = 0,
@@ -599,7 +608,8 @@ def fit_posterior(
 ) -> tuple[Gaussian, FitHistory]:
     """Fit ``q(w) = N(m, S)`` to ``p(w | X, y)`` for ``net`` under ``prior`` (default: the net's fan-in prior).
 
-    Phases: (1) ``init``: ``"map"`` runs ``map_steps`` of MAP from a random start, ``"prior"`` runs them
+    Phases: (1) ``init``: ``"map"`` runs ``map_steps`` of MAP (Adam at ``map_lr``, ``map_schedule``
+    ``"constant"`` or ``"cosine"``: :func:`fit_map`) from a random start, ``"prior"`` runs them
     from the prior mean (the student's start), a tensor (or a :class:`~pyro_distill.gaussian.PointMass`) is a given
     start for MAP, a :class:`Gaussian` is taken as the SVI start as it is (no MAP, no Laplace); (2)
     ``cov_init="laplace"``: covariance
@@ -668,7 +678,7 @@ def fit_posterior(
                 raise ValueError(f"init weights have shape {tuple(w0.shape)}, the network needs [{net.num_params}]")
         if map_steps > 0:
             w0, _ = fit_map(net, X, y, prior, init=w0, steps=map_steps, lr=map_lr, batch_size=batch_size,
-                            seed=seed, history=history, progress=progress,
+                            seed=seed, history=history, progress=progress, schedule=map_schedule,
                             callback=callback, eval_every=eval_every)
             history.map_weights = w0.detach().clone()
         elif w0 is None:

@@ -28,7 +28,10 @@ from .gaussian import PointMass
 if TYPE_CHECKING:
     from .gaussian import Gaussian
 
-__all__ = ["DivergenceError", "FitHistory", "LossClosure", "fit_point"]
+__all__ = ["DivergenceError", "FitHistory", "LossClosure", "SCHEDULES", "fit_point"]
+
+#: step-size schedules of :func:`fit_point` (the MAP phase of every fit)
+SCHEDULES = ("constant", "cosine")
 
 #: ``loss(w, idx)``: the scalar loss of weights ``w`` on the rows ``idx`` (a long tensor) or on all rows (``None``)
 LossClosure = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -81,7 +84,8 @@ def fit_point(loss: LossClosure, init: torch.Tensor, n: int, steps: int, lr: flo
               history: FitHistory | None = None,
               callback: Callable[[int, PointMass], dict[str, float] | None] | None = None, eval_every: int = 0,
               name: str = "MAP", hint: str = "lower lr",
-              progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> tuple[torch.Tensor, FitHistory]:
+              progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+              schedule: str = "constant") -> tuple[torch.Tensor, FitHistory]:
     """Minimize ``loss(w, idx)`` over ``w`` (started at a copy of ``init``) by ``steps`` Adam steps of size ``lr``.
 
     ``idx``: ``batch_size`` row indices of ``range(n)`` drawn with replacement each step from ``generator``
@@ -90,11 +94,16 @@ def fit_point(loss: LossClosure, init: torch.Tensor, n: int, steps: int, lr: flo
     after ``w``. Every ``eval_every`` steps ``callback(step, PointMass(w))`` runs; a dict it returns goes into
     ``history.curves``. ``history.map_loss`` gets the loss of every step. ``name`` and ``hint`` word the
     :class:`DivergenceError` ("``name`` diverged at step k: ...; ``hint`` (now lr)"). ``progress`` wraps the
-    step range (a tqdm bar; its ``set_postfix`` is called every 50 steps). Returns the weights and the history.
+    step range (a tqdm bar; its ``set_postfix`` is called every 50 steps). ``schedule``: ``"constant"`` (Adam at
+    ``lr`` throughout) or ``"cosine"`` (the step size decays from ``lr`` to 0 on a half cosine over ``steps``, so a
+    minibatch fit ends at a converged point rather than at a noisy iterate). Returns the weights and the history.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
     history = history if history is not None else FitHistory()
     w = init.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([w, *extra_params], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1)) if schedule == "cosine" else None
     device = init.device
     t0 = time.perf_counter()
     it = progress(range(steps)) if progress is not None else range(steps)
@@ -120,6 +129,8 @@ def fit_point(loss: LossClosure, init: torch.Tensor, n: int, steps: int, lr: flo
         guard.keep(step, w)
         value.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         history.map_loss.append(float(value.detach()))
         if callback is not None and eval_every and (step + 1) % eval_every == 0:
             for k, v in (callback(step + 1, PointMass(w.detach())) or {}).items():  # one type: a Gaussian

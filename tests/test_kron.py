@@ -82,6 +82,22 @@ def test_moments_match_dense() -> None:
     assert "blocks=[3x4, 2x3]" in repr(q) and "tensor" not in repr(q)
 
 
+def test_precision_products_and_diagonal_without_the_dense_matrix() -> None:
+    """``precision_mv`` (vectors and matrices) and ``precision_diagonal`` equal the dense precision; the Laplace
+    code reads a Kronecker prior through them (a student's Laplace start under a conditioned KFAC teacher)."""
+    from pyro_distill.inference import _precision_diagonal, _precision_mv
+
+    q = make()
+    P = q.precision()
+    g = torch.Generator().manual_seed(1)
+    v, V = torch.randn(21, generator=g, dtype=D), torch.randn(21, 4, generator=g, dtype=D)
+    torch.testing.assert_close(q.precision_mv(v), P @ v, **TOL)
+    torch.testing.assert_close(q.precision_mv(V), P @ V, **TOL)
+    torch.testing.assert_close(_precision_mv(q, v), P @ v, **TOL)
+    torch.testing.assert_close(q.precision_diagonal(), P.diagonal(), **TOL)
+    torch.testing.assert_close(_precision_diagonal(q), P.diagonal(), **TOL)
+
+
 def test_sample_shapes_and_moments() -> None:
     q = make()
     assert q.sample().shape == (21,) and q.sample((3,)).shape == (3, 21) and q.rsample((2, 3)).shape == (2, 3, 21)

@@ -24,6 +24,7 @@ from ..data import specs
 from ..data.tabular import Dataset
 from ..distill import student_prior
 from ..nets.mlp import MLP
+from ..training import SCHEDULES
 from .core import register_kind
 from .protocol import METHODS, Family, Protocol
 
@@ -47,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
         "sizes": [64, 32, 32, 10], "activation": "relu", "guide": "dense", "steps": 300, "map_steps": 1000,
         "lr": 1e-3, "map_lr": 1e-2, "num_particles": 8, "rank": 20, "batch_size": 0, "noise_scale": 0.5,
         "laplace": "",  # the Laplace start's structure if not the guide's ("kron": KFAC, for a dense guide on big data)
+        "map_schedule": "constant",  # or "cosine": the MAP step size decays to 0 (minibatch fits end at the mode)
+        "temperature": 1.0,  # the fitted posterior's covariance times T (T chosen on a validation split, never test)
     },
     "students": {},                 # name -> sizes, e.g. both = [64, 16, 10]
     "student": {
@@ -85,6 +88,12 @@ def _check(cfg: dict[str, Any]) -> None:
         raise ValueError(f"unknown methods {bad} in distill.methods; choose from {list(ALL_METHODS)}")
     if any(t != "evidence" and (isinstance(t, str) or not t >= 1) for t in cfg["distill"]["taus"]):
         raise ValueError(f"distill.taus must be numbers >= 1 or \"evidence\", got {cfg['distill']['taus']}")
+    t = cfg["teacher"]["temperature"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+        raise ValueError(f"teacher.temperature must be a number > 0 (1: the fitted posterior as it is), got {t!r}")
+    sched = cfg["teacher"]["map_schedule"]
+    if sched not in SCHEDULES:
+        raise ValueError(f"teacher.map_schedule must be one of {list(SCHEDULES)}, got {sched!r}")
     v = cfg["data"]["validation"]
     if not (isinstance(v, (int, float)) and 0 <= v < 1):
         raise ValueError(f"data.validation must be a fraction in [0, 1) (0: no validation split), got {v!r}")

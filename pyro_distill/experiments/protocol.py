@@ -197,7 +197,12 @@ class Protocol:
         tq, th = fit_posterior(teacher, ds.X, ds.y, guide=tc["guide"], steps=tc["steps"], map_steps=tc["map_steps"],
                                lr=tc["lr"], map_lr=tc["map_lr"], num_particles=tc["num_particles"], rank=tc["rank"],
                                batch_size=tc["batch_size"] or None, seed=seed,
-                               laplace_kind=tc.get("laplace") or None)
+                               laplace_kind=tc.get("laplace") or None,
+                               map_schedule=tc.get("map_schedule", "constant"))
+        temperature = float(tc.get("temperature", 1.0))
+        if temperature != 1.0:  # a covariance scale chosen beforehand on a validation split (never the test split)
+            tq = tq.tempered(temperature)
+            ctx.log(f"teacher posterior covariance scaled by T = {temperature:g} (teacher.temperature)")
         t_teacher = time.perf_counter() - t0
         tres = metrics.evaluate(teacher, tq, ds.Xte, ds.yte, num_samples=ec["samples"], seed=seed)
         ctx.record({"setting": "teacher", "method": "teacher", "student": "teacher", "fraction": 1.0,
