@@ -117,3 +117,32 @@ def test_cells_are_independent_of_what_ran_before_and_of_the_process(cfg, tmp_pa
     key = lambda c: (c["setting"], c["method"], c["step"], c["metric"])  # noqa: E731
     assert sorted(seq.curves, key=key) == sorted(units.curves, key=key) and len(seq.curves) > 0
     assert Cell(0, 1, "both", 0.25, "kd").setting == "both frac=0.25"
+
+
+def test_teacher_temperature_and_map_schedule(tmp_path):
+    """``teacher.temperature`` scales the fitted posterior's covariance by T (the students' prior and every teacher
+    row see the scaled one; the MAP point is untouched), ``teacher.map_schedule`` reaches the MAP phase; bad values
+    are refused with the key's name before anything is fitted."""
+    from pyro_distill.experiments.mlp import MLPFamily
+
+    base = TOML.replace("steps = 2\nnum_particles = 2\n[students]", "steps = 2\nnum_particles = 2\n"
+                        "map_schedule = \"cosine\"\n[students]", 1)
+    assert base != TOML
+    out = {}
+    for T in (1.0, 0.25):
+        p = tmp_path / f"t{T}.toml"
+        p.write_text(base.replace("[students]", f"temperature = {T}\n[students]", 1))
+        c = load_config(p)
+        ctx = _ctx(tmp_path, f"t{T}")
+        tr, _ = PROTOCOL.teacher(c, 0, ctx)
+        out[T] = (tr.posterior, ctx.rows)
+    q1, q2 = out[1.0][0], out[0.25][0]
+    torch.testing.assert_close(q2.mean, q1.mean)
+    torch.testing.assert_close(q2.variance, 0.25 * q1.variance)
+    assert out[1.0][1][1] == out[0.25][1][1] | {"time_s": out[1.0][1][1]["time_s"]}  # the same MAP point row
+    for key, bad, msg in (("temperature", "0.0", "teacher.temperature must be a number > 0"),
+                          ("map_schedule", '"linear"', "teacher.map_schedule must be one of")):
+        p = tmp_path / f"bad_{key}.toml"
+        p.write_text(TOML.replace("[students]", f"{key} = {bad}\n[students]", 1))
+        with pytest.raises(ValueError, match=msg):
+            MLPFamily().check(load_config(p))

@@ -231,6 +231,7 @@ attn = 3
 [teacher]
 map_steps = 4
 steps = 3
+temperature = 0.5
 [student]
 steps = 4
 [kd]
@@ -240,6 +241,7 @@ every = 2
 samples = 2
 """)
     run_dir = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
+    assert "teacher posterior covariance scaled by T = 0.5" in (run_dir / "seeds" / "seed0" / "log.txt").read_text()
     rows = json.loads((run_dir / "metrics.json").read_text())
     methods = [r["method"] for r in rows]
     # the old kind name and old method names (vi_conditioned_prior, ...) run; rows carry the canonical names

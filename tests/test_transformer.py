@@ -296,11 +296,20 @@ one_block = { heads = [1] }
 [teacher]
 map_steps = 3
 steps = 2
+temperature = 0.5
 [student]
 map_steps = 2
 steps = 2
 """)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(toml.read_text().replace("temperature = 0.5", "temperature = -1"))
+    from pyro_distill.experiments.core import RunError
+
+    with pytest.raises(RunError, match="teacher.temperature must be a number > 0"):  # refused before any fit
+        run(bad, runs_root=tmp_path / "bad_runs", models_root=tmp_path / "bad_models", echo=False)
     run_dir = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
+    # the teacher's covariance scaled by teacher.temperature before its rows and the students' priors
+    assert "teacher posterior covariance scaled by T = 0.5" in (run_dir / "seeds" / "seed0" / "log.txt").read_text()
     rows = [r for r in read_rows_json(run_dir) if r["setting"] == "one_block"]
     # old names in the config; canonical names in the rows, run in the kind's fixed order
     assert [r["method"] for r in rows] == ["teacher_prior", "standard_prior", "deterministic", "tinybert"]

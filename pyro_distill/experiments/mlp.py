@@ -26,7 +26,7 @@ from ..distill import student_prior
 from ..nets.mlp import MLP
 from ..training import SCHEDULES
 from .core import register_kind
-from .protocol import METHODS, Family, Protocol
+from .protocol import METHODS, Family, Protocol, check_teacher_temperature
 
 __all__ = ["DEFAULTS", "MLPFamily", "PROTOCOL", "run_seed", "load_data"]
 
@@ -88,9 +88,7 @@ def _check(cfg: dict[str, Any]) -> None:
         raise ValueError(f"unknown methods {bad} in distill.methods; choose from {list(ALL_METHODS)}")
     if any(t != "evidence" and (isinstance(t, str) or not t >= 1) for t in cfg["distill"]["taus"]):
         raise ValueError(f"distill.taus must be numbers >= 1 or \"evidence\", got {cfg['distill']['taus']}")
-    t = cfg["teacher"]["temperature"]
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-        raise ValueError(f"teacher.temperature must be a number > 0 (1: the fitted posterior as it is), got {t!r}")
+    check_teacher_temperature(cfg["teacher"])
     sched = cfg["teacher"]["map_schedule"]
     if sched not in SCHEDULES:
         raise ValueError(f"teacher.map_schedule must be one of {list(SCHEDULES)}, got {sched!r}")

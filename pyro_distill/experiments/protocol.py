@@ -50,7 +50,8 @@ from ..inference import fit_posterior
 
 __all__ = ["METHODS", "VI_METHODS", "OURS", "BASELINES", "NEEDS_TEACHER_POSTERIOR", "Cell", "TeacherResult", "Family",
            "Protocol", "fit_method", "method_label", "plan_cells", "timed", "record_evaluation", "check_choices",
-           "vi_kwargs", "evidence_prior", "accuracy_curve", "sequence_curve", "record_sequences", "subsamples"]
+           "vi_kwargs", "evidence_prior", "accuracy_curve", "sequence_curve", "record_sequences", "subsamples",
+           "check_teacher_temperature", "tempered_teacher"]
 
 #: the baselines (pyro_distill.baselines), run only for ``distill.baseline_students`` x ``baseline_fractions``
 BASELINES: tuple[str, ...] = tuple(baselines.METHODS)
@@ -199,10 +200,7 @@ class Protocol:
                                batch_size=tc["batch_size"] or None, seed=seed,
                                laplace_kind=tc.get("laplace") or None,
                                map_schedule=tc.get("map_schedule", "constant"))
-        temperature = float(tc.get("temperature", 1.0))
-        if temperature != 1.0:  # a covariance scale chosen beforehand on a validation split (never the test split)
-            tq = tq.tempered(temperature)
-            ctx.log(f"teacher posterior covariance scaled by T = {temperature:g} (teacher.temperature)")
+        tq = tempered_teacher(tq, tc, ctx)
         t_teacher = time.perf_counter() - t0
         tres = metrics.evaluate(teacher, tq, ds.Xte, ds.yte, num_samples=ec["samples"], seed=seed)
         ctx.record({"setting": "teacher", "method": "teacher", "student": "teacher", "fraction": 1.0,
@@ -360,6 +358,30 @@ def vi_kwargs(fc: dict[str, Any], seed: int) -> dict[str, Any]:
            "lr": fc["lr"], "map_lr": fc["map_lr"], "num_particles": fc["num_particles"],
            "batch_size": fc["batch_size"] or None, "seed": seed}
     return out | ({"elbo_eval_particles": fc["elbo_eval_particles"]} if "elbo_eval_particles" in fc else {})
+
+
+def check_teacher_temperature(tc: dict[str, Any]) -> float:
+    """``teacher.temperature`` (default 1) as a float > 0, else a ValueError naming the key (checked before any fit)."""
+    t = tc.get("temperature", 1.0)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+        raise ValueError(f"teacher.temperature must be a number > 0 (1: the fitted posterior as it is), got {t!r}")
+    return float(t)
+
+
+def tempered_teacher(q: Any, tc: dict[str, Any], ctx: Any = None) -> Any:
+    """The teacher posterior with its covariance times ``teacher.temperature`` (every family's runner calls this
+    right after the teacher's fit, so its rows, saved model and the students' priors all see the same Gaussian).
+
+    ``T`` is a setting chosen *before* the run on held-out data carved from the training split, never the test
+    split: e.g. :func:`pyro_distill.evidence.tune_posterior_scale` on a tuning split
+    (``benchmarks/fashion_teacher_lr.py --tune``, ``benchmarks/teacher_quality.py --tune validation``). ``T < 1``
+    narrows an under-confident Laplace / VI posterior; ``T = 1`` returns ``q`` itself."""
+    T = check_teacher_temperature(tc)
+    if T == 1.0:
+        return q
+    if ctx is not None:
+        ctx.log(f"teacher posterior covariance scaled by T = {T:g} (teacher.temperature)")
+    return q.tempered(T)
 
 
 def check_choices(cfg: dict[str, Any], choices: dict[str, tuple[str, ...]]) -> None:

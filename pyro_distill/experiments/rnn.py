@@ -34,7 +34,16 @@ from ..naming import canonical_methods
 from ..nets.attention_rnn import AttentionRNN
 from ..surgery.rnn import RemoveAttention
 from .core import SeedContext, register_kind
-from .protocol import check_choices, evidence_prior, record_sequences, sequence_curve, subsamples, timed
+from .protocol import (
+    check_choices,
+    check_teacher_temperature,
+    evidence_prior,
+    record_sequences,
+    sequence_curve,
+    subsamples,
+    tempered_teacher,
+    timed,
+)
 
 __all__ = ["DEFAULTS", "METHODS", "run_seed"]
 
@@ -53,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "data": {"n_train": 4000, "n_val": 500, "n_test": 1000},
     "net": {"emb": 16, "hidden": 32, "attn": 16},
     "teacher": {"map_steps": 800, "steps": 400, "lr": 1e-3, "factor_lr": 1e-4, "map_lr": 1e-2, "num_particles": 1,
-                "rank": 10},
+                "rank": 10, "temperature": 1.0},  # temperature: covariance times T, chosen on held-out training data
     "student": {"steps": 800, "lr": 1e-2, "svi_lr": 1e-2, "factor_lr": 1e-3, "num_particles": 1, "rank": 10,
                 "prior_temperature": 100.0, "tempered_start": "prior", "fractions": [1.0],
                 # teacher_prior(tau=evidence): MAP steps to the expansion point, diagonal-GGN estimator and its draws
@@ -71,6 +80,7 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
                         "methods": METHODS})
     if any(not 0 < f <= 1 for f in cfg["student"]["fractions"]):
         raise ValueError(f"student.fractions must lie in (0, 1], got {cfg['student']['fractions']}")
+    check_teacher_temperature(cfg["teacher"])
     for task_name in cfg["tasks"]:
         # the data split is fixed (seed 0) across seeds: seeds vary initialization and minibatches only
         _run_task(cfg, seed, ctx, sequence_task(task_name, seed=0, **cfg["data"]), getattr(torch, cfg["dtype"]))
@@ -86,6 +96,7 @@ def _teacher(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, te
                                    factor_lr=T["factor_lr"], map_steps=T["map_steps"], map_lr=T["map_lr"],
                                    num_particles=T["num_particles"], batch_size=B, init=w0, cov_init="prior",
                                    rank=T["rank"], seed=seed, dtype=dtype, elbo_eval_particles=2)
+    q_t = tempered_teacher(q_t, T, ctx)
     # where each removal variant puts the student: conditional mean vs plain marginal (copied) mean
     starts = {f"val_nll_cond_{v}": metrics.sequence_nll(student, RemoveAttention(v).apply(teacher, q_t)[1].loc, Xv, yv)
               for v in ("w", "uv", "all")}

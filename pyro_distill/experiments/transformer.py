@@ -26,7 +26,15 @@ from ..nets.transformer import Transformer
 from ..surgery import apply
 from ..surgery.transformer import plan_transformer, teacher_block_map
 from .core import SeedContext, register_kind
-from .protocol import accuracy_curve, check_choices, evidence_prior, record_evaluation, subsamples
+from .protocol import (
+    accuracy_curve,
+    check_choices,
+    check_teacher_temperature,
+    evidence_prior,
+    record_evaluation,
+    subsamples,
+    tempered_teacher,
+)
 
 __all__ = ["run_seed", "DEFAULTS", "METHODS"]
 
@@ -52,7 +60,8 @@ DEFAULTS: dict[str, Any] = {
     "rank": 10,
     "batch_size": 128,
     "num_particles": 4,
-    "teacher": {"map_steps": 1000, "steps": 400, "lr": 5e-3, "map_lr": 1e-2},
+    # temperature: the fitted posterior's covariance times T (chosen beforehand on held-out training data)
+    "teacher": {"map_steps": 1000, "steps": 400, "lr": 5e-3, "map_lr": 1e-2, "temperature": 1.0},
     "student": {"map_steps": 600, "steps": 400, "lr": 5e-3, "map_lr": 1e-2, "fractions": [1.0]},
     "kd": {"gamma": 0.5, "temperature": 2.0},
     "tinybert": {"beta_hidden": 1.0, "beta_attn": 1.0},
@@ -85,6 +94,7 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     """One seed: the teacher, then per student x fraction every method of ``cfg["methods"]`` (module doc)."""
     methods = canonical_methods(cfg["methods"])
     check_choices({"methods": methods}, {"methods": METHODS})
+    check_teacher_temperature(cfg["teacher"])
     torch.manual_seed(seed)
     d, shape = _data(cfg, seed)
     X, y, Xte, yte = d.X, d.y, d.Xte, d.yte
@@ -98,6 +108,7 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     q_t, hist = fit_posterior(teacher, X, y, prior=None, steps=tc["steps"], lr=tc["lr"], map_steps=tc["map_steps"],
                               map_lr=tc["map_lr"], seed=seed, callback=tcb,
                               eval_every=max(1, (tc["map_steps"] + tc["steps"]) // npts), **fit_kw)
+    q_t = tempered_teacher(q_t, tc, ctx)
     tp_test, tp_train = (metrics.predict(teacher, q_t, Z, num_samples=S, seed=seed) for Z in (Xte, X))
     ctx.log(f"teacher {teacher!r}")
     record_evaluation(ctx, teacher, q_t, Xte, yte, "teacher", "vi", None, S, seed,

@@ -83,7 +83,9 @@ def _mean_sd(vals: list[float]) -> tuple[float, float]:
 
 
 def _taus(methods: list[str]) -> list[str]:
-    return [m.split("tau=")[1].rstrip(")") for m in methods if "(tau=" in m]
+    # a plain "teacher_prior" (the transformer's and RNN's name for tau = 1) holds the first tau colour
+    plain = ["1"] if "teacher_prior" in methods and not any("(tau=1)" in m for m in methods) else []
+    return plain + [m.split("tau=")[1].rstrip(")") for m in methods if "(tau=" in m]
 
 
 def _color(method: str, methods: list[str]):
@@ -128,7 +130,7 @@ def learning_curves(curves: list[dict[str, Any]], setting: str, out: Path, title
 def _metric_axis(ax: Any, metric: str, drawn: list[float], xlabel: str) -> None:
     """Labels and y-range of a test-metric panel (accuracy in [0, 1], NLL on a log axis)."""
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"test {metric}")
+    ax.set_ylabel(metric.replace("_", " ") if metric.startswith("test_") else f"test {metric}")
     style.fit_ylim(ax, drawn, log=metric == "nll", lo=0.0 if metric == "accuracy" else None,
                    hi=1.0 if metric == "accuracy" else None)
     if metric == "nll":
@@ -137,8 +139,8 @@ def _metric_axis(ax: Any, metric: str, drawn: list[float], xlabel: str) -> None:
 
 def _finish(fig, axes, title: str, out: Path) -> Path:
     """Legend outside the panels, title, write the PNG atomically (:func:`style.save`)."""
-    style.legend_outside(fig, axes)
     fig.suptitle(title)
+    style.legend_outside(fig, axes, where="bottom")  # a right-hand legend would run into a long title
     return style.save(fig, out)
 
 

@@ -21,6 +21,17 @@ def summary_table(run_dirs: str | os.PathLike | list[str | os.PathLike]) -> str:
     return merged_summary(run_dirs, ["accuracy", "nll", "ece", "brier", "agreement", "params"])
 
 
+def _tick(setting: str) -> str:
+    """``"fewer_heads frac=0.1"`` -> ``"fewer_heads\n10% data"`` (two lines: six groups side by side stay legible)."""
+    name, _, frac = setting.partition(" frac=")
+    return f"{name}\n{float(frac or 1):.0%} data"
+
+
+def _color(method: str):
+    # "teacher_prior" is tau = 1: a tau chosen by evidence gets the next tau colour, not the same one
+    return style.method_color(method, ("1", "evidence"))
+
+
 def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str | os.PathLike = "figures",
                  prefix: str = "transformer") -> list[Path]:
     """``{prefix}_metrics.png`` (test accuracy and NLL, mean ± sd over seeds, per student x method) and
@@ -36,15 +47,15 @@ def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str 
     made = []
     # points with ± sd bars, not bars: accuracies of 0.74-0.96 drawn as bars from an arbitrary baseline
     # would exaggerate (or, from 0, hide) the differences; the y range follows the data
-    fig, axes = style.subplots(1, 2, panel=(4.6, 3.2), extra_width=2.4)
+    fig, axes = style.subplots(1, 2, panel=(6.4, 3.4), extra_width=2.4)
     for ax, metric in zip(axes[0], ("accuracy", "nll")):
         series = {}
         for m in methods:
             stats = [_mean_sd(v) if v else (float("nan"), 0.0) for v in
                      ([r[metric] for r in rows if r["setting"] == s and r["method"] == m] for s in settings)]
             series[style.display_name(m)] = ([a for a, _ in stats], [b for _, b in stats])
-        ends = style.dot_groups(ax, settings, series,
-                                {style.display_name(m): style.method_color(m) for m in methods})
+        ends = style.dot_groups(ax, [_tick(s) for s in settings], series,
+                                {style.display_name(m): _color(m) for m in methods})
         if teacher:
             tv = sum(r[metric] for r in teacher) / len(teacher)
             ax.axhline(tv, color="k", ls="--", lw=1, label="Teacher")
@@ -57,8 +68,13 @@ def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str 
 
     curves = merged_rows(dirs, "curves.csv")
     if curves:
-        fig, axes = style.subplots(1, len(settings), panel=(3.6, 3.0), extra_width=2.4, sharey=True)
-        for ax, s in zip(axes[0], settings):
+        # one row per data fraction, one column per student
+        students = list(dict.fromkeys(s.partition(" frac=")[0] for s in settings))
+        fracs = list(dict.fromkeys(s.partition(" frac=")[2] for s in settings))
+        fig, axes = style.subplots(len(fracs), len(students), panel=(3.6, 2.8), extra_width=2.4, sharey=True)
+        grid = [(axes[fracs.index(s.partition(" frac=")[2])][students.index(s.partition(" frac=")[0])], s)
+                for s in settings]
+        for ax, s in grid:
             for m in methods:
                 pts = [c for c in curves if c["setting"] == s and c["method"] == m]
                 steps = sorted({c["step"] for c in pts})
@@ -66,11 +82,12 @@ def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str 
                     continue
                 mean = [sum(c["value"] for c in pts if c["step"] == t) / sum(1 for c in pts if c["step"] == t)
                         for t in steps]
-                ax.plot(steps, mean, marker=".", label=style.display_name(m), color=style.method_color(m))
-            ax.set_title(s)
+                ax.plot(steps, mean, marker=".", label=style.display_name(m), color=_color(m))
+            ax.set_title(_tick(s).replace("\n", ", "))
             ax.set_xlabel("optimizer step")
             style.mark_switch(ax, map_steps_of(dirs[0]))
-        axes[0][0].set_ylabel("test accuracy (mean weights)")
+        for row in axes:
+            row[0].set_ylabel("test accuracy (mean weights)")
         style.legend_outside(fig, axes)
         made.append(style.save(fig, out / f"{prefix}_curves.png"))
     return made
