@@ -499,11 +499,12 @@ class GGN:
 
     # ------------------------------------------------------------------ spectrum
     def eigh_topk(self, k: int, seed: int = 0, method: str = "lanczos", tol: float | None = None,
-                  max_iter: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_iter: int | None = None, restarts: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` largest eigenpairs ``(values [k] descending, vectors [p, k])`` of the operator.
 
-        ``"lanczos"``: Lanczos with full reorthogonalization (one ``mv`` per step, at most ``max_iter`` steps,
-        default ``min(p, max(3k, k + 60))``); ``"lobpcg"``: block LOBPCG with block ``mm`` products. Both
+        ``"lanczos"``: Lanczos with full reorthogonalization (one ``mv`` per step, a basis of at most ``max_iter``
+        vectors, default ``min(p, max(3k, k + 60))``; ``restarts`` thick restarts when a cycle ends unconverged,
+        see :func:`lanczos`); ``"lobpcg"``: block LOBPCG with block ``mm`` products. Both
         start from a seeded random vector/block (reproducible) and stop when the residual norms of the top
         ``k`` Ritz pairs are below ``tol * lambda_max`` (default 1e-10 in float64, 1e-5 in float32).
         """
@@ -512,7 +513,8 @@ class GGN:
         if tol is None:
             tol = 1e-10 if self.dtype == torch.float64 else 1e-5
         if method == "lanczos":
-            vals, vecs, info = _lanczos(self.mv, self.p, k, seed, tol, max_iter, self.dtype, self.device)
+            vals, vecs, info = _lanczos(self.mv, self.p, k, seed, tol, max_iter, self.dtype, self.device,
+                                        restarts=restarts)
         elif method == "lobpcg":
             vals, vecs, info = _lobpcg(self.mm, self.p, k, seed, tol, max_iter, self.dtype, self.device)
         else:
@@ -685,60 +687,89 @@ def _orth_against(z: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 
 
 def _lanczos(mv: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: int, tol: float,
-             max_iter: int | None, dtype: torch.dtype, device: torch.device
+             max_iter: int | None, dtype: torch.dtype, device: torch.device, restarts: int = 0
              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Top-k eigenpairs of a symmetric PSD operator by Lanczos with full reorthogonalization."""
+    """Top-k eigenpairs of a symmetric PSD operator by Lanczos with full reorthogonalization, thick-restarted.
+
+    One cycle builds an orthonormal basis ``V`` of at most ``m_max = max_iter`` (default ``max(3k, k + 60)``) columns
+    and the projected matrix ``H = V^T A V`` (tridiagonal in the first cycle), stopping early once the residuals
+    ``|b s_last,i|`` of the top ``k`` Ritz pairs are below ``tol * |theta_max|``. If a cycle ends unconverged and
+    ``restarts`` remain, the thick restart of Wu & Simon (2000) keeps the top ``l = min(m - 1, k + max(k // 2, 10))``
+    Ritz vectors ``Y = V S_l`` and the residual direction ``q``: since ``A Y = Y Theta + q c^T`` with
+    ``c_i = b s_last,i``, the new basis ``[Y, q]`` has ``H = [[Theta, c], [c^T, .]]`` (an arrowhead) and Lanczos goes on
+    from ``q``. With ``restarts = 0`` the result is the plain (single-cycle) Lanczos, bit for bit."""
     m_max = min(p, max_iter if max_iter is not None else max(3 * k, k + 60))
     gen = torch.Generator(device=device).manual_seed(seed)
-    Q = torch.zeros(p, m_max, dtype=dtype, device=device)
-    alpha = torch.zeros(m_max, dtype=torch.float64)
-    beta = torch.zeros(m_max, dtype=torch.float64)
+    V = torch.zeros(p, m_max, dtype=dtype, device=device)
+    H = torch.zeros(m_max, m_max, dtype=torch.float64)
     q = torch.randn(p, generator=gen, dtype=dtype, device=device)
     q = q / q.norm()
-    m = 0
-    for j in range(m_max):
-        Q[:, j] = q
-        z = mv(q)
-        alpha[j] = float(q @ z)
-        z = _orth_against(z, Q[:, : j + 1])
-        b = float(z.norm())
-        m = j + 1
-        if m >= k and (m == m_max or m % 5 == 0 or b == 0.0):
-            T = torch.diag(alpha[:m]) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
-            theta, S = torch.linalg.eigh(T)
-            res = (b * S[-1, -k:]).abs()
-            if bool((res <= tol * max(float(theta[-1].abs()), 1e-300)).all()):
+    start, products, cycles, converged = 0, 0, 0, False
+    while True:
+        m, b, z = start, 0.0, q
+        for j in range(start, m_max):
+            V[:, j] = q
+            z = mv(q)
+            products += 1
+            H[j, j] = float(q @ z)
+            z = _orth_against(z, V[:, : j + 1])
+            b = float(z.norm())
+            m = j + 1
+            if m >= k and (m == m_max or m % 5 == 0 or b == 0.0):
+                theta, S = torch.linalg.eigh(H[:m, :m])
+                res = (b * S[-1, -k:]).abs()
+                if bool((res <= tol * max(float(theta[-1].abs()), 1e-300)).all()):
+                    converged = True
+                    break
+            if m == m_max:
                 break
-        if m == m_max:
+            scale = max(float(H.diagonal()[: j + 1].abs().max()), 1e-300)
+            if b <= 1e-12 * scale:  # invariant subspace: continue from a fresh direction (H splits into blocks)
+                z = _orth_against(torch.randn(p, generator=gen, dtype=dtype, device=device), V[:, : j + 1])
+                b_next = 0.0
+                q = z / z.norm()
+            else:
+                b_next = b
+                q = z / b
+            H[j, j + 1] = H[j + 1, j] = b_next
+        if converged or cycles >= restarts or m < m_max or b == 0.0:
             break
-        scale = max(float(alpha[: j + 1].abs().max()), 1e-300)
-        if b <= 1e-12 * scale:  # invariant subspace: continue from a fresh direction (T splits into blocks)
-            z = _orth_against(torch.randn(p, generator=gen, dtype=dtype, device=device), Q[:, : j + 1])
-            b_next = 0.0
-            q = z / z.norm()
-        else:
-            b_next = b
-            q = z / b
-        beta[j] = b_next
-    T = torch.diag(alpha[:m]) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
-    theta, S = torch.linalg.eigh(T)
+        # ---- thick restart: keep the top l Ritz pairs, continue from the residual direction
+        cycles += 1
+        theta, S = torch.linalg.eigh(H[:m, :m])
+        l_keep = min(m - 1, k + max(k // 2, 10))
+        top = torch.arange(m - 1, m - 1 - l_keep, -1)
+        V[:, :l_keep] = V[:, :m] @ S[:, top].to(dtype=dtype, device=device)
+        c = b * S[-1, top]
+        H.zero_()
+        H[:l_keep, :l_keep] = torch.diag(theta[top])
+        H[:l_keep, l_keep] = c
+        H[l_keep, :l_keep] = c
+        q = z / b
+        start = l_keep
+    theta, S = torch.linalg.eigh(H[:m, :m])
     top = torch.arange(m - 1, m - 1 - k, -1)
-    vecs = Q[:, :m] @ S[:, top].to(dtype=dtype, device=device)
+    vecs = V[:, :m] @ S[:, top].to(dtype=dtype, device=device)
     resid = float((b * S[-1, top]).abs().max()) / max(float(theta[-1].abs()), 1e-300)
-    info = {"iterations": m, "products": m, "residual": resid}
+    info = {"iterations": m, "products": products, "residual": resid, "restarts": cycles}
     return theta[top].to(dtype=dtype, device=device), vecs, info
 
 
 def lanczos(mv: Callable[[torch.Tensor], torch.Tensor], p: int, k: int, seed: int = 0, tol: float | None = None,
-            max_iter: int | None = None, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
-            ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+            max_iter: int | None = None, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+            restarts: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The ``k`` largest eigenpairs of any symmetric operator ``mv`` (``[p] -> [p]``) by Lanczos with full
-    reorthogonalization: ``(values [k] descending, vectors [p, k], info)`` with ``info`` = iterations,
-    products and the largest residual ``|beta_m s_mi| / |theta_max|``. Seeded start (reproducible);
-    ``tol`` defaults to 1e-10 (float64) or 1e-5; at most ``max_iter`` steps (``min(p, max(3k, k + 60))``)."""
+    reorthogonalization: ``(values [k] descending, vectors [p, k], info)`` with ``info`` = iterations (the last
+    basis size), products (operator applications in all), the largest residual ``|beta_m s_mi| / |theta_max|`` and
+    restarts (thick restarts used). Seeded start (reproducible); ``tol`` defaults to 1e-10 (float64) or 1e-5; a
+    basis of at most ``max_iter`` vectors (``min(p, max(3k, k + 60))``); when a cycle ends above ``tol``, up to
+    ``restarts`` thick restarts (Wu & Simon 2000: the top Ritz vectors kept, the memory stays ``p x max_iter``)
+    converge the lower pairs of a large ``k`` that one cycle leaves partly converged."""
     if tol is None:
         tol = 1e-10 if dtype == torch.float64 else 1e-5
-    return _lanczos(mv, p, k, seed, tol, max_iter, dtype, torch.device(device))
+    if restarts < 0:
+        raise ValueError(f"restarts must be >= 0, got {restarts}")
+    return _lanczos(mv, p, k, seed, tol, max_iter, dtype, torch.device(device), restarts=restarts)
 
 
 def _orthonormalize(Z: torch.Tensor, AZ: torch.Tensor | None = None, rtol: float = 1e-6
