@@ -47,8 +47,9 @@ def _fit(args: argparse.Namespace, ds, tune, schedule: str, map_lr: float, lr: f
     t0 = time.perf_counter()
     q, h = fit_posterior(net, ds.X, ds.y, guide=args.guide, rank=20, map_steps=args.map_steps, steps=args.steps,
                          lr=lr, batch_size=1000, seed=args.seed, num_particles=8, map_lr=map_lr,
-                         map_schedule=schedule)
-    print(f"{args.guide}: MAP {schedule} lr {map_lr:g}; SVI lr {lr:g}, {args.steps} steps: fit "
+                         map_schedule=schedule, factor_lr=args.factor_lr)
+    print(f"{args.guide}: MAP {schedule} lr {map_lr:g}; SVI lr {lr:g} (factor lr {args.factor_lr or lr:g}), "
+          f"{args.steps} steps: fit "
           f"{time.perf_counter() - t0:.0f} s (Laplace {h.laplace_time_s:.0f} s, SVI {h.svi_time_s:.0f} s), "
           f"ELBO {h.elbo_start:.0f} -> {h.elbo_end:.0f}", flush=True)
     _show("MAP point", net, PointMass(h.map_weights), ds.Xte, ds.yte, 1)
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--guide", default="lowrank", choices=["lowrank", "kron", "diag"])
     ap.add_argument("--lr", type=float, nargs="+", default=[1e-3, 1e-4])
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--factor-lr", type=float, default=None,
+                    help="SVI step of the covariance parameters (default: fit_posterior's, = --lr for these guides)")
     ap.add_argument("--validation", type=float, default=0.1)
     ap.add_argument("--tune", type=float, default=0.0,
                     help="hold out this fraction of the training part to choose the covariance temperature")
