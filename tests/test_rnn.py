@@ -245,8 +245,8 @@ samples = 2
     rows = json.loads((run_dir / "metrics.json").read_text())
     methods = [r["method"] for r in rows]
     # the old kind name and old method names (vi_conditioned_prior, ...) run; rows carry the canonical names
-    assert methods == ["teacher", "teacher_prior", "standard_prior", "teacher_init", "deterministic", "kd",
-                       "teacher_prior_tempered", "marginal_prior", "deterministic_attention"]
+    assert methods == ["teacher", "teacher_map", "teacher_prior", "standard_prior", "teacher_init", "deterministic",
+                       "kd", "teacher_prior_tempered", "marginal_prior", "deterministic_attention"]
     by = {r["method"]: r for r in rows}
     assert by["deterministic_attention"]["p"] == by["teacher"]["p"] > by["kd"]["p"]
     # the copied mean IS the marginal's mean: both start from the same validation loss

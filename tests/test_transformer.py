@@ -310,6 +310,8 @@ steps = 2
     run_dir = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
     # the teacher's covariance scaled by teacher.temperature before its rows and the students' priors
     assert "teacher posterior covariance scaled by T = 0.5" in (run_dir / "seeds" / "seed0" / "log.txt").read_text()
+    # the teacher's posterior and its own MAP point, evaluated on the same test split
+    assert [r["method"] for r in read_rows_json(run_dir) if r["setting"] == "teacher"] == ["vi", "teacher_map"]
     rows = [r for r in read_rows_json(run_dir) if r["setting"] == "one_block"]
     # old names in the config; canonical names in the rows, run in the kind's fixed order
     assert [r["method"] for r in rows] == ["teacher_prior", "standard_prior", "deterministic", "tinybert"]

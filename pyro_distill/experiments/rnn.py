@@ -104,6 +104,9 @@ def _teacher(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, te
     record_sequences(ctx, teacher, q_t, task.Xte, task.yte, task.name, "teacher", cfg["eval"]["samples"], seed,
                      starts | {"val_nll_start": float("nan"), "svi_step_ms": 1e3 * hist.svi_time_s / max(1, T["steps"]),
                                "map_step_ms": 1e3 * hist.map_time_s / max(1, T["map_steps"]), "fit_s": t_teacher})
+    if hist.map_weights is not None:  # the check every posterior owes: its predictive against its own MAP point
+        record_sequences(ctx, teacher, PointMass(hist.map_weights), task.Xte, task.yte, task.name, "teacher_map", 1,
+                         seed, {"fit_s": hist.map_time_s})
     if cfg["save_models"]:
         ctx.save_model(f"{task.name}-teacher", teacher, q_t, {"task": task.name, "role": "teacher",
                                                               "data": specs.from_table(cfg["data"], task.name)},

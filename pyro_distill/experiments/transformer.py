@@ -20,6 +20,7 @@ from .. import metrics
 from ..baselines import deterministic, knowledge_distillation, standard_prior, tinybert, tinybert_targets
 from ..data import specs
 from ..distill import reduced_posterior
+from ..gaussian import PointMass
 from ..inference import fit_posterior
 from ..naming import canonical_methods
 from ..nets.transformer import Transformer
@@ -113,6 +114,9 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     ctx.log(f"teacher {teacher!r}")
     record_evaluation(ctx, teacher, q_t, Xte, yte, "teacher", "vi", None, S, seed,
                       extra={"fit_s": hist.map_time_s + hist.svi_time_s})
+    if hist.map_weights is not None:  # the check every posterior owes: its predictive against its own MAP point
+        record_evaluation(ctx, teacher, PointMass(hist.map_weights), Xte, yte, "teacher", "teacher_map", None, 1, seed,
+                          extra={"fit_s": hist.map_time_s})
     if cfg["save_models"]:
         ctx.save_model("transformer-teacher", teacher, q_t, {"task": cfg["task"], "data": _spec(cfg, seed)},
                        data=(X, y), idata_draws=cfg["idata_draws"])

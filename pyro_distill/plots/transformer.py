@@ -43,7 +43,7 @@ def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str 
     rows = merged_rows(dirs, "metrics.csv")
     settings = [s for s in dict.fromkeys(r["setting"] for r in rows) if s != "teacher"]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    teacher = [r for r in rows if r["setting"] == "teacher"]
+    teacher = [r for r in rows if r["setting"] == "teacher" and r["method"] == "vi"]  # not its MAP-point row
     made = []
     # points with ± sd bars, not bars: accuracies of 0.74-0.96 drawn as bars from an arbitrary baseline
     # would exaggerate (or, from 0, hide) the differences; the y range follows the data
