@@ -35,7 +35,6 @@ from .gaussian import (
     DenseGaussian,
     DiagGaussian,
     Gaussian,
-    KronGaussian,
     LowRankGaussian,
     LowRankPrecisionGaussian,
     PointMass,
@@ -375,9 +374,8 @@ def _precision_mv(prior: Gaussian, v: torch.Tensor) -> torch.Tensor:
         return v / dd - (W @ t) / dd
     if isinstance(prior, LowRankPrecisionGaussian):  # (diag(d) + F F^T) v: no solve at all
         return prior.prec_diag * v + prior.prec_factor @ (prior.prec_factor.T @ v)
-    if isinstance(prior, KronGaussian):  # per block A^{-1} V B^{-1}: no p x p matrix
-        return prior.precision_mv(v)
-    return prior.precision() @ v
+    pmv = getattr(prior, "precision_mv", None)  # a structure's own product (KronGaussian: A^{-1} V B^{-1} per block)
+    return pmv(v) if callable(pmv) else prior.precision() @ v
 
 
 def _lowrank_laplace(op: Any, prior: Gaussian, w_map: torch.Tensor, d: torch.Tensor, rank: int, seed: int,

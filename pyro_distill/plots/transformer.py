@@ -9,7 +9,9 @@ from pathlib import Path
 
 from ..experiments.transformer import METHODS
 from . import style
-from .experiments import _mean_sd, map_steps_of, merged_main, merged_rows, merged_summary
+
+# _color: a plain "teacher_prior" is tau = 1, tau = evidence gets the next tau colour
+from .experiments import _color, _mean_sd, map_steps_of, merged_main, merged_rows, merged_summary
 from .experiments import run_dirs as run_dirs_of
 
 __all__ = ["figures_for_run", "make_figures", "summary_table"]
@@ -25,11 +27,6 @@ def _tick(setting: str) -> str:
     """``"fewer_heads frac=0.1"`` -> ``"fewer_heads\n10% data"`` (two lines: six groups side by side stay legible)."""
     name, _, frac = setting.partition(" frac=")
     return f"{name}\n{float(frac or 1):.0%} data"
-
-
-def _color(method: str):
-    # "teacher_prior" is tau = 1: a tau chosen by evidence gets the next tau colour, not the same one
-    return style.method_color(method, ("1", "evidence"))
 
 
 def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str | os.PathLike = "figures",
@@ -55,7 +52,7 @@ def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str 
                      ([r[metric] for r in rows if r["setting"] == s and r["method"] == m] for s in settings)]
             series[style.display_name(m)] = ([a for a, _ in stats], [b for _, b in stats])
         ends = style.dot_groups(ax, [_tick(s) for s in settings], series,
-                                {style.display_name(m): _color(m) for m in methods})
+                                {style.display_name(m): _color(m, methods) for m in methods})
         if teacher:
             tv = sum(r[metric] for r in teacher) / len(teacher)
             ax.axhline(tv, color="k", ls="--", lw=1, label="Teacher")
@@ -82,7 +79,7 @@ def make_figures(run_dir: str | os.PathLike | list[str | os.PathLike], out: str 
                     continue
                 mean = [sum(c["value"] for c in pts if c["step"] == t) / sum(1 for c in pts if c["step"] == t)
                         for t in steps]
-                ax.plot(steps, mean, marker=".", label=style.display_name(m), color=_color(m))
+                ax.plot(steps, mean, marker=".", label=style.display_name(m), color=_color(m, methods))
             ax.set_title(_tick(s).replace("\n", ", "))
             ax.set_xlabel("optimizer step")
             style.mark_switch(ax, map_steps_of(dirs[0]))
