@@ -3,8 +3,8 @@ and linearized) against its own MAP point, for the settings the experiment files
 schedule, the posterior structure, the SVI step of the mean, the covariance temperature). The test split is never
 read: 10% of the training images (stratified, seeded) are held out as the validation split; with ``--tune f`` a
 further fraction ``f`` of the rest is held out to choose the covariance temperature ``T``
-(:func:`pyro_distill.evidence.tune_posterior_scale`, sampled predictive), and the tuned posterior is reported on the
-validation split too.
+(:func:`pyro_distill.evidence.tune_posterior_scale`, sampled predictive, or the linearized one with
+``--tune-method linearized``), and the tuned posterior is reported on the validation split too.
 
     # experiments/fashion_mnist_lowrank.toml (SVI step of the mean)
     python benchmarks/fashion_teacher_lr.py --lr 1e-3 1e-4 3e-4 --steps 300
@@ -55,8 +55,8 @@ def _fit(args: argparse.Namespace, ds, tune, schedule: str, map_lr: float, lr: f
     _show("MAP point", net, PointMass(h.map_weights), ds.Xte, ds.yte, 1)
     _show("posterior", net, q, ds.Xte, ds.yte, 100)
     if tune is not None:
-        qt, info = tune_posterior_scale(net, q, tune[0], tune[1], param="temperature", method="mc", num_samples=50,
-                                        seed=args.seed)
+        qt, info = tune_posterior_scale(net, q, tune[0], tune[1], param="temperature", method=args.tune_method,
+                                        num_samples=50, seed=args.seed)
         print(f"  temperature T = {info['temperature']:.4g} (tuning NLL {info['nll']:.4f}; T = 1: "
               f"{info['nll_start']:.4f}; MAP: {info['nll_map']:.4f}; at a bound: {info['at_bound']})", flush=True)
         _show(f"posterior, T = {info['temperature']:.3g}", net, qt, ds.Xte, ds.yte, 100)
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--validation", type=float, default=0.1)
     ap.add_argument("--tune", type=float, default=0.0,
                     help="hold out this fraction of the training part to choose the covariance temperature")
+    ap.add_argument("--tune-method", default="mc", choices=["mc", "linearized"],
+                    help="the predictive whose tuning NLL chooses T (the one the posterior will be used with)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--map-lr", type=float, nargs="+", default=[1e-2])
     ap.add_argument("--map-schedule", nargs="+", default=["constant"], choices=SCHEDULES)
