@@ -31,7 +31,7 @@ from pyro_distill.data.specs import validation_split
 from pyro_distill.evidence import tune_posterior_scale
 from pyro_distill.experiments.mlp import load_data
 from pyro_distill.gaussian import PointMass
-from pyro_distill.inference import fit_map, fit_posterior
+from pyro_distill.inference import fit_map, fit_posterior, laplace_family
 from pyro_distill.nets import MLP
 from pyro_distill.training import SCHEDULES
 
@@ -55,11 +55,19 @@ def _fit(args: argparse.Namespace, ds, tune, schedule: str, map_lr: float, lr: f
     _show("MAP point", net, PointMass(h.map_weights), ds.Xte, ds.yte, 1)
     _show("posterior", net, q, ds.Xte, ds.yte, 100)
     if tune is not None:
-        qt, info = tune_posterior_scale(net, q, tune[0], tune[1], param="temperature", method=args.tune_method,
-                                        num_samples=50, seed=args.seed)
-        print(f"  temperature T = {info['temperature']:.4g} (tuning NLL {info['nll']:.4f}; T = 1: "
-              f"{info['nll_start']:.4f}; MAP: {info['nll_map']:.4f}; at a bound: {info['at_bound']})", flush=True)
-        _show(f"posterior, T = {info['temperature']:.3g}", net, qt, ds.Xte, ds.yte, 100)
+        target = q
+        if args.tune_param != "temperature":  # rebuild the Laplace per prior precision (the curvature once)
+            if args.steps:
+                raise SystemExit("--tune-param prior_precision/both rebuilds the Laplace start: use --steps 0")
+            target = laplace_family(net, ds.X, h.map_weights, net.default_prior(torch.float32), kind=args.guide,
+                                    rank=20, seed=args.seed, y=ds.y)
+        qt, info = tune_posterior_scale(net, target, tune[0], tune[1], param=args.tune_param,
+                                        method=args.tune_method, num_samples=50, seed=args.seed)
+        print(f"  {args.tune_param} ({args.tune_method}): T = {info['temperature']:.4g}, prior precision x "
+              f"{info['prior_precision']:.4g} (tuning NLL {info['nll']:.4f}; start: {info['nll_start']:.4f}; "
+              f"MAP: {info['nll_map']:.4f}; at a bound: {info['at_bound']})", flush=True)
+        _show(f"posterior, T = {info['temperature']:.3g}, alpha = {info['prior_precision']:.3g}", net, qt,
+              ds.Xte, ds.yte, 100)
 
 
 def main() -> None:
@@ -74,6 +82,9 @@ def main() -> None:
                     help="hold out this fraction of the training part to choose the covariance temperature")
     ap.add_argument("--tune-method", default="mc", choices=["mc", "linearized"],
                     help="the predictive whose tuning NLL chooses T (the one the posterior will be used with)")
+    ap.add_argument("--tune-param", default="temperature", choices=["temperature", "prior_precision", "both"],
+                    help="what --tune chooses: the covariance temperature T, the prior precision scale alpha of the "
+                         "Laplace (Lam = G + alpha P0, rebuilt per alpha; needs --steps 0), or both")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--map-lr", type=float, nargs="+", default=[1e-2])
     ap.add_argument("--map-schedule", nargs="+", default=["constant"], choices=SCHEDULES)

@@ -199,18 +199,20 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
         _report(name, rows)
         return
     if tune == "validation":
-        if ("lowrank", "tuned") not in starts:
-            raise SystemExit("the SVI refinement after tuning starts from the tuned lowrank Laplace: include "
-                             "'lowrank' in --structures, or pass --no-svi")
-        q0, T0 = starts["lowrank", "tuned"]
-        t0 = time.perf_counter()
-        q, _ = fit_posterior(net, X, y, guide="lowrank", init=q0, prior=fan_in, rank=rank, seed=seed, **svi_kw)
-        dt = time.perf_counter() - t0
-        for m, r in _evaluate(score, net, q, Xv, samples, seed).items():
-            rows.append((f"SVI from the tuned lowrank start (T = {T0:.3g}), fan-in prior:{m}", r, dt))
-        qT, info = tune_posterior_scale(net, q, Xt, yt, num_samples=samples, seed=seed)
-        r = score(predictive(net, qT, Xv, method="linearized", num_samples=samples, seed=seed, chunk=10))
-        rows.append((f"SVI result x T = {info['temperature']:.3g} (tuned again):linearized", r, dt))
+        svi_structures = [k for k in ("lowrank", "kron") if (k, "tuned") in starts]
+        if not svi_structures:
+            raise SystemExit("the SVI refinement after tuning starts from a tuned lowrank or kron Laplace: include "
+                             "one of them in --structures, or pass --no-svi")
+        for kind in svi_structures:  # the SVI refinement in the same structure, from the tuned Laplace start
+            q0, T0 = starts[kind, "tuned"]
+            t0 = time.perf_counter()
+            q, _ = fit_posterior(net, X, y, guide=kind, init=q0, prior=fan_in, rank=rank, seed=seed, **svi_kw)
+            dt = time.perf_counter() - t0
+            for m, r in _evaluate(score, net, q, Xv, samples, seed).items():
+                rows.append((f"SVI from the tuned {kind} start (T = {T0:.3g}), fan-in prior:{m}", r, dt))
+            qT, info = tune_posterior_scale(net, q, Xt, yt, num_samples=samples, seed=seed)
+            r = score(predictive(net, qT, Xv, method="linearized", num_samples=samples, seed=seed, chunk=10))
+            rows.append((f"{kind} SVI result x T = {info['temperature']:.3g} (tuned again):linearized", r, dt))
         _report(name, rows)
         return
     for cov_init, start in (("laplace (evidence prior)", starts["lowrank", "evidence"]), ("prior", None)):
@@ -262,7 +264,8 @@ def main() -> None:
     ap.add_argument("--families", default="transformer,rnn")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="the experiments' [quick] budgets")
-    ap.add_argument("--structures", default="lowrank", help="Laplace structures, e.g. lowrank,dense,diag")
+    ap.add_argument("--structures", default="lowrank", help="Laplace structures, e.g. lowrank,dense,diag,kron "
+                    "(kron: KFAC over the transformer's linear maps)")
     ap.add_argument("--no-svi", action="store_true", help="skip the low-rank SVI refinements")
     ap.add_argument("--cov-scales", default="", help="also score each fan-in Laplace with its covariance x c, "
                     "e.g. 0.3,0.1,0.03")

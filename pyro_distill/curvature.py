@@ -11,8 +11,9 @@ target position for the :class:`~pyro_distill.nets.attention_rnn.AttentionRNN`, 
 * :class:`GGN` -- the matrix as a linear operator (``mv``, ``mm`` by ``torch.func`` jvp then vjp, chunked over
   the data; no p x p matrix), its exact diagonal, the dense matrix on request, top-k eigenpairs (Lanczos with
   full reorthogonalization, or a block LOBPCG, both on the operator) and a scipy ``LinearOperator``.
-* :func:`kfac` -- Kronecker factors of the GGN blocks of MLP layers (KFAC), :func:`kfac_block_dense` and
-  :func:`kfac_indices` to place them in the flat parameter vector.
+* :func:`kfac` -- Kronecker factors of the GGN blocks of MLP layers and of the linear maps of families that name
+  them (the Transformer: embedding, per-head Q/K/V/O, FFN, classifier; weight sharing over positions by
+  KFAC-expand), :func:`kfac_block_dense` and :func:`kfac_indices` to place them in the flat parameter vector.
 
 Every exact computation uses a square-root factor of the output Hessian, ``H = R R^T``: for a softmax
 ``R = diag(sqrt(pi)) - pi sqrt(pi)^T`` restricted to its C - 1 nonzero directions, for a Gaussian ``R = I / s``
@@ -856,9 +857,12 @@ def kfac(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor | N
     a Gaussian likelihood. ``y`` is unused for an MLP (the output Hessian of the GGN does not depend on it).
     """
     if not isinstance(net, MLP):
+        if hasattr(net, "kfac_maps") and hasattr(net, "kfac_forward"):
+            return _kfac_maps(net, w, X, sampled, seed, noise_scale, chunk)
         raise NotImplementedError(
-            f"KFAC factors are implemented for MLP layers; {type(net).__name__} needs its linear maps' inputs "
-            "and output gradients exposed by the network (use GGN(...).diagonal() or eigh_topk instead)")
+            f"KFAC factors are implemented for MLP layers and families with kfac_maps/kfac_forward (Transformer); "
+            f"{type(net).__name__} does not expose its linear maps' inputs and output gradients (use "
+            "GGN(...).diagonal() or eigh_topk instead)")
     G = GGN(net, w, X, noise_scale=noise_scale, chunk=chunk)
     L, sizes = net.num_layers, net.sizes
     aug = 1 if net.bias else 0
@@ -890,6 +894,54 @@ def kfac(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch.Tensor | N
             A[n, n] = G.N
         res[f"layer{t + 1}"] = (A / G.N, GG[t].done())
     return res
+
+
+def _kfac_maps(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, sampled: bool, seed: int,
+               noise_scale: float | None, chunk: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """KFAC for a family that names its linear maps (``net.kfac_maps()``) and exposes their inputs and output
+    gradients (``net.kfac_forward(w, x, taps)``: zero ``taps`` added to each map's output, the inputs recorded).
+
+    A map applied at several positions ``s`` of a sequence shares its weights; its factors are KFAC-expand's
+    (Eschenhagen et al., 2023): ``A = mean over valid (n, s) of a a^T`` (bias-augmented),
+    ``G = sum over (n, s, c) of g g^T``, so that ``G ⊗ A`` approximates the GGN block as for an MLP layer. Exact
+    for one example at one position (the test compares with the dense GGN); padded positions are left out of
+    ``A`` (their output gradients are 0). The output gradients ``g`` are the taps' gradients for each
+    sqrt-factor column ``r_nc`` of the output Hessian (one ``vjp`` per column, batched by ``vmap``), or for one
+    sampled-label cotangent per example (``sampled=True``)."""
+    G = GGN(net, w, X, noise_scale=noise_scale, chunk=chunk)
+    if G.groups != 1:
+        raise NotImplementedError("KFAC over maps needs one output group per example (a classifier or regressor)")
+    maps = net.kfac_maps()
+    gen = torch.Generator(device=G.device).manual_seed(seed) if sampled else None
+    acc: dict[str, list[Any]] = {}
+    for m in maps:
+        r, c = m["index"].shape
+        acc[m["name"]] = [torch.zeros(c, c, dtype=G.dtype, device=G.device),
+                          torch.zeros(r, r, dtype=G.dtype, device=G.device), 0]
+    B = chunk or max(1, min(G.N, 64))
+    for sl in G._slices(B):
+        x = G.X[sl]
+        taps0 = net.kfac_taps(G.w, x)
+        out, pull, rec = vjp(lambda t, x=x: net.kfac_forward(G.w, x, t), taps0, has_aux=True)
+        R = _sampled_cotangent(out, G.likelihood, G.noise_scale, gen) if sampled else G._sqrt(out, None)
+        grads = vmap(pull)(R.movedim(-1, 0))[0]  # {tap: [K, B, ...]}
+        for m in maps:
+            Asum, Gsum, _ = a_acc = acc[m["name"]]
+            a, valid = rec[m["input"]]
+            if m["input_head"] is not None:
+                a = a[:, m["input_head"]]
+            rows = a.detach().reshape(-1, a.shape[-1])[valid.reshape(-1)]
+            c = Asum.shape[0]
+            if c == rows.shape[-1] + 1:  # bias column
+                rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
+            Asum.addmm_(rows.T, rows)
+            a_acc[2] += rows.shape[0]
+            g = grads[m["output"]]
+            if m["output_head"] is not None:
+                g = g[:, :, m["output_head"]]
+            g = g.detach().reshape(-1, g.shape[-1])
+            Gsum.addmm_(g.T, g)
+    return {name: (Asum / max(n, 1), Gsum) for name, (Asum, Gsum, n) in acc.items()}
 
 
 def _sampled_cotangent(out: torch.Tensor, likelihood: str, noise_scale: float | None,
@@ -939,10 +991,16 @@ def kfac_block_dense(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.kron(G, A)
 
 
-def kfac_indices(net: MLP, layer: int | str) -> torch.Tensor:
+def kfac_indices(net: BayesianNet, layer: int | str) -> torch.Tensor:
     """Flat indices (``[n_t * (n_{t-1}+1)]``, from the Layout) of ``vec([U_t | b_t])`` row-major: neuron ``i``'s
     weights ``U_t[i, :]`` then its bias ``b_t[i]``, neuron after neuron (the flat vector stores all weight
-    rows, then the bias block; this is the map between the two orders). ``layer``: ``t`` or ``"layer{t}"``."""
+    rows, then the bias block; this is the map between the two orders). ``layer``: ``t`` or ``"layer{t}"``; for
+    a family with ``kfac_maps`` (Transformer) the block's name."""
+    if not isinstance(net, MLP) and hasattr(net, "kfac_maps"):
+        for m in net.kfac_maps():
+            if m["name"] == layer:
+                return m["index"].reshape(-1)
+        raise KeyError(f"no KFAC block {layer!r}; blocks are {[m['name'] for m in net.kfac_maps()]}")
     name = layer if isinstance(layer, str) else f"layer{int(layer)}"
     wname = f"{name}.weight"
     if wname not in net.layout:

@@ -352,9 +352,57 @@ def test_sampled_kfac_is_unbiased_ish():
 
 
 def test_kfac_refuses_other_families_with_a_clear_error():
-    net, w, X, _ = _transformer_case()
-    with pytest.raises(NotImplementedError, match="MLP"):
+    net, w, X, _ = _rnn_case()
+    with pytest.raises(NotImplementedError, match="kfac_maps"):
         kfac(net, w, X)
+
+
+@pytest.mark.parametrize("embedding", ["patch", "token"])
+def test_transformer_kfac_is_exact_for_one_example_at_one_position(embedding):
+    """Every Kronecker block of the transformer (embedding, per-head Q/K/V/O, FFN, classifier) equals the dense
+    GGN block when one example has one position (KFAC-expand is then exact); the blocks are disjoint and the
+    indices are the Layout's, weights then the bias column."""
+    net = Transformer(input_dim=4, n_classes=3, max_len=1, d_model=4, heads=[2, 1], ffn=[True, False], d_head=2,
+                      d_ff=5, embedding=embedding)
+    g = torch.Generator().manual_seed(3)
+    w = net.init_weights(g, dtype=D) * 2
+    X = torch.randn(1, 1, 4, generator=g, dtype=D) if embedding == "patch" else torch.tensor([[2.0]], dtype=D)
+    dense = _reference(net, w, X)
+    fac = kfac(net, w, X)
+    assert list(fac) == [m["name"] for m in net.kfac_maps()]
+    assert ("embed" in fac) == (embedding == "patch") and "block0.attn.head1.o" in fac and "block1.ffn.1" not in fac
+    nonzero = 0
+    for name, (A, G) in fac.items():
+        idx = kfac_indices(net, name)
+        block = dense[idx[:, None], idx]
+        assert torch.allclose(kfac_block_dense(A, G), block, atol=1e-13), name
+        nonzero += bool(block.abs().max() > 1e-6)
+    assert nonzero >= 8  # V, O, FFN and classifier blocks carry curvature (Q, K do not at one position)
+    covered = torch.cat([kfac_indices(net, n) for n in fac])
+    assert covered.unique().numel() == covered.numel()
+    assert torch.equal(net.layout.indices("out.weight").reshape(3, 4)[1], kfac_indices(net, "out").reshape(3, 5)[1, :4])
+
+
+def test_transformer_kfac_expand_over_positions_ignores_padding_and_chunks():
+    """A map shared over positions: ``A`` averages the valid positions, ``G`` sums over them; a padded position
+    adds nothing (the factors of ``[x, pad]`` equal those of ``[x]``), the chunking changes nothing, and the
+    sampled factors share ``A`` and are seeded."""
+    net, w, X, _ = _transformer_case()  # X[0] is padded after 3 positions
+    short = kfac(net, w, X[:1, :3])
+    padded = kfac(net, w, X[:1])
+    for name in short:
+        for a, b in zip(short[name], padded[name]):
+            assert torch.allclose(a, b, atol=1e-13), name
+    whole, one = kfac(net, w, X), kfac(net, w, X, chunk=1)
+    for name in whole:
+        assert torch.allclose(whole[name][0], one[name][0], atol=1e-13)
+        assert torch.allclose(whole[name][1], one[name][1], atol=1e-13)
+    A_q, G_q = whole["block0.attn.head0.q"]
+    assert A_q.shape == (4, 4) and G_q.shape == (2, 2) and float(G_q.trace()) > 0  # Q gets curvature here
+    torch.testing.assert_close(A_q, whole["block0.attn.head1.v"][0])  # Q, K, V of a block read one input
+    sampled = kfac(net, w, X, sampled=True, seed=4)
+    assert torch.equal(sampled["out"][0], whole["out"][0])
+    assert torch.equal(sampled["out"][1], kfac(net, w, X, sampled=True, seed=4)["out"][1])
 
 
 # ---------------------------------------------------------------- the sampled (Monte-Carlo) diagonal

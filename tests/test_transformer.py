@@ -132,6 +132,27 @@ def test_composition_equals_joint_condition(make):
     assert student.heads == [1, 0] and student.ffn == [True, False]
 
 
+@pytest.mark.parametrize("op", OPS, ids=repr)
+def test_kfac_laplace_posterior_stays_kronecker_under_surgery(op):
+    """The KFAC Laplace of a transformer is a KronGaussian over its linear maps (embedding, per-head Q/K/V/O, FFN,
+    classifier; the rest diagonal). Every removal conditions or marginalizes whole blocks, so the student's prior
+    stays Kronecker, its blocks are the student's own, and it equals surgery on the dense form (float64)."""
+    from pyro_distill.gaussian import KronGaussian
+    from pyro_distill.inference import kron_laplace
+
+    teacher = _teacher()
+    x = _inputs(teacher)
+    w = teacher.init_weights(torch.Generator().manual_seed(0), dtype=D)
+    q = kron_laplace(teacher, x, w, teacher.default_prior(D))
+    assert isinstance(q, KronGaussian) and q.num_blocks == len(teacher.kron_index()) == 1 + (3 + 2) * 4 + 2 * 2 + 1
+    student, prior = op.apply(teacher, q)
+    _, dense = op.apply(teacher, q.to_dense())
+    assert isinstance(prior, KronGaussian)
+    assert sorted(i.shape for i in prior.index) == sorted(i.shape for i in student.kron_index())
+    torch.testing.assert_close(prior.mean, dense.mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(prior.covariance(), dense.covariance(), rtol=1e-10, atol=1e-12)
+
+
 def test_bad_inputs_raise_clear_errors():
     teacher = _teacher(heads=(2, 1))
     q = _dense(teacher)
@@ -225,6 +246,8 @@ def test_fit_posterior_and_experiment_config():
     q, _ = fit_posterior(net, x, y, guide="lowrank", rank=2, steps=3, map_steps=3, cov_init="prior",
                          num_particles=2, elbo_eval_particles=2)
     assert q.layout == net.layout and torch.isfinite(q.loc).all()
+    qk, _ = fit_posterior(net, x, y, guide="kron", steps=3, map_steps=3, num_particles=2, elbo_eval_particles=2)
+    assert qk.kind == "kron" and qk.num_blocks == len(net.kron_index()) and torch.isfinite(qk.loc).all()
     cfg = load_config("experiments/transformer.toml", quick=True)
     assert cfg["kind"] == "transformer" and set(cfg["students"]) == {"fewer_heads", "one_block", "no_attn_b1"}
     teacher = _teacher(heads=(3, 2, 2), ffn=(True, True, True))

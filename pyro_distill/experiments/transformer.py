@@ -62,7 +62,10 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 128,
     "num_particles": 4,
     # temperature: the fitted posterior's covariance times T (chosen beforehand on held-out training data)
-    "teacher": {"map_steps": 1000, "steps": 400, "lr": 5e-3, "map_lr": 1e-2, "temperature": 1.0},
+    # guide: the teacher's posterior structure (None: the top-level guide; "kron": KFAC over the linear maps);
+    # cov_init: the SVI start, "prior" (the prior shrunk around MAP, the published runs) or "laplace" (from curvature)
+    "teacher": {"map_steps": 1000, "steps": 400, "lr": 5e-3, "map_lr": 1e-2, "temperature": 1.0, "guide": None,
+                "cov_init": "prior"},
     "student": {"map_steps": 600, "steps": 400, "lr": 5e-3, "map_lr": 1e-2, "fractions": [1.0]},
     "kd": {"gamma": 0.5, "temperature": 2.0},
     "tinybert": {"beta_hidden": 1.0, "beta_attn": 1.0},
@@ -106,9 +109,10 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
 
     # ---- teacher (its rows and the students' carry no time_s: the teacher's fit_s is its MAP + SVI time)
     tc, tcb = cfg["teacher"], accuracy_curve(ctx, teacher, Xte, yte, "teacher", "vi")
+    teacher_kw = fit_kw | {"guide": tc["guide"] or cfg["guide"], "cov_init": tc["cov_init"]}
     q_t, hist = fit_posterior(teacher, X, y, prior=None, steps=tc["steps"], lr=tc["lr"], map_steps=tc["map_steps"],
                               map_lr=tc["map_lr"], seed=seed, callback=tcb,
-                              eval_every=max(1, (tc["map_steps"] + tc["steps"]) // npts), **fit_kw)
+                              eval_every=max(1, (tc["map_steps"] + tc["steps"]) // npts), **teacher_kw)
     q_t = tempered_teacher(q_t, tc, ctx)
     tp_test, tp_train = (metrics.predict(teacher, q_t, Z, num_samples=S, seed=seed) for Z in (Xte, X))
     ctx.log(f"teacher {teacher!r}")

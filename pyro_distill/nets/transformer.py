@@ -11,6 +11,7 @@ without feed-forward sublayer, fewer entries in ``heads`` fewer blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -181,15 +182,22 @@ class Transformer(BayesianNet):
         var = h.var(-1, unbiased=False, keepdim=True)
         return (h - mu) / torch.sqrt(var + self.eps) * (1 + gain[..., None, None, :]) + bias[..., None, None, :]
 
-    def _run(self, w: torch.Tensor, x: torch.Tensor, collect: bool = False):
+    def _run(self, w: torch.Tensor, x: torch.Tensor, collect: bool = False, taps: dict | None = None,
+             record: dict | None = None):
+        """The forward pass. ``taps`` (KFAC, :meth:`kfac_forward`): tensors added to the outputs of the linear maps
+        (zeros: the function is unchanged, their gradients are the output gradients); ``record`` is filled with
+        each map's input and its valid-position mask (torch.func needs tensors: all-True where nothing is padded)."""
         P = self.layout.unflatten(w)
         xin, mask = self._inputs(x)
+        tap = (lambda name, t: t + taps[name]) if taps is not None else (lambda name, t: t)  # noqa: E731
+        rec = record.__setitem__ if record is not None else (lambda name, value: None)  # noqa: E731
         T = mask.shape[-1]
         if T > self.max_len:
             raise ValueError(f"sequences have length {T} but max_len={self.max_len}; rebuild with a larger max_len")
         if self.embedding == "patch":
             h = torch.einsum("...ntf,...df->...ntd", xin.to(w.dtype), P["embed.weight"])
-            h = h + P["embed.bias"][..., None, None, :]
+            h = tap("embed", h + P["embed.bias"][..., None, None, :])
+            rec("embed", (xin.to(w.dtype), mask))
         else:
             h = P["embed.table"][..., xin, :]
         if self.pooling == "cls":
@@ -206,23 +214,27 @@ class Transformer(BayesianNet):
             if H:
                 z = self._ln(h, P[f"block{b}.ln1.gain"], P[f"block{b}.ln1.bias"])
                 W = {m: torch.stack([P[f"block{b}.attn.head{j}.{m}"] for j in range(H)], -3) for m in "qkvo"}
-                q = torch.einsum("...ntd,...hed->...nhte", z, W["q"])
-                k = torch.einsum("...ntd,...hed->...nhte", z, W["k"])
-                v = torch.einsum("...ntd,...hed->...nhte", z, W["v"])
+                rec(f"block{b}.ln1", (z, mask))
+                q = tap(f"block{b}.q", torch.einsum("...ntd,...hed->...nhte", z, W["q"]))
+                k = tap(f"block{b}.k", torch.einsum("...ntd,...hed->...nhte", z, W["k"]))
+                v = tap(f"block{b}.v", torch.einsum("...ntd,...hed->...nhte", z, W["v"]))
                 s = torch.einsum("...nhte,...nhse->...nhts", q, k) / math.sqrt(self.d_head)
                 a = torch.softmax(s.masked_fill(keymask, float("-inf")), -1)
                 o = torch.einsum("...nhts,...nhse->...nhte", a, v)
-                h = h + torch.einsum("...nhte,...hde->...ntd", o, W["o"])
-                h = h + P[f"block{b}.attn.o_bias"][..., None, None, :]
+                rec(f"block{b}.heads", (o, mask))
+                h = h + tap(f"block{b}.o", torch.einsum("...nhte,...hde->...ntd", o, W["o"])
+                            + P[f"block{b}.attn.o_bias"][..., None, None, :])
                 attn_maps.append(a)
             else:
                 attn_maps.append(None)
             if has_ffn:
                 z = self._ln(h, P[f"block{b}.ln2.gain"], P[f"block{b}.ln2.bias"])
-                u = self._act(torch.einsum("...ntd,...fd->...ntf", z, P[f"block{b}.ffn.w1"])
-                              + P[f"block{b}.ffn.b1"][..., None, None, :])
-                h = h + torch.einsum("...ntf,...df->...ntd", u, P[f"block{b}.ffn.w2"]) \
-                    + P[f"block{b}.ffn.b2"][..., None, None, :]
+                rec(f"block{b}.ln2", (z, mask))
+                u = self._act(tap(f"block{b}.ffn1", torch.einsum("...ntd,...fd->...ntf", z, P[f"block{b}.ffn.w1"])
+                                  + P[f"block{b}.ffn.b1"][..., None, None, :]))
+                rec(f"block{b}.ffn", (u, mask))
+                h = h + tap(f"block{b}.ffn2", torch.einsum("...ntf,...df->...ntd", u, P[f"block{b}.ffn.w2"])
+                            + P[f"block{b}.ffn.b2"][..., None, None, :])
             hidden.append(h)
         h = self._ln(h, P["ln_f.gain"], P["ln_f.bias"])
         if self.pooling == "cls":
@@ -230,7 +242,8 @@ class Transformer(BayesianNet):
         else:
             m = mask.to(h.dtype)[..., None]
             pooled = (h * m).sum(-2) / m.sum(-2)
-        logits = torch.einsum("...nd,...cd->...nc", pooled, P["out.weight"]) + P["out.bias"][..., None, :]
+        rec("pooled", (pooled, torch.ones(pooled.shape[:-1], dtype=torch.bool, device=pooled.device)))
+        logits = tap("out", torch.einsum("...nd,...cd->...nc", pooled, P["out.weight"]) + P["out.bias"][..., None, :])
         if collect:
             return logits, attn_maps, hidden, mask
         return logits
@@ -245,3 +258,71 @@ class Transformer(BayesianNet):
         block, ``[..., N, T, d_model]``) and the valid-position ``mask [N, T]``."""
         logits, attn, hidden, mask = self._run(w, x, collect=True)
         return {"logits": logits, "attn": attn, "hidden": hidden, "mask": mask}
+
+    # ------------------------------------------------------------------ Kronecker structure (KFAC)
+    def kfac_maps(self) -> list[dict[str, Any]]:
+        """The linear maps whose weights form Kronecker blocks, one entry per block: ``name`` (the block),
+        ``index`` (flat indices ``[outputs, inputs (+1 bias column)]``, see :func:`~pyro_distill.gaussian.kron_index`),
+        ``input`` / ``input_head`` (the recorded input of :meth:`kfac_forward` and, for a head's ``W_O`` slice, its
+        head), ``output`` / ``output_head`` (the tap on the map's output and, for ``W_Q/W_K/W_V``, the head).
+
+        Blocks: the patch embedding ``[W | b]``; per head its ``q``, ``k``, ``v`` (``d_head x d_model``) and ``o``
+        (``d_model x d_head``) matrices; per FFN ``[W_1 | b_1]`` and ``[W_2 | b_2]``; the classifier ``[W | b]``.
+        Outside every block (diagonal in a Kronecker Gaussian): token table, positions, CLS, LayerNorm offsets and
+        ``o_bias`` (shared by the heads, so it belongs to no head's block)."""
+        from ..gaussian import kron_index
+
+        L = self.layout
+        maps: list[dict[str, Any]] = []
+
+        def add(name: str, index: torch.Tensor, inp: str, out: str, input_head: int | None = None,
+                output_head: int | None = None) -> None:
+            maps.append({"name": name, "index": index, "input": inp, "input_head": input_head, "output": out,
+                         "output_head": output_head})
+
+        if self.embedding == "patch":
+            add("embed", kron_index(L, "embed.weight", "embed.bias"), "embed", "embed")
+        for b, (H, has_ffn) in enumerate(zip(self.heads, self.ffn)):
+            for j in range(H):
+                for m in "qkv":
+                    add(f"block{b}.attn.head{j}.{m}", kron_index(L, f"block{b}.attn.head{j}.{m}"), f"block{b}.ln1",
+                        f"block{b}.{m}", output_head=j)
+                add(f"block{b}.attn.head{j}.o", kron_index(L, f"block{b}.attn.head{j}.o"), f"block{b}.heads",
+                    f"block{b}.o", input_head=j)
+            if has_ffn:
+                add(f"block{b}.ffn.1", kron_index(L, f"block{b}.ffn.w1", f"block{b}.ffn.b1"), f"block{b}.ln2",
+                    f"block{b}.ffn1")
+                add(f"block{b}.ffn.2", kron_index(L, f"block{b}.ffn.w2", f"block{b}.ffn.b2"), f"block{b}.ffn",
+                    f"block{b}.ffn2")
+        add("out", kron_index(L, "out.weight", "out.bias"), "pooled", "out")
+        return maps
+
+    def kron_index(self) -> list[torch.Tensor]:
+        """The Kronecker blocks' flat-index matrices (:meth:`kfac_maps`), in layout order of their maps. Removing
+        a head, an attention sublayer or a block conditions whole blocks (a head's ``o``, the FFN's ``[W_2|b_2]``)
+        on 0 and marginalizes whole blocks, so a Kronecker posterior stays Kronecker under transformer surgery."""
+        return [m["index"] for m in self.kfac_maps()]
+
+    def kfac_forward(self, w: torch.Tensor, x: torch.Tensor, taps: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """``(logits, record)`` for ONE weight vector ``w [p]``, with ``taps[name]`` added to the output of each
+        linear map (:meth:`kfac_taps` gives zeros of the right shapes, so the logits are unchanged and their
+        gradients are the maps' output gradients); ``record[input] = (input, its valid-position mask)``."""
+        record: dict[str, Any] = {}
+        logits = self._run(w, x, taps=taps, record=record)
+        return logits, record
+
+    def kfac_taps(self, w: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero taps for :meth:`kfac_forward` (one per linear map's output, shaped like it)."""
+        N, T = x.shape[0], x.shape[1] + (self.pooling == "cls")
+        d, e, f = self.d_model, self.d_head, self.d_ff
+        z = functools.partial(torch.zeros, dtype=w.dtype, device=w.device)
+        taps = {"out": z(N, self.n_classes)}
+        if self.embedding == "patch":
+            taps["embed"] = z(N, x.shape[1], d)
+        for b, (H, has_ffn) in enumerate(zip(self.heads, self.ffn)):
+            if H:
+                taps |= {f"block{b}.{m}": z(N, H, T, e) for m in "qkv"} | {f"block{b}.o": z(N, T, d)}
+            if has_ffn:
+                taps |= {f"block{b}.ffn1": z(N, T, f), f"block{b}.ffn2": z(N, T, d)}
+        return taps
