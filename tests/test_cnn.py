@@ -297,3 +297,38 @@ def test_fit_posterior_smoke_diag():
     assert post.dim == net.num_params and post.layout == net.layout
     assert len(hist.elbo) == 5 and all(math.isfinite(e) for e in hist.elbo)
     assert math.isfinite(hist.elbo_end) and torch.isfinite(post.mean).all()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_kfac_is_exact_at_one_location_and_builds_a_kronecker_laplace(bias):
+    """KFAC over the CNN's layers (conv as a map of its input patches, shared over locations): every block equals
+    the dense GGN block when one image has one location per layer (1x1 image, 1x1 kernels); on real images the
+    factors do not depend on the chunking, and the KFAC Laplace is a KronGaussian over ``kron_index``."""
+    from torch.func import jacrev
+
+    from pyro_distill.curvature import kfac, kfac_block_dense, kfac_indices
+    from pyro_distill.inference import kron_laplace
+
+    net = CNN(image_shape=(2, 1, 1), channels=[3, 2], dense=[4, 3], kernel_size=1, padding=0, pool=1, bias=bias)
+    g = torch.Generator().manual_seed(0)
+    w = net.init_weights(g, dtype=F64) * 2
+    X = torch.randn(1, 2, 1, 1, generator=g, dtype=F64)
+    J = jacrev(lambda v: net.forward(v, X))(w)[0]  # [C, p]
+    pi = torch.softmax(net.forward(w, X)[0], -1)
+    dense = J.T @ (torch.diag(pi) - pi[:, None] * pi[None, :]) @ J
+    fac = kfac(net, w, X)
+    assert list(fac) == ["conv1", "conv2", "dense1", "dense2"]
+    for name, (A, G) in fac.items():
+        idx = kfac_indices(net, name)
+        assert torch.allclose(kfac_block_dense(A, G), dense[idx[:, None], idx], atol=1e-13), name
+    big = CNN(**NETS["digits"], bias=bias)
+    wb = big.init_weights(g, dtype=F64)
+    Xb = torch.randn(5, 8, 8, generator=g, dtype=F64)
+    whole, chunked = kfac(big, wb, Xb), kfac(big, wb, Xb, chunk=2)
+    for name in whole:
+        for a, b in zip(whole[name], chunked[name]):
+            assert torch.allclose(a, b, atol=1e-12), name
+    c_in, k = 1, big.kernel_size[0]
+    assert whole["conv1"][0].shape == (c_in * k * k + bias,) * 2 and whole["conv1"][1].shape == (big.channels[0],) * 2
+    q = kron_laplace(big, Xb, wb, big.default_prior(F64))
+    assert isinstance(q, KronGaussian) and q.num_blocks == len(big.kron_index()) and q.rem_index.numel() == 0

@@ -219,6 +219,54 @@ class CNN(BayesianNet):
         h = h.reshape(N, S, self.num_features).transpose(0, 1)  # [S, N, c h w]
         return h.reshape(*lead, N, self.num_features)
 
+    # ------------------------------------------------------------------ Kronecker structure (KFAC)
+    def kfac_maps(self) -> list[dict[str, Any]]:
+        """One Kronecker block per layer (:meth:`kron_index`): conv ``t`` as a linear map of its input patches
+        (``c_{t-1} k_t^2`` columns in the weight's ``(c_in, k, k)`` order, then the bias) applied at every output
+        location (KFC, Grosse & Martens 2016: weight sharing over locations, as KFAC-expand), dense ``t`` as in the
+        MLP. Entries as :meth:`pyro_distill.nets.transformer.Transformer.kfac_maps`."""
+        names = [f"conv{t}" for t in range(1, self.num_conv + 1)] + [f"dense{t}" for t in range(1, self.num_dense + 1)]
+        return [{"name": n, "index": idx, "input": n, "input_head": None, "output": n, "output_head": None}
+                for n, idx in zip(names, self.kron_index())]
+
+    def kfac_forward(self, w: torch.Tensor, x: torch.Tensor, taps: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """``(logits [N, C], record)`` for ONE weight vector ``w [p]`` with ``taps[layer]`` (zeros from
+        :meth:`kfac_taps`; a conv tap channel-last) added to each layer's pre-activation output;
+        ``record[layer] = (inputs, all-True mask)``: a conv layer's input patches ``[N, locations, c_in k^2]``
+        (``unfold``), a dense layer's input ``[N, d]``."""
+        P = self.layout.unflatten(w)
+        h = self.images(x).to(w.dtype)
+        N, record = h.shape[0], {}
+        for t in range(1, self.num_conv + 1):
+            k, pad, st = self.kernel_size[t - 1], self.padding[t - 1], self.stride[t - 1]
+            patches = F.unfold(h, k, padding=pad, stride=st).transpose(1, 2)  # [N, L, c_in k k]
+            record[f"conv{t}"] = (patches, torch.ones(patches.shape[:2], dtype=torch.bool, device=h.device))
+            h = F.conv2d(h, P[f"conv{t}.weight"], P[f"conv{t}.bias"] if self.bias else None, stride=st, padding=pad)
+            h = self._pool(self._act(h + taps[f"conv{t}"].permute(0, 3, 1, 2)), self.pool[t - 1])
+        h = h.reshape(N, self.num_features)
+        for t in range(1, self.num_dense + 1):
+            record[f"dense{t}"] = (h, torch.ones(N, dtype=torch.bool, device=h.device))
+            h = h @ P[f"dense{t}.weight"].T + (P[f"dense{t}.bias"] if self.bias else 0) + taps[f"dense{t}"]
+            if t < self.num_dense:
+                h = self._act(h)
+        return h, record
+
+    def kfac_taps(self, w: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero taps for :meth:`kfac_forward`: conv ``t`` channel-last ``[N, H_t, W_t, c_t]`` (its conv output before
+        pooling; the output side of the block is the last axis), dense ``[N, d_t]``."""
+        N = self.images(x).shape[0]
+        z = {"dtype": w.dtype, "device": w.device}
+        taps, (h, wd) = {}, self.image_shape[1:]
+        for t in range(1, self.num_conv + 1):
+            k, pad, st = self.kernel_size[t - 1], self.padding[t - 1], self.stride[t - 1]
+            h, wd = (h + 2 * pad - k) // st + 1, (wd + 2 * pad - k) // st + 1
+            taps[f"conv{t}"] = torch.zeros(N, h, wd, self.channels[t - 1], **z)
+            h, wd = h // self.pool[t - 1], wd // self.pool[t - 1]
+        for t in range(1, self.num_dense + 1):
+            taps[f"dense{t}"] = torch.zeros(N, self.dense[t - 1], **z)
+        return taps
+
     def forward(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         lead = w.shape[:-1]
         S = math.prod(lead)
