@@ -1,8 +1,10 @@
 """Figures of the ``cnn`` experiment kind (found by the per-kind hook of :mod:`.experiments`).
 
-``cnn_methods.png``: test accuracy (mean ± sd over seeds) per method for channel removal and the two
-cross-architecture pairs, one panel per task x setting; ``cnn_extraction.png``: agreement with the teacher and
-test accuracy vs the query budget per query source (the ``labels`` student on as many true labels for reference).
+``<experiment>_methods.png`` (e.g. ``cnn_digits_methods.png``): test accuracy (mean ± sd over seeds) per method
+for channel removal and the two cross-architecture pairs, one panel per task x setting;
+``<experiment>_extraction.png``: agreement with the teacher and test accuracy vs the query budget per query source
+(the ``labels`` student on as many true labels for reference). ``<experiment>`` is the run's experiment folder, so
+the digits and Fashion-MNIST runs of the kind never overwrite each other's figures.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> l
     from ..experiments.core import read_rows
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    name = run_dir.parent.name
     path = run_dir / "metrics.csv"
     if not path.exists():
         return []
@@ -84,7 +87,7 @@ def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> l
             ax.set_visible(False)
         legend_outside(fig, axes)
         fig.suptitle(f"CNN family: channel removal and cross-architecture KD ({seeds} seed{'s' * (seeds > 1)})")
-        made.append(save(fig, out_dir / "cnn_methods.png"))
+        made.append(save(fig, out_dir / f"{name}_methods.png"))
 
     by_task: dict[str, list[tuple[int, str]]] = {}
     for s in dict.fromkeys(r["setting"] for r in rows):
@@ -113,5 +116,5 @@ def figures_for_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> l
                 fit_ylim(ax, ends, lo=0.0, hi=1.0)
         legend_outside(fig, axes, title="query source")
         fig.suptitle(f"extraction from an argmax-only CNN teacher ({seeds} seed{'s' * (seeds > 1)})")
-        made.append(save(fig, out_dir / "cnn_extraction.png"))
+        made.append(save(fig, out_dir / f"{name}_extraction.png"))
     return made
