@@ -39,7 +39,11 @@ from pyro_distill.training import SCHEDULES
 def _show(name: str, net: MLP, q, X: torch.Tensor, y: torch.Tensor, samples: int) -> None:
     r = metrics.evaluate(net, q, X, y, num_samples=samples, seed=0)
     keys = ("accuracy", "nll", "ece", "accuracy_lin", "nll_lin", "ece_lin")
-    print(f"  {name}: " + ", ".join(f"{k} {r[k]:.4f}" for k in keys if k in r), flush=True)
+    # the sign of (mean confidence - accuracy) says whether averaging over weights (which softens) can help
+    P = metrics.predict(net, q, X, num_samples=samples, seed=0)
+    gap = float(P.max(-1).values.mean()) - float((P.argmax(-1) == y).double().mean())
+    print(f"  {name}: " + ", ".join(f"{k} {r[k]:.4f}" for k in keys if k in r)
+          + f", confidence - accuracy {gap:+.4f}", flush=True)
 
 
 def _fit(args: argparse.Namespace, ds, tune, schedule: str, map_lr: float, lr: float) -> None:

@@ -332,3 +332,32 @@ def test_conv_kfac_is_exact_at_one_location_and_builds_a_kronecker_laplace(bias)
     assert whole["conv1"][0].shape == (c_in * k * k + bias,) * 2 and whole["conv1"][1].shape == (big.channels[0],) * 2
     q = kron_laplace(big, Xb, wb, big.default_prior(F64))
     assert isinstance(q, KronGaussian) and q.num_blocks == len(big.kron_index()) and q.rem_index.numel() == 0
+
+
+def test_cnn_figures_are_named_after_the_experiment(tmp_path):
+    """The kind's two figures carry the run's experiment name, so the digits and Fashion-MNIST runs of the kind
+    publish side by side instead of overwriting each other."""
+    import csv
+
+    from pyro_distill.plots.cnn import figures_for_run
+
+    run = tmp_path / "runs" / "cnn_fashion" / "20260101-000000"
+    run.mkdir(parents=True)
+    rows = []
+    for seed in (0, 1):
+        rows.append({"setting": "fashion_mnist teacher", "method": "cnn_teacher", "seed": seed, "accuracy": 0.8,
+                     "agreement": ""})
+        for m, a in (("teacher_prior", 0.81), ("standard_prior", 0.8 + 0.01 * seed)):
+            rows.append({"setting": "fashion_mnist channel_removal", "method": m, "seed": seed, "accuracy": a,
+                         "agreement": 0.9})
+        for n in (250, 1000):
+            for src in ("gaussian", "labels"):
+                rows.append({"setting": f"fashion_mnist extraction n={n}", "method": src, "seed": seed,
+                             "accuracy": 0.3 + n / 5000, "agreement": 0.4 + n / 5000})
+    with open(run / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    made = figures_for_run(run, tmp_path / "figures")
+    assert sorted(p.name for p in made) == ["cnn_fashion_extraction.png", "cnn_fashion_methods.png"]
+    assert all(p.stat().st_size > 1000 for p in made)
