@@ -49,11 +49,13 @@ def _show(name: str, net: MLP, q, X: torch.Tensor, y: torch.Tensor, samples: int
 def _fit(args: argparse.Namespace, ds, tune, schedule: str, map_lr: float, lr: float) -> None:
     net = MLP([784, 64, 64, 10])
     t0 = time.perf_counter()
-    q, h = fit_posterior(net, ds.X, ds.y, guide=args.guide, rank=20, map_steps=args.map_steps, steps=args.steps,
+    prior = net.default_prior(torch.float32).tempered(args.prior_scale)
+    q, h = fit_posterior(net, ds.X, ds.y, prior=prior, guide=args.guide, rank=20, map_steps=args.map_steps,
+                         steps=args.steps,
                          lr=lr, batch_size=1000, seed=args.seed, num_particles=8, map_lr=map_lr,
                          map_schedule=schedule, factor_lr=args.factor_lr)
-    print(f"{args.guide}: MAP {schedule} lr {map_lr:g}; SVI lr {lr:g} (factor lr {args.factor_lr or lr:g}), "
-          f"{args.steps} steps: fit "
+    print(f"{args.guide}: prior variance x {args.prior_scale:g}; MAP {schedule} lr {map_lr:g}; "
+          f"SVI lr {lr:g} (factor lr {args.factor_lr or lr:g}), {args.steps} steps: fit "
           f"{time.perf_counter() - t0:.0f} s (Laplace {h.laplace_time_s:.0f} s, SVI {h.svi_time_s:.0f} s), "
           f"ELBO {h.elbo_start:.0f} -> {h.elbo_end:.0f}", flush=True)
     _show("MAP point", net, PointMass(h.map_weights), ds.Xte, ds.yte, 1)
@@ -63,7 +65,7 @@ def _fit(args: argparse.Namespace, ds, tune, schedule: str, map_lr: float, lr: f
         if args.tune_param != "temperature":  # rebuild the Laplace per prior precision (the curvature once)
             if args.steps:
                 raise SystemExit("--tune-param prior_precision/both rebuilds the Laplace start: use --steps 0")
-            target = laplace_family(net, ds.X, h.map_weights, net.default_prior(torch.float32), kind=args.guide,
+            target = laplace_family(net, ds.X, h.map_weights, prior, kind=args.guide,
                                     rank=20, seed=args.seed, y=ds.y)
         qt, info = tune_posterior_scale(net, target, tune[0], tune[1], param=args.tune_param,
                                         method=args.tune_method, num_samples=50, seed=args.seed)
@@ -89,6 +91,8 @@ def main() -> None:
     ap.add_argument("--tune-param", default="temperature", choices=["temperature", "prior_precision", "both"],
                     help="what --tune chooses: the covariance temperature T, the prior precision scale alpha of the "
                          "Laplace (Lam = G + alpha P0, rebuilt per alpha; needs --steps 0), or both")
+    ap.add_argument("--prior-scale", type=float, default=1.0,
+                    help="the fan-in prior's variance times this (MAP, Laplace and SVI all use that prior)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--map-lr", type=float, nargs="+", default=[1e-2])
     ap.add_argument("--map-schedule", nargs="+", default=["constant"], choices=SCHEDULES)
@@ -110,7 +114,8 @@ def main() -> None:
         if args.map_only:
             net = MLP([784, 64, 64, 10])
             t0 = time.perf_counter()
-            w, _ = fit_map(net, ds.X, ds.y, steps=args.map_steps, lr=map_lr, batch_size=1000, seed=args.seed,
+            w, _ = fit_map(net, ds.X, ds.y, net.default_prior(torch.float32).tempered(args.prior_scale),
+                           steps=args.map_steps, lr=map_lr, batch_size=1000, seed=args.seed,
                            schedule=schedule)
             print(f"MAP {schedule} lr {map_lr:g}, {args.map_steps} steps: {time.perf_counter() - t0:.0f} s",
                   flush=True)

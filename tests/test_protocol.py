@@ -146,3 +146,31 @@ def test_teacher_temperature_and_map_schedule(tmp_path):
         p.write_text(TOML.replace("[students]", f"{key} = {bad}\n[students]", 1))
         with pytest.raises(ValueError, match=msg):
             MLPFamily().check(load_config(p))
+
+
+def test_teacher_prior_variance_reaches_map_and_laplace(tmp_path):
+    """``teacher.prior_variance`` fits the teacher (MAP and its Laplace) under the fan-in prior with its variance
+    scaled: with no SVI steps the posterior mean is the MAP of ``fit_map`` under that prior, and its covariance is
+    the Laplace under it; the default (1) is the fan-in prior; a bad value is refused with the key's name."""
+    from pyro_distill.experiments.mlp import MLPFamily
+    from pyro_distill.inference import fit_map, laplace
+
+    base = TOML.replace("steps = 2\nnum_particles = 2\n[students]", "steps = 0\nnum_particles = 2\n[students]", 1)
+    out = {}
+    for pv in (1.0, 10.0):
+        p = tmp_path / f"pv{pv}.toml"
+        p.write_text(base.replace("[students]", f"prior_variance = {pv}\n[students]", 1))
+        c = load_config(p)
+        tr, _ = PROTOCOL.teacher(c, 0, _ctx(tmp_path, f"pv{pv}"))
+        ds, _ = PROTOCOL.dataset(c)
+        prior = tr.teacher.default_prior(ds.X.dtype).tempered(pv)
+        w, _ = fit_map(tr.teacher, ds.X, ds.y, prior, steps=30, lr=1e-2, seed=0)
+        torch.testing.assert_close(tr.posterior.mean, w)
+        lap = laplace(tr.teacher, ds.X, w, prior, kind="dense")
+        torch.testing.assert_close(tr.posterior.variance, lap.variance, rtol=1e-4, atol=1e-6)
+        out[pv] = tr.posterior
+    assert float(out[10.0].mean.norm()) > float(out[1.0].mean.norm())  # a weaker prior: larger weights
+    p = tmp_path / "bad_pv.toml"
+    p.write_text(TOML.replace("[students]", "prior_variance = -1\n[students]", 1))
+    with pytest.raises(ValueError, match="teacher.prior_variance must be a number > 0"):
+        MLPFamily().check(load_config(p))

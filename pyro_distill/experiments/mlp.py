@@ -50,6 +50,9 @@ DEFAULTS: dict[str, Any] = {
         "laplace": "",  # the Laplace start's structure if not the guide's ("kron": KFAC, for a dense guide on big data)
         "map_schedule": "constant",  # or "cosine": the MAP step size decays to 0 (minibatch fits end at the mode)
         "temperature": 1.0,  # the fitted posterior's covariance times T (T chosen on a validation split, never test)
+        # the teacher's prior: the fan-in prior with its variance times this (chosen on a validation split; the
+        # students' standard prior stays the fan-in prior)
+        "prior_variance": 1.0,
     },
     "students": {},                 # name -> sizes, e.g. both = [64, 16, 10]
     "student": {
@@ -89,6 +92,9 @@ def _check(cfg: dict[str, Any]) -> None:
     if any(t != "evidence" and (isinstance(t, str) or not t >= 1) for t in cfg["distill"]["taus"]):
         raise ValueError(f"distill.taus must be numbers >= 1 or \"evidence\", got {cfg['distill']['taus']}")
     check_teacher_temperature(cfg["teacher"])
+    pv = cfg["teacher"]["prior_variance"]
+    if isinstance(pv, bool) or not isinstance(pv, (int, float)) or not pv > 0:
+        raise ValueError(f"teacher.prior_variance must be a number > 0 (1: the fan-in prior), got {pv!r}")
     sched = cfg["teacher"]["map_schedule"]
     if sched not in SCHEDULES:
         raise ValueError(f"teacher.map_schedule must be one of {list(SCHEDULES)}, got {sched!r}")

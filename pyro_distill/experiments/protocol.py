@@ -195,7 +195,12 @@ class Protocol:
         teacher = self.family.teacher_net(cfg, ds)
         ctx.log(f"data: {ds.description}; teacher {teacher!r}")
         t0 = time.perf_counter()
-        tq, th = fit_posterior(teacher, ds.X, ds.y, guide=tc["guide"], steps=tc["steps"], map_steps=tc["map_steps"],
+        pv = float(tc.get("prior_variance", 1.0))
+        t_prior = None if pv == 1.0 else teacher.default_prior(ds.X.dtype).tempered(pv)
+        if t_prior is not None:
+            ctx.log(f"teacher prior: the fan-in prior with its variance x {pv:g} (teacher.prior_variance)")
+        tq, th = fit_posterior(teacher, ds.X, ds.y, prior=t_prior, guide=tc["guide"], steps=tc["steps"],
+                               map_steps=tc["map_steps"],
                                lr=tc["lr"], map_lr=tc["map_lr"], num_particles=tc["num_particles"], rank=tc["rank"],
                                batch_size=tc["batch_size"] or None, seed=seed,
                                laplace_kind=tc.get("laplace") or None,
