@@ -43,16 +43,25 @@ def _seq_metrics(probs: torch.Tensor, y: torch.Tensor, pad: int) -> dict[str, fl
     """Token-level NLL and ECE over the non-padding target positions."""
     m = y != pad
     P, t = probs[m], y[m]
-    return {"nll": metrics.nll(P, t), "ece": metrics.ece(P, t), "accuracy": metrics.accuracy(P, t)}
+    return _scores(P, t)
+
+
+def _scores(P: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
+    """NLL, ECE, accuracy and the mean confidence minus accuracy (> 0 over-confident: the sign says whether
+    averaging over weights, which softens, can lower the NLL)."""
+    acc = metrics.accuracy(P, t)
+    return {"nll": metrics.nll(P, t), "ece": metrics.ece(P, t), "accuracy": acc,
+            "gap": float(P.max(-1).values.mean()) - acc}
 
 
 def _report(name: str, rows: list[tuple[str, dict[str, float], float]]) -> None:
     print(f"\n{name}  (load {os.getloadavg()[0]:.2f})")
-    print("| posterior | predictive | val NLL | val ECE | val accuracy | fit time (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| posterior | predictive | val NLL | val ECE | val accuracy | confidence - accuracy | fit time (s) |")
+    print("|---|---|---|---|---|---|---|")
     for label, r, t in rows:
         kind, pred = label.split(":")
-        print(f"| {kind} | {pred} | {r['nll']:.4f} | {r['ece']:.4f} | {r['accuracy']:.4f} | {t:.1f} |")
+        print(f"| {kind} | {pred} | {r['nll']:.4f} | {r['ece']:.4f} | {r['accuracy']:.4f} | {r['gap']:+.4f} | "
+              f"{t:.1f} |")
 
 
 #: the predictives scored for each Gaussian (``--eval-methods``)
@@ -64,8 +73,8 @@ class _Rows(list):
 
     def append(self, row) -> None:
         label, r, t = row
-        print(f"  row | {label} | NLL {r['nll']:.4f} | ECE {r['ece']:.4f} | acc {r['accuracy']:.4f} | {t:.1f}s",
-              flush=True)
+        print(f"  row | {label} | NLL {r['nll']:.4f} | ECE {r['ece']:.4f} | acc {r['accuracy']:.4f} | "
+              f"conf-acc {r.get('gap', float('nan')):+.4f} | {t:.1f}s", flush=True)
         super().append(row)
 
     def __iadd__(self, rows):
@@ -118,7 +127,8 @@ def _tune_split(n: int, seed: int, labels: torch.Tensor | None) -> tuple[torch.T
 
 def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
             scales: list[float] = (), tune: str = "none", tune_param: str = "temperature",
-            curvature_rows: int = 0, tune_methods: tuple[str, ...] = ("linearized", "mc")) -> None:
+            curvature_rows: int = 0, tune_methods: tuple[str, ...] = ("linearized", "mc"),
+            prior_variance: float = 1.0) -> None:
     if name == "transformer":
         cfg = core.load_config(ROOT / "experiments" / "transformer.toml", quick=quick)
         from pyro_distill.experiments.transformer import _data
@@ -135,7 +145,7 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
         rank, samples = cfg["rank"], cfg["eval_samples"]
 
         def score(P):
-            return {"nll": metrics.nll(P, yv), "ece": metrics.ece(P, yv), "accuracy": metrics.accuracy(P, yv)}
+            return _scores(P, yv)
     else:
         cfg = core.load_config(ROOT / "experiments" / "rnn_attention.toml", quick=quick)
         from pyro_distill.data.sequences import sequence_task
@@ -156,13 +166,15 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
         fit_rows, tune_rows = _tune_split(len(X), seed, y if name == "transformer" else None)
         X, y, Xt, yt = X[fit_rows], y[fit_rows], X[tune_rows], y[tune_rows]
         print(f"tuning split: {len(Xt)} rows carved from the fitting data (not used by MAP or the curvature)")
-    print(f"{name}: {net!r}, N = {len(X)} (fit) / {len(Xv)} (validation), seed {seed}")
+    print(f"{name}: {net!r}, N = {len(X)} (fit) / {len(Xv)} (validation), seed {seed}; prior: fan-in, variance "
+          f"x {prior_variance:g}")
     rows = _Rows()
     t0 = time.perf_counter()
-    w, _ = fit_map(net, X, y, seed=seed, **map_kw)
+    fan_in = net.default_prior(torch.float32).tempered(prior_variance)
+    w, _ = fit_map(net, X, y, fan_in, seed=seed, **map_kw)
     t_map = time.perf_counter() - t0
     rows.append(("MAP:point", score(predictive(net, w, Xv)), t_map))
-    fan_in = net.default_prior(w.dtype)
+    fan_in = fan_in.to(dtype=w.dtype)
     priors = [("fan-in", fan_in)]
     if tune == "none":
         t0 = time.perf_counter()
@@ -278,6 +290,8 @@ def main() -> None:
     ap.add_argument("--tune-methods", default="linearized,mc",
                     help="with --tune validation: the predictives whose temperature is tuned (linearized first)")
     ap.add_argument("--eval-methods", default="mc,linearized", help="predictives scored for each Gaussian")
+    ap.add_argument("--prior-variance", type=float, default=1.0,
+                    help="the fan-in prior's variance times this for MAP, Laplace and SVI (the 'fan-in' rows)")
     a = ap.parse_args()
     _EVAL_METHODS[:] = a.eval_methods.split(",")
     torch.set_num_threads(1)
@@ -286,7 +300,7 @@ def main() -> None:
         for fam in a.families.split(","):
             scales = [float(c) for c in a.cov_scales.split(",") if c]
             _family(fam.strip(), a.quick, seed, a.structures.split(","), not a.no_svi, scales, a.tune, a.tune_param,
-                    a.curvature_rows, tuple(a.tune_methods.split(",")))
+                    a.curvature_rows, tuple(a.tune_methods.split(",")), a.prior_variance)
 
 
 if __name__ == "__main__":
