@@ -361,3 +361,20 @@ def test_cnn_figures_are_named_after_the_experiment(tmp_path):
     made = figures_for_run(run, tmp_path / "figures")
     assert sorted(p.name for p in made) == ["cnn_fashion_extraction.png", "cnn_fashion_methods.png"]
     assert all(p.stat().st_size > 1000 for p in made)
+
+
+def test_kron_guide_for_a_cnn_from_conv_kfac_through_the_planner():
+    """``fit_posterior(cnn, guide="kron")`` starts from the conv-KFAC Laplace and refines it in the Kronecker
+    structure; the planner's channel and neuron removals keep it Kronecker, with the student's own blocks."""
+    from pyro_distill.surgery.cnn import plan_cnn
+
+    torch.manual_seed(0)
+    net = CNN(image_shape=(8, 8), channels=[4, 6], dense=[8, 10])
+    X, y = torch.randn(40, 8, 8), torch.arange(40) % 10
+    q, _ = fit_posterior(net, X, y, guide="kron", steps=3, map_steps=5, num_particles=2, elbo_eval_particles=2)
+    assert isinstance(q, KronGaussian) and q.num_blocks == 4 and q.rem_index.numel() == 0
+    student = net.replace(channels=[3, 5], dense=[6, 10])
+    plan = plan_cnn(net, student, selector="snr", posterior=q)
+    s, prior = S.apply(plan, net, q)
+    assert isinstance(prior, KronGaussian) and s.config() == student.config()
+    assert sorted(i.shape for i in prior.index) == sorted(i.shape for i in student.kron_index())
