@@ -232,6 +232,7 @@ attn = 3
 map_steps = 4
 steps = 3
 temperature = 0.5
+prior_variance = 4.0
 [student]
 steps = 4
 [kd]
@@ -241,7 +242,9 @@ every = 2
 samples = 2
 """)
     run_dir = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
-    assert "teacher posterior covariance scaled by T = 0.5" in (run_dir / "seeds" / "seed0" / "log.txt").read_text()
+    log = (run_dir / "seeds" / "seed0" / "log.txt").read_text()
+    assert "teacher posterior covariance scaled by T = 0.5" in log
+    assert "teacher prior: the fan-in prior with its variance x 4" in log  # teacher.prior_variance reaches the fit
     rows = json.loads((run_dir / "metrics.json").read_text())
     methods = [r["method"] for r in rows]
     # the old kind name and old method names (vi_conditioned_prior, ...) run; rows carry the canonical names

@@ -320,6 +320,7 @@ one_block = { heads = [1] }
 map_steps = 3
 steps = 2
 temperature = 0.5
+prior_variance = 4.0
 [student]
 map_steps = 2
 steps = 2
@@ -332,7 +333,9 @@ steps = 2
         run(bad, runs_root=tmp_path / "bad_runs", models_root=tmp_path / "bad_models", echo=False)
     run_dir = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
     # the teacher's covariance scaled by teacher.temperature before its rows and the students' priors
-    assert "teacher posterior covariance scaled by T = 0.5" in (run_dir / "seeds" / "seed0" / "log.txt").read_text()
+    log = (run_dir / "seeds" / "seed0" / "log.txt").read_text()
+    assert "teacher posterior covariance scaled by T = 0.5" in log
+    assert "teacher prior: the fan-in prior with its variance x 4" in log  # teacher.prior_variance reaches the fit
     # the teacher's posterior and its own MAP point, evaluated on the same test split
     assert [r["method"] for r in read_rows_json(run_dir) if r["setting"] == "teacher"] == ["vi", "teacher_map"]
     rows = [r for r in read_rows_json(run_dir) if r["setting"] == "one_block"]

@@ -26,7 +26,7 @@ from ..distill import student_prior
 from ..nets.mlp import MLP
 from ..training import SCHEDULES
 from .core import register_kind
-from .protocol import METHODS, Family, Protocol, check_teacher_temperature
+from .protocol import METHODS, Family, Protocol, check_teacher_prior_variance, check_teacher_temperature
 
 __all__ = ["DEFAULTS", "MLPFamily", "PROTOCOL", "run_seed", "load_data"]
 
@@ -92,9 +92,7 @@ def _check(cfg: dict[str, Any]) -> None:
     if any(t != "evidence" and (isinstance(t, str) or not t >= 1) for t in cfg["distill"]["taus"]):
         raise ValueError(f"distill.taus must be numbers >= 1 or \"evidence\", got {cfg['distill']['taus']}")
     check_teacher_temperature(cfg["teacher"])
-    pv = cfg["teacher"]["prior_variance"]
-    if isinstance(pv, bool) or not isinstance(pv, (int, float)) or not pv > 0:
-        raise ValueError(f"teacher.prior_variance must be a number > 0 (1: the fan-in prior), got {pv!r}")
+    check_teacher_prior_variance(cfg["teacher"])
     sched = cfg["teacher"]["map_schedule"]
     if sched not in SCHEDULES:
         raise ValueError(f"teacher.map_schedule must be one of {list(SCHEDULES)}, got {sched!r}")

@@ -51,7 +51,7 @@ from ..inference import fit_posterior
 __all__ = ["METHODS", "VI_METHODS", "OURS", "BASELINES", "NEEDS_TEACHER_POSTERIOR", "Cell", "TeacherResult", "Family",
            "Protocol", "fit_method", "method_label", "plan_cells", "timed", "record_evaluation", "check_choices",
            "vi_kwargs", "evidence_prior", "accuracy_curve", "sequence_curve", "record_sequences", "subsamples",
-           "check_teacher_temperature", "tempered_teacher"]
+           "check_teacher_temperature", "check_teacher_prior_variance", "teacher_fit_prior", "tempered_teacher"]
 
 #: the baselines (pyro_distill.baselines), run only for ``distill.baseline_students`` x ``baseline_fractions``
 BASELINES: tuple[str, ...] = tuple(baselines.METHODS)
@@ -195,10 +195,7 @@ class Protocol:
         teacher = self.family.teacher_net(cfg, ds)
         ctx.log(f"data: {ds.description}; teacher {teacher!r}")
         t0 = time.perf_counter()
-        pv = float(tc.get("prior_variance", 1.0))
-        t_prior = None if pv == 1.0 else teacher.default_prior(ds.X.dtype).tempered(pv)
-        if t_prior is not None:
-            ctx.log(f"teacher prior: the fan-in prior with its variance x {pv:g} (teacher.prior_variance)")
+        t_prior = teacher_fit_prior(teacher, tc, ds.X.dtype, ctx)
         tq, th = fit_posterior(teacher, ds.X, ds.y, prior=t_prior, guide=tc["guide"], steps=tc["steps"],
                                map_steps=tc["map_steps"],
                                lr=tc["lr"], map_lr=tc["map_lr"], num_particles=tc["num_particles"], rank=tc["rank"],
@@ -371,6 +368,29 @@ def check_teacher_temperature(tc: dict[str, Any]) -> float:
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
         raise ValueError(f"teacher.temperature must be a number > 0 (1: the fitted posterior as it is), got {t!r}")
     return float(t)
+
+
+def check_teacher_prior_variance(tc: dict[str, Any]) -> float:
+    """``teacher.prior_variance`` (default 1) as a float > 0, else a ValueError naming the key."""
+    v = tc.get("prior_variance", 1.0)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ValueError(f"teacher.prior_variance must be a number > 0 (1: the fan-in prior), got {v!r}")
+    return float(v)
+
+
+def teacher_fit_prior(net: Any, tc: dict[str, Any], dtype: torch.dtype, ctx: Any = None) -> Any:
+    """The teacher's prior for its fit: ``None`` (the network's fan-in prior) when ``teacher.prior_variance`` is 1,
+    else the fan-in prior with its variance times that value (every runner calls this; the students' standard prior
+    stays the fan-in prior). A value != 1 is a setting chosen on held-out training data, like ``temperature``: a
+    temperature can only shrink a Gaussian towards its MAP point, so when the MAP under the fan-in prior is already
+    under-confident (``benchmarks/fashion_teacher_lr.py``, ``benchmarks/teacher_quality.py`` print the sign), the
+    prior is what to change."""
+    v = check_teacher_prior_variance(tc)
+    if v == 1.0:
+        return None
+    if ctx is not None:
+        ctx.log(f"teacher prior: the fan-in prior with its variance x {v:g} (teacher.prior_variance)")
+    return net.default_prior(dtype).tempered(v)
 
 
 def tempered_teacher(q: Any, tc: dict[str, Any], ctx: Any = None) -> Any:

@@ -36,11 +36,13 @@ from ..surgery.rnn import RemoveAttention
 from .core import SeedContext, register_kind
 from .protocol import (
     check_choices,
+    check_teacher_prior_variance,
     check_teacher_temperature,
     evidence_prior,
     record_sequences,
     sequence_curve,
     subsamples,
+    teacher_fit_prior,
     tempered_teacher,
     timed,
 )
@@ -62,7 +64,9 @@ DEFAULTS: dict[str, Any] = {
     "data": {"n_train": 4000, "n_val": 500, "n_test": 1000},
     "net": {"emb": 16, "hidden": 32, "attn": 16},
     "teacher": {"map_steps": 800, "steps": 400, "lr": 1e-3, "factor_lr": 1e-4, "map_lr": 1e-2, "num_particles": 1,
-                "rank": 10, "temperature": 1.0},  # temperature: covariance times T, chosen on held-out training data
+                # temperature: covariance times T; prior_variance: the fan-in prior's variance x this (both chosen on
+                # held-out training data)
+                "rank": 10, "temperature": 1.0, "prior_variance": 1.0},
     "student": {"steps": 800, "lr": 1e-2, "svi_lr": 1e-2, "factor_lr": 1e-3, "num_particles": 1, "rank": 10,
                 "prior_temperature": 100.0, "tempered_start": "prior", "fractions": [1.0],
                 # teacher_prior(tau=evidence): MAP steps to the expansion point, diagonal-GGN estimator and its draws
@@ -81,6 +85,7 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     if any(not 0 < f <= 1 for f in cfg["student"]["fractions"]):
         raise ValueError(f"student.fractions must lie in (0, 1], got {cfg['student']['fractions']}")
     check_teacher_temperature(cfg["teacher"])
+    check_teacher_prior_variance(cfg["teacher"])
     for task_name in cfg["tasks"]:
         # the data split is fixed (seed 0) across seeds: seeds vary initialization and minibatches only
         _run_task(cfg, seed, ctx, sequence_task(task_name, seed=0, **cfg["data"]), getattr(torch, cfg["dtype"]))
@@ -92,7 +97,8 @@ def _teacher(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, te
     T, B = cfg["teacher"], int(cfg["batch_size"])
     X, y, Xv, yv = task.X, task.y, task.Xval, task.yval
     w0 = teacher.init_weights(torch.Generator().manual_seed(10_000 + seed), dtype)
-    (q_t, hist), t_teacher = timed(fit_posterior, teacher, X, y, guide="lowrank", steps=T["steps"], lr=T["lr"],
+    (q_t, hist), t_teacher = timed(fit_posterior, teacher, X, y, prior=teacher_fit_prior(teacher, T, dtype, ctx),
+                                   guide="lowrank", steps=T["steps"], lr=T["lr"],
                                    factor_lr=T["factor_lr"], map_steps=T["map_steps"], map_lr=T["map_lr"],
                                    num_particles=T["num_particles"], batch_size=B, init=w0, cov_init="prior",
                                    rank=T["rank"], seed=seed, dtype=dtype, elbo_eval_particles=2)

@@ -30,10 +30,12 @@ from .core import SeedContext, register_kind
 from .protocol import (
     accuracy_curve,
     check_choices,
+    check_teacher_prior_variance,
     check_teacher_temperature,
     evidence_prior,
     record_evaluation,
     subsamples,
+    teacher_fit_prior,
     tempered_teacher,
 )
 
@@ -65,7 +67,7 @@ DEFAULTS: dict[str, Any] = {
     # guide: the teacher's posterior structure (None: the top-level guide; "kron": KFAC over the linear maps);
     # cov_init: the SVI start, "prior" (the prior shrunk around MAP, the published runs) or "laplace" (from curvature)
     "teacher": {"map_steps": 1000, "steps": 400, "lr": 5e-3, "map_lr": 1e-2, "temperature": 1.0, "guide": None,
-                "cov_init": "prior"},
+                "cov_init": "prior", "prior_variance": 1.0},  # prior_variance: the fan-in prior's variance x this
     "student": {"map_steps": 600, "steps": 400, "lr": 5e-3, "map_lr": 1e-2, "fractions": [1.0]},
     "kd": {"gamma": 0.5, "temperature": 2.0},
     "tinybert": {"beta_hidden": 1.0, "beta_attn": 1.0},
@@ -99,6 +101,7 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     methods = canonical_methods(cfg["methods"])
     check_choices({"methods": methods}, {"methods": METHODS})
     check_teacher_temperature(cfg["teacher"])
+    check_teacher_prior_variance(cfg["teacher"])
     torch.manual_seed(seed)
     d, shape = _data(cfg, seed)
     X, y, Xte, yte = d.X, d.y, d.Xte, d.yte
@@ -110,7 +113,8 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     # ---- teacher (its rows and the students' carry no time_s: the teacher's fit_s is its MAP + SVI time)
     tc, tcb = cfg["teacher"], accuracy_curve(ctx, teacher, Xte, yte, "teacher", "vi")
     teacher_kw = fit_kw | {"guide": tc["guide"] or cfg["guide"], "cov_init": tc["cov_init"]}
-    q_t, hist = fit_posterior(teacher, X, y, prior=None, steps=tc["steps"], lr=tc["lr"], map_steps=tc["map_steps"],
+    q_t, hist = fit_posterior(teacher, X, y, prior=teacher_fit_prior(teacher, tc, X.dtype, ctx), steps=tc["steps"],
+                              lr=tc["lr"], map_steps=tc["map_steps"],
                               map_lr=tc["map_lr"], seed=seed, callback=tcb,
                               eval_every=max(1, (tc["map_steps"] + tc["steps"]) // npts), **teacher_kw)
     q_t = tempered_teacher(q_t, tc, ctx)
