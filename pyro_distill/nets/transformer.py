@@ -222,8 +222,10 @@ class Transformer(BayesianNet):
                 a = torch.softmax(s.masked_fill(keymask, float("-inf")), -1)
                 o = torch.einsum("...nhts,...nhse->...nhte", a, v)
                 rec(f"block{b}.heads", (o, mask))
-                h = h + tap(f"block{b}.o", torch.einsum("...nhte,...hde->...ntd", o, W["o"])
-                            + P[f"block{b}.attn.o_bias"][..., None, None, :])
+                # the tap adds to the residual: its gradient is the attention output's (bias included); without
+                # taps the arithmetic is the original (h + heads) + bias, bit for bit
+                h = h + tap(f"block{b}.o", torch.einsum("...nhte,...hde->...ntd", o, W["o"]))
+                h = h + P[f"block{b}.attn.o_bias"][..., None, None, :]
                 attn_maps.append(a)
             else:
                 attn_maps.append(None)
@@ -233,8 +235,8 @@ class Transformer(BayesianNet):
                 u = self._act(tap(f"block{b}.ffn1", torch.einsum("...ntd,...fd->...ntf", z, P[f"block{b}.ffn.w1"])
                                   + P[f"block{b}.ffn.b1"][..., None, None, :]))
                 rec(f"block{b}.ffn", (u, mask))
-                h = h + tap(f"block{b}.ffn2", torch.einsum("...ntf,...df->...ntd", u, P[f"block{b}.ffn.w2"])
-                            + P[f"block{b}.ffn.b2"][..., None, None, :])
+                h = h + tap(f"block{b}.ffn2", torch.einsum("...ntf,...df->...ntd", u, P[f"block{b}.ffn.w2"])) \
+                    + P[f"block{b}.ffn.b2"][..., None, None, :]
             hidden.append(h)
         h = self._ln(h, P["ln_f.gain"], P["ln_f.bias"])
         if self.pooling == "cls":
