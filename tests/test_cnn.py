@@ -378,3 +378,63 @@ def test_kron_guide_for_a_cnn_from_conv_kfac_through_the_planner():
     s, prior = S.apply(plan, net, q)
     assert isinstance(prior, KronGaussian) and s.config() == student.config()
     assert sorted(i.shape for i in prior.index) == sorted(i.shape for i in student.kron_index())
+
+
+def test_cnn_kind_tiny_run_end_to_end(tmp_path):
+    """The ``cnn`` experiment kind on digits at tiny budgets: the teacher and its MAP point, channel removal with
+    every surgery method, transformer -> CNN and CNN -> MLP, extraction at two budgets from every source; rows,
+    summary and the kind's figures (named after the experiment)."""
+    import json
+
+    from pyro_distill.experiments import run
+    from pyro_distill.plots.experiments import make_run
+
+    toml = tmp_path / "cnn_tiny.toml"
+    toml.write_text("""
+name = "cnn_tiny"
+kind = "cnn"
+seeds = 1
+workers = 1
+tasks = ["digits"]
+methods = ["conditioned_prior", "teacher_prior", "standard_prior", "kd", "prune_finetune"]
+[digits]
+teacher = { channels = [3, 4], dense = [8, 10] }
+student = { channels = [2, 3], dense = [6, 10] }
+mlp_hidden = [8]
+[teacher]
+map_steps = 6
+steps = 2
+num_particles = 1
+[student]
+map_steps = 4
+steps = 2
+num_particles = 1
+[transformer]
+d_model = 4
+heads = [1]
+d_head = 4
+d_ff = 4
+map_steps = 4
+steps = 2
+num_particles = 1
+[crossarch]
+laplace = "diag"
+[extraction]
+budgets = [20, 40]
+steps = 5
+pool_size = 200
+[eval]
+samples = 3
+""")
+    run_dir = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    by = {(r["setting"], r["method"]) for r in rows}
+    assert {("digits teacher", "cnn_teacher"), ("digits teacher", "cnn_teacher_map"),
+            ("digits teacher", "transformer_teacher")} <= by
+    assert {m for s, m in by if s == "digits channel_removal"} == {"conditioned_prior", "teacher_prior",
+                                                                   "standard_prior", "kd", "prune_finetune"}
+    assert {m for s, m in by if s == "digits transformer->cnn"} == {"kd", "kd_laplace", "labels"}
+    assert {m for s, m in by if s == "digits extraction n=40"} == {"gaussian", "other", "active", "labels"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    names = {p.name for p in make_run(run_dir, tmp_path / "fig")}
+    assert {"cnn_tiny_methods.png", "cnn_tiny_extraction.png"} <= names

@@ -20,6 +20,7 @@ from ..baselines import deterministic
 from ..crossarch import CROSS_METHODS, convert, crossarch_methods, teacher_predictive
 from ..data import Dataset, specs
 from ..extraction import GaussianQueries, PoolQueries, digits_images, extract, sample_image_patches, teacher_oracle
+from ..gaussian import PointMass
 from ..inference import fit_posterior
 from ..nets.cnn import CNN
 from ..nets.mlp import MLP
@@ -102,9 +103,12 @@ def _run_task(task: str, ds: Dataset, shape: tuple[int, int], cfg: dict[str, Any
     # ---- CNN teacher
     cnn_kw = dict(image_shape=shape, **cfg["cnn"])
     teacher = CNN(channels=arch["teacher"]["channels"], dense=arch["teacher"]["dense"], **cnn_kw)
-    (tq, _), dt = timed(fit_posterior, teacher, X, y, **vi_kwargs(tc, seed))
+    (tq, th), dt = timed(fit_posterior, teacher, X, y, **vi_kwargs(tc, seed))
     tp_test, tp_train = (metrics.predict(teacher, tq, Z, num_samples=S, seed=seed) for Z in (Xte, X))
     ev(teacher, tq, f"{task} teacher", "cnn_teacher", None, dt)
+    if th.map_weights is not None:  # the check every posterior owes: its predictive against its own MAP point
+        record_evaluation(ctx, teacher, PointMass(th.map_weights), Xte, yte, f"{task} teacher", "cnn_teacher_map",
+                          th.map_time_s, 1, seed, task=task)
 
     # ---- 1. channel removal
     student = CNN(channels=arch["student"]["channels"], dense=arch["student"]["dense"], **cnn_kw)
