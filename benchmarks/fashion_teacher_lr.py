@@ -46,10 +46,15 @@ def _show(name: str, net: MLP, q, X: torch.Tensor, y: torch.Tensor, samples: int
           + f", confidence - accuracy {gap:+.4f}", flush=True)
 
 
+def _prior(net: MLP, args: argparse.Namespace):
+    """The fan-in prior with its variance times ``--prior-scale`` (MAP, Laplace and SVI all use it)."""
+    return net.default_prior(torch.float32).tempered(args.prior_scale)
+
+
 def _fit(args: argparse.Namespace, ds, tune, schedule: str, map_lr: float, lr: float) -> None:
     net = MLP([784, 64, 64, 10])
     t0 = time.perf_counter()
-    prior = net.default_prior(torch.float32).tempered(args.prior_scale)
+    prior = _prior(net, args)
     q, h = fit_posterior(net, ds.X, ds.y, prior=prior, guide=args.guide, rank=20, map_steps=args.map_steps,
                          steps=args.steps,
                          lr=lr, batch_size=1000, seed=args.seed, num_particles=8, map_lr=map_lr,
@@ -114,7 +119,7 @@ def main() -> None:
         if args.map_only:
             net = MLP([784, 64, 64, 10])
             t0 = time.perf_counter()
-            w, _ = fit_map(net, ds.X, ds.y, net.default_prior(torch.float32).tempered(args.prior_scale),
+            w, _ = fit_map(net, ds.X, ds.y, _prior(net, args),
                            steps=args.map_steps, lr=map_lr, batch_size=1000, seed=args.seed,
                            schedule=schedule)
             print(f"MAP {schedule} lr {map_lr:g}, {args.map_steps} steps: {time.perf_counter() - t0:.0f} s",

@@ -913,11 +913,11 @@ def _kfac_maps(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, sampled: bool
         raise NotImplementedError("KFAC over maps needs one output group per example (a classifier or regressor)")
     maps = net.kfac_maps()
     gen = torch.Generator(device=G.device).manual_seed(seed) if sampled else None
-    acc: dict[str, list[Any]] = {}
+    acc: dict[str, list[Any]] = {}  # per block: [Gram of the inputs, Gram of the output gradients, input rows]
     for m in maps:
         r, c = m["index"].shape
-        acc[m["name"]] = [torch.zeros(c, c, dtype=G.dtype, device=G.device),
-                          torch.zeros(r, r, dtype=G.dtype, device=G.device), 0]
+        acc[m["name"]] = [_Gram(torch.zeros(c, c, dtype=G.dtype, device=G.device)),
+                          _Gram(torch.zeros(r, r, dtype=G.dtype, device=G.device)), 0]
     B = chunk or max(1, min(G.N, 64))
     for sl in G._slices(B):
         x = G.X[sl]
@@ -931,17 +931,15 @@ def _kfac_maps(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, sampled: bool
             if m["input_head"] is not None:
                 a = a[:, m["input_head"]]
             rows = a.detach().reshape(-1, a.shape[-1])[valid.reshape(-1)]
-            c = Asum.shape[0]
-            if c == rows.shape[-1] + 1:  # bias column
+            if m["index"].shape[1] == rows.shape[-1] + 1:  # bias column
                 rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
-            Asum.addmm_(rows.T, rows)
+            Asum.add(rows)
             a_acc[2] += rows.shape[0]
             g = grads[m["output"]]
             if m["output_head"] is not None:
                 g = g[:, :, m["output_head"]]
-            g = g.detach().reshape(-1, g.shape[-1])
-            Gsum.addmm_(g.T, g)
-    return {name: (Asum / max(n, 1), Gsum) for name, (Asum, Gsum, n) in acc.items()}
+            Gsum.add(g.detach().reshape(-1, g.shape[-1]))
+    return {name: (Asum.done() / max(n, 1), Gsum.done()) for name, (Asum, Gsum, n) in acc.items()}
 
 
 def _sampled_cotangent(out: torch.Tensor, likelihood: str, noise_scale: float | None,

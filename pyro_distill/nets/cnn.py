@@ -92,6 +92,11 @@ class CNN(BayesianNet):
     # ------------------------------------------------------------------ description
     def _spatial(self) -> list[tuple[int, int]]:
         """``(h_t, w_t)`` after each conv block (conv then pool), with an error naming the layer that empties."""
+        return [pooled for _, pooled in self._conv_sizes()]
+
+    def _conv_sizes(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Per conv layer ``((h, w) of its conv output, (h, w) after its pooling)``, with an error naming the layer
+        that empties."""
         h, w = self.image_shape[1:]
         out = []
         for t in range(self.num_conv):
@@ -100,10 +105,11 @@ class CNN(BayesianNet):
             if min(h, w) < 1:
                 raise ValueError(f"conv layer {t + 1} (kernel {k}, padding {p}) is larger than its {h}x{w} input; "
                                  "use a smaller kernel, more padding, or fewer pooling steps")
+            conv = (h, w)
             h, w = h // q, w // q
             if min(h, w) < 1:
                 raise ValueError(f"pooling {q}x{q} after conv layer {t + 1} leaves no pixels; use pool=1 there")
-            out.append((h, w))
+            out.append((conv, (h, w)))
         return out
 
     @property
@@ -257,12 +263,8 @@ class CNN(BayesianNet):
         pooling; the output side of the block is the last axis), dense ``[N, d_t]``."""
         N = self.images(x).shape[0]
         z = {"dtype": w.dtype, "device": w.device}
-        taps, (h, wd) = {}, self.image_shape[1:]
-        for t in range(1, self.num_conv + 1):
-            k, pad, st = self.kernel_size[t - 1], self.padding[t - 1], self.stride[t - 1]
-            h, wd = (h + 2 * pad - k) // st + 1, (wd + 2 * pad - k) // st + 1
-            taps[f"conv{t}"] = torch.zeros(N, h, wd, self.channels[t - 1], **z)
-            h, wd = h // self.pool[t - 1], wd // self.pool[t - 1]
+        taps = {f"conv{t}": torch.zeros(N, h, wd, c, **z)
+                for t, (((h, wd), _), c) in enumerate(zip(self._conv_sizes(), self.channels), 1)}
         for t in range(1, self.num_dense + 1):
             taps[f"dense{t}"] = torch.zeros(N, self.dense[t - 1], **z)
         return taps
