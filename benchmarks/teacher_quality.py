@@ -30,6 +30,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from pyro_distill import metrics
+from pyro_distill.curvature import subsampled_ggn
 from pyro_distill.evidence import optimize_prior, tune_posterior_scale
 from pyro_distill.experiments import core
 from pyro_distill.inference import fit_map, fit_posterior, laplace_family
@@ -92,31 +93,6 @@ def _evaluate(score, net, q, X, samples: int, seed: int) -> dict[str, dict[str, 
 _CHEAP_ALPHA = ("dense", "diag", "lowrank_precision", "kron")
 
 
-class _ScaledGGN:
-    """``c`` times a GGN operator (the GGN of a random subset of ``n`` of the ``N`` fitting rows, ``c = N / n``:
-    an unbiased estimate of the full GGN, which is a sum over the rows)."""
-
-    def __init__(self, op, c: float):
-        self.op, self.c, self.eig_info = op, float(c), {}
-
-    def mv(self, v):
-        return self.c * self.op.mv(v)
-
-    def mm(self, V):
-        return self.c * self.op.mm(V)
-
-    def diagonal(self):
-        return self.c * self.op.diagonal()
-
-    def dense(self):
-        return self.c * self.op.dense()
-
-    def eigh_topk(self, k, seed=0):
-        lam, U = self.op.eigh_topk(k, seed=seed)
-        self.eig_info = getattr(self.op, "eig_info", {})
-        return self.c * lam, U
-
-
 def _tune_split(n: int, seed: int, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fit rows, tuning rows): 20% of the fitting data, seeded (stratified by ``labels`` when given)."""
     idx = torch.arange(n).numpy()
@@ -128,7 +104,7 @@ def _tune_split(n: int, seed: int, labels: torch.Tensor | None) -> tuple[torch.T
 def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
             scales: list[float] = (), tune: str = "none", tune_param: str = "temperature",
             curvature_rows: int = 0, tune_methods: tuple[str, ...] = ("linearized", "mc"),
-            prior_variance: float = 1.0) -> None:
+            prior_variance: float = 1.0, svi_start: str = "tuned") -> None:
     if name == "transformer":
         cfg = core.load_config(ROOT / "experiments" / "transformer.toml", quick=quick)
         from pyro_distill.experiments.transformer import _data
@@ -140,7 +116,8 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
         net = Transformer(**shape, **cfg["net"])
         tc = cfg["teacher"]
         map_kw = {"steps": tc["map_steps"], "lr": tc["map_lr"], "batch_size": cfg["batch_size"]}
-        svi_kw = {"steps": tc["steps"], "lr": tc["lr"], "batch_size": cfg["batch_size"],
+        # the experiment's teacher has no SVI now (a tuned KFAC Laplace): the refinement rows keep its former 300 steps
+        svi_kw = {"steps": tc["steps"] or 300, "lr": tc["lr"], "batch_size": cfg["batch_size"],
                   "num_particles": cfg["num_particles"]}
         rank, samples = cfg["rank"], cfg["eval_samples"]
 
@@ -185,10 +162,7 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
         priors.append(("evidence", tuned))
     ggn_op = None
     if 0 < curvature_rows < len(X):
-        from pyro_distill.curvature import GGN
-
-        sub = torch.randperm(len(X), generator=torch.Generator().manual_seed(2000 + seed))[:curvature_rows]
-        ggn_op = _ScaledGGN(GGN(net, w, X[sub], y[sub]), len(X) / curvature_rows)
+        ggn_op = subsampled_ggn(net, w, X, y, rows=curvature_rows, seed=2000 + seed)
         print(f"curvature from {curvature_rows} of the {len(X)} fitting rows, scaled by {len(X) / curvature_rows:.2f}")
     starts = {}
     for kind in structures:
@@ -215,13 +189,13 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
         if not svi_structures:
             raise SystemExit("the SVI refinement after tuning starts from a tuned lowrank or kron Laplace: include "
                              "one of them in --structures, or pass --no-svi")
-        for kind in svi_structures:  # the SVI refinement in the same structure, from the tuned Laplace start
-            q0, T0 = starts[kind, "tuned"]
+        for kind in svi_structures:  # the SVI refinement in the same structure, from the (tuned) Laplace start
+            q0, T0 = starts[kind, "tuned"] if svi_start == "tuned" else (starts[kind, "fan-in"], 1.0)
             t0 = time.perf_counter()
             q, _ = fit_posterior(net, X, y, guide=kind, init=q0, prior=fan_in, rank=rank, seed=seed, **svi_kw)
             dt = time.perf_counter() - t0
             for m, r in _evaluate(score, net, q, Xv, samples, seed).items():
-                rows.append((f"SVI from the tuned {kind} start (T = {T0:.3g}), fan-in prior:{m}", r, dt))
+                rows.append((f"SVI from the {svi_start} {kind} start (T = {T0:.3g}), fan-in prior:{m}", r, dt))
             qT, info = tune_posterior_scale(net, q, Xt, yt, num_samples=samples, seed=seed)
             r = score(predictive(net, qT, Xv, method="linearized", num_samples=samples, seed=seed, chunk=10))
             rows.append((f"{kind} SVI result x T = {info['temperature']:.3g} (tuned again):linearized", r, dt))
@@ -275,6 +249,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default="transformer,rnn")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--quick", action="store_true", help="the experiments' [quick] budgets")
     ap.add_argument("--structures", default="lowrank", help="Laplace structures, e.g. lowrank,dense,diag,kron "
                     "(kron: KFAC over the transformer's linear maps)")
@@ -292,15 +267,18 @@ def main() -> None:
     ap.add_argument("--eval-methods", default="mc,linearized", help="predictives scored for each Gaussian")
     ap.add_argument("--prior-variance", type=float, default=1.0,
                     help="the fan-in prior's variance times this for MAP, Laplace and SVI (the 'fan-in' rows)")
+    ap.add_argument("--svi-start", choices=("tuned", "laplace"), default="tuned",
+                    help="with --tune validation: SVI from the tuned Laplace, or from the Laplace at T = 1 (what a "
+                         "runner's teacher.cov_init = 'laplace' does)")
     a = ap.parse_args()
     _EVAL_METHODS[:] = a.eval_methods.split(",")
     torch.set_num_threads(1)
     print(f"load {os.getloadavg()[0]:.2f} at start, one torch thread")
-    for seed in range(a.seeds):
+    for seed in range(a.first_seed, a.first_seed + a.seeds):
         for fam in a.families.split(","):
             scales = [float(c) for c in a.cov_scales.split(",") if c]
             _family(fam.strip(), a.quick, seed, a.structures.split(","), not a.no_svi, scales, a.tune, a.tune_param,
-                    a.curvature_rows, tuple(a.tune_methods.split(",")), a.prior_variance)
+                    a.curvature_rows, tuple(a.tune_methods.split(",")), a.prior_variance, a.svi_start)
 
 
 if __name__ == "__main__":

@@ -603,6 +603,7 @@ def fit_posterior(
     snapshot_every: int = 50,
     whiten: bool | str = "auto",
     laplace_kind: str | None = None,
+    curvature_rows: int = 0,
 ) -> tuple[Gaussian, FitHistory]:
     """Fit ``q(w) = N(m, S)`` to ``p(w | X, y)`` for ``net`` under ``prior`` (default: the net's fan-in prior).
 
@@ -627,6 +628,10 @@ def fit_posterior(
     60,000 images at p = 8,074: 3.9e13 flops); the start is converted exactly (``to_dense()``) or to the guide's
     structure (``to_lowrank(rank)``, the diagonal).
 
+    ``curvature_rows``: the Laplace start's GGN from this many seeded random rows, scaled to the full sum
+    (:func:`pyro_distill.curvature.subsampled_ggn`; 0: all rows). Not for the ``"kron"`` structure, whose KFAC
+    factors cost one pass over all rows anyway.
+
     ``whiten`` (``"auto"``: on when the prior is not diagonal): SVI in the prior's whitened coordinates
     (:mod:`pyro_distill.whitened`), so the KL to a dense or low-rank prior costs O(p^2) per step, not O(p^3);
     the result, callbacks and histories are in the original coordinates, and ``lr`` / ``factor_lr`` keep
@@ -646,6 +651,7 @@ def fit_posterior(
     factor_lr = None if factor_lr is None else checks.positive("factor_lr", factor_lr)
     num_particles, batch_size = checks.count("num_particles", num_particles, 1), checks.batch_size(batch_size)
     snapshot_every = checks.count("snapshot_every", snapshot_every, 1)
+    curvature_rows = checks.count("curvature_rows", curvature_rows)
     device = torch.device(device) if device is not None else X.device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' requested but CUDA is not available; use device='cpu'")
@@ -684,7 +690,15 @@ def fit_posterior(
         t0 = time.perf_counter()
         if cov_init == "laplace":
             lk = structure_name(laplace_kind, "Laplace structure") if laplace_kind else kind
-            start = laplace(net, X, w0, prior, kind=lk, rank=rank, seed=seed or 0, y=y)
+            ggn_op = None
+            if curvature_rows:
+                if lk == "kron":
+                    raise ValueError("curvature_rows subsamples the GGN of the dense, diag and lowrank Laplace; the "
+                                     "kron (KFAC) start takes one pass over all rows: use curvature_rows=0")
+                from .curvature import subsampled_ggn
+
+                ggn_op = subsampled_ggn(net, w0, X, y, rows=curvature_rows, seed=seed or 0)
+            start = laplace(net, X, w0, prior, kind=lk, rank=rank, seed=seed or 0, y=y, ggn_op=ggn_op)
             if lk != kind:
                 start = _convert_start(start, kind, rank)
         elif cov_init == "prior":

@@ -190,11 +190,12 @@ def sequence_nll(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch.Te
 
 
 def sequence_predictive(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, num_samples: int = 8,
-                        seed: int = 0, chunk: int = 500) -> torch.Tensor:
+                        seed: int = 0, chunk: int = 500, method: str = "mc") -> torch.Tensor:
     """Teacher-forced posterior predictive ``[N, T, V]``: the softmax averaged over ``num_samples`` seeded draws
-    of ``q`` (:func:`pyro_distill.predictions.predictive`), ``chunk`` sequences at a time."""
-    return torch.cat([predictive(net, q, X[a : a + chunk], num_samples=num_samples, seed=seed, chunk=num_samples)
-                      for a in range(0, len(X), chunk)])
+    of ``q`` (:func:`pyro_distill.predictions.predictive`, ``method`` ``"mc"`` or ``"linearized"``), ``chunk``
+    sequences at a time."""
+    return torch.cat([predictive(net, q, X[a : a + chunk], method=method, num_samples=num_samples, seed=seed,
+                                 chunk=num_samples) for a in range(0, len(X), chunk)])
 
 
 @torch.no_grad()
@@ -209,16 +210,20 @@ def sequence_scores(net: BayesianNet, w: torch.Tensor, X: torch.Tensor, y: torch
 
 
 def evaluate_sequences(net: BayesianNet, q: Gaussian | torch.Tensor, X: torch.Tensor, y: torch.Tensor,
-                       num_samples: int = 8, seed: int = 0) -> dict[str, float]:
-    """``exact_match``, ``token_acc``, ``nll_tok`` (all at the mean / the point) and ``nll_pred_tok`` (the
-    posterior predictive's token NLL from ``num_samples`` draws; the point NLL again for a point estimate)."""
+                       num_samples: int = 8, seed: int = 0, linearized: bool = False) -> dict[str, float]:
+    """``exact_match``, ``token_acc``, ``nll_tok``, ``ece_tok`` (all at the mean / the point), ``nll_pred_tok`` and
+    ``ece_pred_tok`` (the posterior predictive's token NLL and ECE from ``num_samples`` draws; the point's again for
+    a point estimate) and, with ``linearized`` and a Gaussian ``q``, ``nll_lin_tok`` and ``ece_lin_tok`` (the
+    linearized predictive, :func:`pyro_distill.predictions.predictive`). Token metrics are over the non-pad targets.
+    """
     w = q.loc if isinstance(q, Gaussian) else q
-    res = sequence_scores(net, w, X, y) | {"nll_tok": sequence_nll(net, w, X, y)}
+    m = _tokens(net, y)
+    res = sequence_scores(net, w, X, y) | {"nll_tok": sequence_nll(net, w, X, y),
+                                           "ece_tok": ece(sequence_predictive(net, w, X)[m], y[m])}
     if isinstance(q, Gaussian) and not is_point(q) and num_samples > 0:
-        P = sequence_predictive(net, q, X, num_samples, seed)
-        lp = P.clamp_min(_EPS).log().gather(-1, y.unsqueeze(-1)).squeeze(-1)
-        m = _tokens(net, y)
-        res["nll_pred_tok"] = float(-(lp * m).sum() / m.sum())
+        for method, suffix in (("mc", "pred"), ("linearized", "lin"))[: 1 + bool(linearized)]:
+            P = sequence_predictive(net, q, X, num_samples, seed, method=method)
+            res[f"nll_{suffix}_tok"], res[f"ece_{suffix}_tok"] = nll(P[m], y[m]), ece(P[m], y[m])
     else:
-        res["nll_pred_tok"] = res["nll_tok"]
+        res["nll_pred_tok"], res["ece_pred_tok"] = res["nll_tok"], res["ece_tok"]
     return res

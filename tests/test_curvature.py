@@ -9,12 +9,14 @@ from torch.func import jacrev
 
 from pyro_distill.curvature import (
     GGN,
+    ScaledGGN,
     kfac,
     kfac_block_dense,
     kfac_indices,
     label_cotangent,
     lanczos,
     output_hessian_sqrt,
+    subsampled_ggn,
 )
 from pyro_distill.data.sequences import PAD, dates
 from pyro_distill.layout import Layout
@@ -454,3 +456,33 @@ def test_sampled_diagonal_options():
         op.diagonal("mc")
     with pytest.raises(ValueError, match="positive number"):
         op.diagonal("sampled", samples=0)
+
+
+def test_subsampled_ggn_is_the_scaled_ggn_of_a_seeded_subset_and_feeds_the_laplace_start():
+    """subsampled_ggn(rows=n): N / n times the GGN of n seeded rows (padding masks follow the rows); rows=0 or >= N:
+    the exact GGN; fit_posterior(curvature_rows=n) builds its Laplace start from exactly that operator."""
+    from pyro_distill.inference import fit_posterior, laplace
+
+    net, w, X, y = _rnn_case()
+    assert isinstance(subsampled_ggn(net, w, X, y), GGN) and isinstance(subsampled_ggn(net, w, X, y, rows=5), GGN)
+    op = subsampled_ggn(net, w, X, y, rows=3, seed=7)
+    assert isinstance(op, ScaledGGN) and op.scale == pytest.approx(5 / 3)
+    idx = torch.randperm(5, generator=torch.Generator().manual_seed(7))[:3]
+    ref = 5 / 3 * _reference(net, w, X[idx], y[idx])
+    V = torch.randn(net.num_params, 2, generator=torch.Generator().manual_seed(0), dtype=D)
+    torch.testing.assert_close(op.mm(V), ref @ V, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(op.mv(V[:, 0]), ref @ V[:, 0], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(op.diagonal(), ref.diagonal(), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(op.dense(), ref, rtol=1e-8, atol=1e-10)
+    lam, _ = op.eigh_topk(2, seed=0)
+    torch.testing.assert_close(lam, torch.linalg.eigvalsh(ref).flip(0)[:2], rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="rows must be >= 0"):
+        subsampled_ggn(net, w, X, y, rows=-1)
+    # the Laplace start of fit_posterior from 3 of the 5 sequences (no MAP, no SVI: the start itself)
+    prior = net.default_prior(D)
+    q, _ = fit_posterior(net, X, y, guide="diag", init=w, map_steps=0, steps=0, curvature_rows=3, seed=7, prior=prior,
+                         dtype=D, num_particles=1, elbo_eval_particles=1)
+    expect = laplace(net, X, w, prior, kind="diag", y=y, ggn_op=op)
+    torch.testing.assert_close(q.scale, expect.scale)
+    with pytest.raises(ValueError, match="kron"):
+        fit_posterior(net, X, y, guide="diag", laplace_kind="kron", init=w, map_steps=0, steps=0, curvature_rows=3)

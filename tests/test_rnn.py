@@ -12,6 +12,7 @@ from pyro_distill.data.sequences import BOS, EOS, PAD, dates, digit_sum, exact_m
 from pyro_distill.gaussian import DenseGaussian, LowRankGaussian
 from pyro_distill.inference import fit_map, fit_posterior
 from pyro_distill.nets import AttentionRNN, net_from_config
+from pyro_distill.predictions import predictive
 from pyro_distill.surgery import RemoveAttention, SurgeryError, operation_from_dict, remove_attention
 
 D = torch.float64
@@ -338,3 +339,13 @@ def test_sequence_metrics_by_hand(task, net):
     lp = P.log().gather(-1, y.unsqueeze(-1)).squeeze(-1)
     got = metrics.evaluate_sequences(net, q, X, y, num_samples=3, seed=5)["nll_pred_tok"]
     assert got == pytest.approx(float(-(lp * m).sum() / m.sum()), rel=1e-9)
+    # token ECE over the non-pad targets: of the point, of the sampled and (asked for) of the linearized predictive
+    P0 = torch.softmax(net.forward(q.loc, X), -1)
+    full = metrics.evaluate_sequences(net, q, X, y, num_samples=3, seed=5, linearized=True)
+    assert full["ece_tok"] == pytest.approx(metrics.ece(P0[m], y[m]), rel=1e-12)
+    assert full["ece_pred_tok"] == pytest.approx(metrics.ece(P[m], y[m]), rel=1e-9)
+    Pl = predictive(net, q, X, method="linearized", num_samples=3, seed=5)
+    assert full["nll_lin_tok"] == pytest.approx(metrics.nll(Pl[m], y[m]), rel=1e-9)
+    assert full["ece_lin_tok"] == pytest.approx(metrics.ece(Pl[m], y[m]), rel=1e-9)
+    assert "nll_lin_tok" not in metrics.evaluate_sequences(net, q, X, y, num_samples=3, seed=5)  # only when asked
+    assert res["ece_pred_tok"] == res["ece_tok"]

@@ -76,7 +76,7 @@ def test_auto_samples_for_sequence_models_only(case):
 def test_rnn_kind_runs_teacher_prior_tau_by_evidence(tmp_path):
     """The tiny config through the runner: the method's rows carry the chosen tau (in [1, 1000]), its log evidence
     (>= the one at tau = 1: tau maximizes it), the bound flag and the curvature used (sampled: diagonal path)."""
-    from pyro_distill.experiments.core import run
+    from pyro_distill.experiments.core import RunError, run
 
     toml = tmp_path / "tiny.toml"
     toml.write_text("""
@@ -119,3 +119,24 @@ samples = 2
     curves = (run_dir / "curves.csv").read_text()
     for step in (0, 4):
         assert f",teacher_prior(tau=evidence),0,{step},val_nll_tok," in curves
+    # the teacher's posterior (sampled and linearized predictive, NLL and ECE per token) beside its own MAP point
+    teacher = {r["method"]: r for r in rows if r["method"] in ("teacher", "teacher_map")}
+    assert len(teacher) == 2 and {r["setting"] for r in teacher.values()} == {"dates"}
+    assert all(0 <= teacher["teacher"][k] <= 1 for k in ("ece_tok", "ece_pred_tok", "ece_lin_tok"))
+    assert teacher["teacher_map"]["nll_pred_tok"] == teacher["teacher_map"]["nll_tok"]
+    assert "nll_lin_tok" not in teacher["teacher_map"]
+
+    # teacher.cov_init = "laplace": SVI starts from the low-rank GGN Laplace, its curvature from 8 of the 40 sequences
+    lap = tmp_path / "laplace.toml"
+    text = toml.read_text().replace("steps = 3\n", "steps = 3\ncov_init = \"laplace\"\ncurvature_rows = 8\n", 1)
+    lap.write_text(text.replace(', "teacher_prior(tau=evidence)"]', "]"))
+    assert 'cov_init = "laplace"' in lap.read_text()
+    run_dir = run(lap, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    assert {r["method"] for r in rows} == {"teacher", "teacher_map", "teacher_prior"}
+    assert "teacher SVI start: laplace (low-rank GGN Laplace at MAP, curvature from 8 of 40 sequences" in (
+        run_dir / "seeds" / "seed0" / "log.txt").read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(lap.read_text().replace('cov_init = "laplace"', 'cov_init = "curvature"'))
+    with pytest.raises(RunError, match="teacher.cov_init"):  # refused before any fit
+        run(bad, runs_root=tmp_path / "bad_runs", models_root=tmp_path / "models", echo=False)

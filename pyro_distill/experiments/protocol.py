@@ -344,10 +344,12 @@ def record_evaluation(ctx: Any, net: Any, q: Any, X: torch.Tensor, y: torch.Tens
 
 
 def record_sequences(ctx: Any, net: Any, q: Any, X: torch.Tensor, y: torch.Tensor, setting: str, method: str,
-                     samples: int, seed: int, extra: dict[str, Any], **columns: Any) -> dict[str, float]:
+                     samples: int, seed: int, extra: dict[str, Any], linearized: bool = False,
+                     **columns: Any) -> dict[str, float]:
     """:func:`record_evaluation` for a sequence model: :func:`pyro_distill.metrics.evaluate_sequences` of ``q`` on
-    ``(X, y)``, the row ``setting, method, **columns, metrics, p, **extra`` (``extra["fit_s"]``: seconds, logged)."""
-    r = metrics.evaluate_sequences(net, q, X, y, samples, seed)
+    ``(X, y)`` (``linearized``: the linearized predictive's columns too), the row ``setting, method, **columns,
+    metrics, p, **extra`` (``extra["fit_s"]``: seconds, logged)."""
+    r = metrics.evaluate_sequences(net, q, X, y, samples, seed, linearized=linearized)
     ctx.record({"setting": setting, "method": method} | columns | r | {"p": net.num_params} | extra)
     ctx.log(f"{setting}: {method} {r} ({extra.get('fit_s', float('nan')):.0f} s)")
     return r

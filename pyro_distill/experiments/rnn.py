@@ -2,8 +2,9 @@
 by conditioning its posterior, then train the attention-free student (uniform context) in several ways.
 
 Per task (``dates``: attention matters; ``digit_sum``: little) and seed: the teacher (MAP, then low-rank SVI from a
-shrunk-prior covariance start), then each method with ``student.steps`` optimizer steps: ``teacher_prior`` (SVI under
-the conditioned teacher posterior, started there), ``standard_prior`` (SVI, fan-in prior, random start),
+shrunk-prior covariance start, or with ``teacher.cov_init = "laplace"`` from the low-rank GGN Laplace at MAP), then
+each method with ``student.steps`` optimizer steps: ``teacher_prior`` (SVI under the conditioned teacher posterior,
+started there), ``standard_prior`` (SVI, fan-in prior, random start),
 ``teacher_init`` (the teacher's mean without attention, then MAP), ``deterministic`` (MAP), ``kd`` (token-level KD,
 :func:`~pyro_distill.baselines.token_kd`); controls ``teacher_prior_tempered`` (covariance x
 ``student.prior_temperature``; ``tempered_start = "conditioned"``: started at the untempered prior),
@@ -66,7 +67,10 @@ DEFAULTS: dict[str, Any] = {
     "teacher": {"map_steps": 800, "steps": 400, "lr": 1e-3, "factor_lr": 1e-4, "map_lr": 1e-2, "num_particles": 1,
                 # temperature: covariance times T; prior_variance: the fan-in prior's variance x this (both chosen on
                 # held-out training data)
-                "rank": 10, "temperature": 1.0, "prior_variance": 1.0},
+                "rank": 10, "temperature": 1.0, "prior_variance": 1.0,
+                # cov_init: the SVI start, "prior" (the prior shrunk around MAP, the published runs) or "laplace" (the
+                # low-rank GGN Laplace at MAP); curvature_rows: its GGN from this many sequences, scaled (0: all)
+                "cov_init": "prior", "curvature_rows": 0},
     "student": {"steps": 800, "lr": 1e-2, "svi_lr": 1e-2, "factor_lr": 1e-3, "num_particles": 1, "rank": 10,
                 "prior_temperature": 100.0, "tempered_start": "prior", "fractions": [1.0],
                 # teacher_prior(tau=evidence): MAP steps to the expansion point, diagonal-GGN estimator and its draws
@@ -81,7 +85,7 @@ def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
     """One seed of every task in ``cfg["tasks"]``: teacher, surgery, the students (see the module doc)."""
     cfg["methods"] = canonical_methods(cfg["methods"])
     check_choices(cfg, {"dtype": ("float32", "float64"), "student.tempered_start": ("prior", "conditioned"),
-                        "methods": METHODS})
+                        "methods": METHODS, "teacher.cov_init": ("prior", "laplace")})
     if any(not 0 < f <= 1 for f in cfg["student"]["fractions"]):
         raise ValueError(f"student.fractions must lie in (0, 1], got {cfg['student']['fractions']}")
     check_teacher_temperature(cfg["teacher"])
@@ -100,16 +104,22 @@ def _teacher(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, te
     (q_t, hist), t_teacher = timed(fit_posterior, teacher, X, y, prior=teacher_fit_prior(teacher, T, dtype, ctx),
                                    guide="lowrank", steps=T["steps"], lr=T["lr"],
                                    factor_lr=T["factor_lr"], map_steps=T["map_steps"], map_lr=T["map_lr"],
-                                   num_particles=T["num_particles"], batch_size=B, init=w0, cov_init="prior",
-                                   rank=T["rank"], seed=seed, dtype=dtype, elbo_eval_particles=2)
+                                   num_particles=T["num_particles"], batch_size=B, init=w0, cov_init=T["cov_init"],
+                                   curvature_rows=T["curvature_rows"], rank=T["rank"], seed=seed, dtype=dtype,
+                                   elbo_eval_particles=2)
+    rows = T["curvature_rows"] if 0 < T["curvature_rows"] < len(X) else len(X)
+    how = (f"low-rank GGN Laplace at MAP, curvature from {rows} of {len(X)} sequences, {hist.laplace_time_s:.1f} s"
+           if T["cov_init"] == "laplace" else "the prior shrunk around MAP")
+    ctx.log(f"teacher SVI start: {T['cov_init']} ({how})")
     q_t = tempered_teacher(q_t, T, ctx)
     # where each removal variant puts the student: conditional mean vs plain marginal (copied) mean
     starts = {f"val_nll_cond_{v}": metrics.sequence_nll(student, RemoveAttention(v).apply(teacher, q_t)[1].loc, Xv, yv)
               for v in ("w", "uv", "all")}
     starts["val_nll_marginal"] = metrics.sequence_nll(student, q_t.loc[RemoveAttention("w").keep(teacher)], Xv, yv)
+    timing = {"val_nll_start": float("nan"), "svi_step_ms": 1e3 * hist.svi_time_s / max(1, T["steps"]),
+              "map_step_ms": 1e3 * hist.map_time_s / max(1, T["map_steps"]), "fit_s": t_teacher}
     record_sequences(ctx, teacher, q_t, task.Xte, task.yte, task.name, "teacher", cfg["eval"]["samples"], seed,
-                     starts | {"val_nll_start": float("nan"), "svi_step_ms": 1e3 * hist.svi_time_s / max(1, T["steps"]),
-                               "map_step_ms": 1e3 * hist.map_time_s / max(1, T["map_steps"]), "fit_s": t_teacher})
+                     starts | timing, linearized=True)
     if hist.map_weights is not None:  # the check every posterior owes: its predictive against its own MAP point
         record_sequences(ctx, teacher, PointMass(hist.map_weights), task.Xte, task.yte, task.name, "teacher_map", 1,
                          seed, {"fit_s": hist.map_time_s})
