@@ -15,7 +15,12 @@ for each Laplace structure the temperature ``T`` of the covariance (and with ``-
 prior precision ``alpha``, ``Lam = G + alpha P0``, for the structures that rebuild cheaply) minimizing the tuning
 NLL of the linearized predictive (a separate ``T`` for the sampled one) is reported on the report split.
 
-    python benchmarks/teacher_quality.py [--families transformer,rnn] [--seeds 1] [--quick]
+``--svi-start`` (with ``--tune validation``): the SVI refinement starts from the tuned Laplace (``tuned``, what a
+runner does with ``teacher.start_temperature`` set to the tuned T) or from the Laplace at T = 1 (``laplace``).
+
+    python benchmarks/teacher_quality.py [--families transformer,rnn] [--seeds 1] [--first-seed 0] [--quick]
+    python benchmarks/teacher_quality.py --families rnn --structures lowrank --tune validation --prior-variance 10 \
+        --curvature-rows 500 --tune-methods linearized --svi-start tuned --seeds 3
     python benchmarks/teacher_quality.py --families transformer --structures lowrank,dense --tune validation --no-svi
 """
 
@@ -197,6 +202,8 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
             for m, r in _evaluate(score, net, q, Xv, samples, seed).items():
                 rows.append((f"SVI from the {svi_start} {kind} start (T = {T0:.3g}), fan-in prior:{m}", r, dt))
             qT, info = tune_posterior_scale(net, q, Xt, yt, num_samples=samples, seed=seed)
+            print(f"{kind} SVI result: linearized T = {info['temperature']:.4g} (tuning NLL {info['nll_start']:.4f} "
+                  f"at T = 1 -> {info['nll']:.4f}, MAP {info['nll_map']:.4f}; at bound: {info['at_bound']})")
             r = score(predictive(net, qT, Xv, method="linearized", num_samples=samples, seed=seed, chunk=10))
             rows.append((f"{kind} SVI result x T = {info['temperature']:.3g} (tuned again):linearized", r, dt))
         _report(name, rows)

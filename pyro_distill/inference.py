@@ -604,6 +604,7 @@ def fit_posterior(
     whiten: bool | str = "auto",
     laplace_kind: str | None = None,
     curvature_rows: int = 0,
+    start_temperature: float = 1.0,
 ) -> tuple[Gaussian, FitHistory]:
     """Fit ``q(w) = N(m, S)`` to ``p(w | X, y)`` for ``net`` under ``prior`` (default: the net's fan-in prior).
 
@@ -632,6 +633,11 @@ def fit_posterior(
     (:func:`pyro_distill.curvature.subsampled_ggn`; 0: all rows). Not for the ``"kron"`` structure, whose KFAC
     factors cost one pass over all rows anyway.
 
+    ``start_temperature``: the SVI start's covariance times this (the Laplace or shrunk-prior start, or a given
+    Gaussian ``init``), e.g. the temperature a held-out split chose for the Laplace Gaussian
+    (:func:`pyro_distill.evidence.tune_posterior_scale`): where the Laplace spread at ``T = 1`` is far too wide, SVI
+    with a small covariance step size cannot shrink it in its budget, and starting at the tuned scale lets it grow.
+
     ``whiten`` (``"auto"``: on when the prior is not diagonal): SVI in the prior's whitened coordinates
     (:mod:`pyro_distill.whitened`), so the KL to a dense or low-rank prior costs O(p^2) per step, not O(p^3);
     the result, callbacks and histories are in the original coordinates, and ``lr`` / ``factor_lr`` keep
@@ -652,6 +658,7 @@ def fit_posterior(
     num_particles, batch_size = checks.count("num_particles", num_particles, 1), checks.batch_size(batch_size)
     snapshot_every = checks.count("snapshot_every", snapshot_every, 1)
     curvature_rows = checks.count("curvature_rows", curvature_rows)
+    start_temperature = checks.positive("start_temperature", start_temperature)
     device = torch.device(device) if device is not None else X.device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' requested but CUDA is not available; use device='cpu'")
@@ -708,6 +715,8 @@ def fit_posterior(
         history.laplace_time_s = time.perf_counter() - t0
         log.info("%s start (%s): %.1fs", "Laplace" if cov_init == "laplace" else "shrunk-prior", kind,
                  history.laplace_time_s)
+    if start_temperature != 1.0:
+        start = start.tempered(start_temperature)
     start.layout = net.layout
 
     # ---- phase 3: SVI

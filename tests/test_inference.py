@@ -79,6 +79,12 @@ def test_map_then_laplace_start_is_exact(blr) -> None:
     assert float(((q.loc - m) / sd).abs().max()) < 1e-3
     torch.testing.assert_close(q.covariance(), Sigma, rtol=1e-10, atol=1e-12)
     assert len(hist.map_loss) == 3000 and hist.elbo == []
+    # start_temperature scales the start's covariance (the mean stays the MAP point)
+    qt, _ = fit_posterior(net, X, y, guide="mvn", steps=0, map_steps=3000, map_lr=1e-2, seed=0, start_temperature=0.25)
+    torch.testing.assert_close(qt.loc, q.loc, rtol=0, atol=0)
+    torch.testing.assert_close(qt.covariance(), 0.25 * Sigma, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="start_temperature must be a finite number > 0"):
+        fit_posterior(net, X, y, steps=0, map_steps=1, start_temperature=0.0)
 
 
 def test_dense_svi_recovers_exact_posterior(blr) -> None:

@@ -128,14 +128,16 @@ samples = 2
 
     # teacher.cov_init = "laplace": SVI starts from the low-rank GGN Laplace, its curvature from 8 of the 40 sequences
     lap = tmp_path / "laplace.toml"
-    text = toml.read_text().replace("steps = 3\n", "steps = 3\ncov_init = \"laplace\"\ncurvature_rows = 8\n", 1)
+    text = toml.read_text().replace("steps = 3\n", "steps = 3\ncov_init = \"laplace\"\ncurvature_rows = 8\n"
+                                    "start_temperature = 0.01\n", 1)
     lap.write_text(text.replace(', "teacher_prior(tau=evidence)"]', "]"))
     assert 'cov_init = "laplace"' in lap.read_text()
     run_dir = run(lap, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
     rows = json.loads((run_dir / "metrics.json").read_text())
     assert {r["method"] for r in rows} == {"teacher", "teacher_map", "teacher_prior"}
-    assert "teacher SVI start: laplace (low-rank GGN Laplace at MAP, curvature from 8 of 40 sequences" in (
-        run_dir / "seeds" / "seed0" / "log.txt").read_text()
+    log = (run_dir / "seeds" / "seed0" / "log.txt").read_text()
+    assert "teacher SVI start: laplace (low-rank GGN Laplace at MAP, curvature from 8 of 40 sequences" in log
+    assert "s, covariance x 0.01)" in log
     bad = tmp_path / "bad.toml"
     bad.write_text(lap.read_text().replace('cov_init = "laplace"', 'cov_init = "curvature"'))
     with pytest.raises(RunError, match="teacher.cov_init"):  # refused before any fit

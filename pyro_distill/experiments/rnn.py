@@ -69,8 +69,9 @@ DEFAULTS: dict[str, Any] = {
                 # held-out training data)
                 "rank": 10, "temperature": 1.0, "prior_variance": 1.0,
                 # cov_init: the SVI start, "prior" (the prior shrunk around MAP, the published runs) or "laplace" (the
-                # low-rank GGN Laplace at MAP); curvature_rows: its GGN from this many sequences, scaled (0: all)
-                "cov_init": "prior", "curvature_rows": 0},
+                # low-rank GGN Laplace at MAP); curvature_rows: its GGN from this many sequences, scaled (0: all);
+                # start_temperature: the start's covariance x this before SVI (chosen on held-out training data)
+                "cov_init": "prior", "curvature_rows": 0, "start_temperature": 1.0},
     "student": {"steps": 800, "lr": 1e-2, "svi_lr": 1e-2, "factor_lr": 1e-3, "num_particles": 1, "rank": 10,
                 "prior_temperature": 100.0, "tempered_start": "prior", "fractions": [1.0],
                 # teacher_prior(tau=evidence): MAP steps to the expansion point, diagonal-GGN estimator and its draws
@@ -105,12 +106,14 @@ def _teacher(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, te
                                    guide="lowrank", steps=T["steps"], lr=T["lr"],
                                    factor_lr=T["factor_lr"], map_steps=T["map_steps"], map_lr=T["map_lr"],
                                    num_particles=T["num_particles"], batch_size=B, init=w0, cov_init=T["cov_init"],
-                                   curvature_rows=T["curvature_rows"], rank=T["rank"], seed=seed, dtype=dtype,
+                                   curvature_rows=T["curvature_rows"], start_temperature=T["start_temperature"],
+                                   rank=T["rank"], seed=seed, dtype=dtype,
                                    elbo_eval_particles=2)
     rows = T["curvature_rows"] if 0 < T["curvature_rows"] < len(X) else len(X)
     how = (f"low-rank GGN Laplace at MAP, curvature from {rows} of {len(X)} sequences, {hist.laplace_time_s:.1f} s"
            if T["cov_init"] == "laplace" else "the prior shrunk around MAP")
-    ctx.log(f"teacher SVI start: {T['cov_init']} ({how})")
+    scaled = f", covariance x {T['start_temperature']:g}" if T["start_temperature"] != 1 else ""
+    ctx.log(f"teacher SVI start: {T['cov_init']} ({how}{scaled})")
     q_t = tempered_teacher(q_t, T, ctx)
     # where each removal variant puts the student: conditional mean vs plain marginal (copied) mean
     starts = {f"val_nll_cond_{v}": metrics.sequence_nll(student, RemoveAttention(v).apply(teacher, q_t)[1].loc, Xv, yv)
