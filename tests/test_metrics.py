@@ -30,6 +30,45 @@ def test_ece_15_bins_by_hand():
     assert metrics.ece(p2, torch.tensor([0, 1])) == pytest.approx(abs(0.5 - 0.63))
 
 
+def test_ece_equal_mass_bins_by_hand():
+    # sorted confidences 0.4 (correct), 0.6 (wrong), 0.7 (correct), 0.9 (wrong); two bins of two rows each
+    e = 0.5 * abs(0.5 - 0.5) + 0.5 * abs(0.5 - 0.8)
+    assert metrics.ece(P, Y, n_bins=2, binning="mass") == pytest.approx(e)
+    # one row per bin: the same as the equal-width estimator with every row in its own bin
+    assert metrics.ece(P, Y, n_bins=4, binning="mass") == pytest.approx(metrics.ece(P, Y))
+    assert metrics.ece(P, Y, n_bins=99, binning="mass") == pytest.approx(metrics.ece(P, Y))  # more bins than rows
+    # one bin: calibration in the large, |accuracy - mean confidence|
+    assert metrics.ece(P, Y, n_bins=1, binning="mass") == pytest.approx(abs(0.5 - 0.65))
+    with pytest.raises(ValueError, match="binning"):
+        metrics.ece(P, Y, binning="quantile")
+    with pytest.raises(ValueError, match="n_bins"):
+        metrics.ece(P, Y, n_bins=0)
+
+
+def test_paired_bootstrap_of_a_metric_difference():
+    gen = torch.Generator().manual_seed(0)
+    n = 400
+    logits = 3 * torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    Pa = logits.softmax(-1)
+    y = torch.multinomial(Pa, 1, generator=gen).squeeze(-1)  # labels drawn from Pa: Pa is calibrated
+    Pb = (4 * logits).softmax(-1)  # the same ranking, much over-confident
+    same = metrics.paired_bootstrap(metrics.ece, Pa, Pa, y, n_boot=50, seed=1)
+    assert same["diff"] == 0 and same["lo"] == 0 and same["hi"] == 0 and same["p_greater"] == 0
+    r = metrics.paired_bootstrap(metrics.nll, Pb, Pa, y, n_boot=300, seed=1)
+    assert r["diff"] == pytest.approx(metrics.nll(Pb, y) - metrics.nll(Pa, y))
+    assert 0 < r["lo"] < r["diff"] < r["hi"] and r["p_greater"] == 1.0 and r["se"] > 0
+    assert r["n"] == n and r["n_boot"] == 300
+    assert metrics.paired_bootstrap(metrics.nll, Pb, Pa, y, n_boot=300, seed=1) == r  # seeded
+    e = metrics.paired_bootstrap(lambda p, t: metrics.ece(p, t, binning="mass"), Pb, Pa, y, n_boot=100, seed=2)
+    assert e["lo"] > 0  # the over-confident one is resolvably worse calibrated
+    with pytest.raises(ValueError, match="same rows"):
+        metrics.paired_bootstrap(metrics.ece, Pa, Pa[:10], y)
+    with pytest.raises(ValueError, match="n_boot"):
+        metrics.paired_bootstrap(metrics.ece, Pa, Pa, y, n_boot=1)
+    with pytest.raises(ValueError, match="level"):
+        metrics.paired_bootstrap(metrics.ece, Pa, Pa, y, level=1.0)
+
+
 def test_agreement_and_shape_errors():
     t = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.2, 0.7], [0.1, 0.8, 0.1], [0.0, 0.1, 0.9]], dtype=torch.float64)
     assert metrics.agreement(P, t) == pytest.approx(0.5)

@@ -292,13 +292,7 @@ def test_tinybert_loss_by_hand_and_its_loop_is_a_plain_adam_loop():
     assert torch.equal(got, w.detach()) and len(hist.map_loss) == 4
 
 
-def test_transformer_kind_reads_old_method_names_and_draws_its_figures(tmp_path):
-    from pyro_distill.experiments.core import run
-    from pyro_distill.plots.experiments import make_run
-    from pyro_distill.plots.transformer import summary_table
-
-    toml = tmp_path / "tiny.toml"
-    toml.write_text("""
+TINY_TOML = """
 name = "tf_tiny"
 kind = "transformer"
 seeds = 1
@@ -324,7 +318,16 @@ prior_variance = 4.0
 [student]
 map_steps = 2
 steps = 2
-""")
+"""
+
+
+def test_transformer_kind_reads_old_method_names_and_draws_its_figures(tmp_path):
+    from pyro_distill.experiments.core import run
+    from pyro_distill.plots.experiments import make_run
+    from pyro_distill.plots.transformer import summary_table
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY_TOML)
     bad = tmp_path / "bad.toml"
     bad.write_text(toml.read_text().replace("temperature = 0.5", "temperature = -1"))
     from pyro_distill.experiments.core import RunError
@@ -361,3 +364,78 @@ def read_rows_json(run_dir):
     import json
 
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_fit_teacher_rederives_a_runs_teacher_and_the_calibration_benchmark_compares_it(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """benchmarks/teacher_calibration.py re-derives a finished run's teachers through fit_teacher (the runner's own
+    code path), refuses when they differ from the run's rows, and prints the paired comparison with its MAP."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from pyro_distill import metrics
+    from pyro_distill.experiments.core import run
+    from pyro_distill.experiments.transformer import fit_teacher
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY_TOML)
+    run_dir = run(toml, runs_root=tmp_path / "runs", models_root=tmp_path / "models", echo=False)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the runner's worker thread policy
+    try:
+        net, q, hist, d = fit_teacher(cfg, 0)
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["method"]: r for r in read_rows_json(run_dir) if r["setting"] == "teacher"}
+    P_map = metrics.predict(net, hist.map_weights, d.Xte)
+    assert metrics.nll(P_map, d.yte) == pytest.approx(rows["teacher_map"]["nll"], abs=1e-12)
+    P = metrics.predict(net, q, d.Xte, num_samples=cfg["eval_samples"], seed=0)
+    assert metrics.ece(P, d.yte) == pytest.approx(rows["vi"]["ece"], abs=1e-12)
+
+    spec = importlib.util.spec_from_file_location(
+        "teacher_calibration", Path(__file__).resolve().parents[1] / "benchmarks" / "teacher_calibration.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "cal.json"
+    monkeypatch.setattr(sys, "argv", ["x", "--run", str(run_dir), "--boot", "20", "--floor-draws", "3",
+                                      "--json", str(out), "--threads", "1"])
+    bench.main()
+    text = capsys.readouterr().out
+    assert "| 0 | mc |" in text and "| pooled (" in text and "equal the run's rows to 0.0e+00" in text
+    res = json.loads(out.read_text())
+    diff = res["seeds"]["0"]["mc"]["ece_diff"]
+    assert diff["lo"] <= diff["hi"] and diff["n"] == P.shape[0] and diff["n_boot"] == 20
+    assert res["seeds"]["0"]["mc"]["ece"] == pytest.approx(rows["vi"]["ece"], abs=1e-12)
+    with pytest.raises(SystemExit, match="exists"):  # never overwrites a result
+        bench.main()
+    # held-out validation rows instead: the run's settings fitted without the tuning and report rows
+    monkeypatch.setattr(sys, "argv", ["x", "--run", str(run_dir), "--split", "validation", "--boot", "5",
+                                      "--floor-draws", "1", "--threads", "1", "--json", str(tmp_path / "val.json")])
+    bench.main()
+    val = json.loads((tmp_path / "val.json").read_text())
+    n_report = val["seeds"]["0"]["mc"]["ece_diff"]["n"]
+    assert val["split"] == "validation" and 0 < n_report < len(d.X) and "scored on" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="splits of the seed's own task"):
+        fit_teacher(cfg, 0, data=SimpleNamespace(X=d.X[:, :3], y=d.y, Xte=d.Xte, yte=d.yte))
+    # a run whose rows no longer match (here: edited) is refused, not described
+    text = (run_dir / "metrics.csv").read_text()
+    monkeypatch.setattr(sys, "argv", ["x", "--run", str(run_dir), "--boot", "5", "--floor-draws", "1",
+                                      "--threads", "1", "--seeds", "0"])
+    import csv
+    import io
+
+    table = list(csv.DictReader(io.StringIO(text)))
+    for r in table:
+        if r["setting"] == "teacher" and r["method"] == "teacher_map":
+            r["nll"] = str(float(r["nll"]) + 0.5)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(table[0]))
+    w.writeheader()
+    w.writerows(table)
+    (run_dir / "metrics.csv").write_text(buf.getvalue())
+    with pytest.raises(SystemExit, match="differs from the run's rows"):
+        bench.main()

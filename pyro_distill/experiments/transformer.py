@@ -96,28 +96,48 @@ def _data(cfg: dict[str, Any], seed: int) -> tuple[Any, dict[str, Any]]:
     return d, TASKS[cfg["task"]][1] | {"max_len": d.X.shape[1]}
 
 
-def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
-    """One seed: the teacher, then per student x fraction every method of ``cfg["methods"]`` (module doc)."""
-    methods = canonical_methods(cfg["methods"])
-    check_choices({"methods": methods}, {"methods": METHODS})
+def _fit_kw(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"guide": cfg["guide"], "rank": cfg["rank"], "batch_size": cfg["batch_size"],
+            "num_particles": cfg["num_particles"], "cov_init": "prior", "elbo_eval_particles": 8}
+
+
+def fit_teacher(cfg: dict[str, Any], seed: int, ctx: SeedContext | None = None,
+                curve: Any = None, data: Any = None) -> tuple[Transformer, Any, Any, Any]:
+    """The seed's teacher exactly as :func:`run_seed` fits it: ``(net, q, history, data)`` with ``q`` the fitted
+    posterior times ``teacher.temperature`` and ``history.map_weights`` its MAP point (``data``: ``X, y, Xte,
+    yte``). ``curve(net, Xte, yte)``: a fit callback factory (the runner's test-accuracy curve); ``ctx`` logs.
+    ``data``: other splits of the seed's task (an object with ``X, y, Xte, yte``, e.g. a validation split carved
+    from the training rows) fitted by the same code. ``benchmarks/teacher_calibration.py`` calls this to re-derive
+    a published run's teachers."""
     check_teacher_temperature(cfg["teacher"])
     check_teacher_prior_variance(cfg["teacher"])
     torch.manual_seed(seed)
     d, shape = _data(cfg, seed)
-    X, y, Xte, yte = d.X, d.y, d.Xte, d.yte
+    if data is not None:
+        if tuple(data.X.shape[1:]) != tuple(d.X.shape[1:]):
+            raise ValueError(f"data rows have shape {tuple(data.X.shape[1:])}, the task's {tuple(d.X.shape[1:])}: "
+                             "pass splits of the seed's own task")
+        d = data
     teacher = Transformer(**shape, **dict(cfg["net"]))
-    fit_kw = {"guide": cfg["guide"], "rank": cfg["rank"], "batch_size": cfg["batch_size"],
-              "num_particles": cfg["num_particles"], "cov_init": "prior", "elbo_eval_particles": 8}
-    S, npts = cfg["eval_samples"], max(1, cfg["curve_points"])
-
-    # ---- teacher (its rows and the students' carry no time_s: the teacher's fit_s is its MAP + SVI time)
-    tc, tcb = cfg["teacher"], accuracy_curve(ctx, teacher, Xte, yte, "teacher", "vi")
-    teacher_kw = fit_kw | {"guide": tc["guide"] or cfg["guide"], "cov_init": tc["cov_init"]}
-    q_t, hist = fit_posterior(teacher, X, y, prior=teacher_fit_prior(teacher, tc, X.dtype, ctx), steps=tc["steps"],
-                              lr=tc["lr"], map_steps=tc["map_steps"],
-                              map_lr=tc["map_lr"], seed=seed, callback=tcb,
+    tc, npts = cfg["teacher"], max(1, cfg["curve_points"])
+    teacher_kw = _fit_kw(cfg) | {"guide": tc["guide"] or cfg["guide"], "cov_init": tc["cov_init"]}
+    q_t, hist = fit_posterior(teacher, d.X, d.y, prior=teacher_fit_prior(teacher, tc, d.X.dtype, ctx),
+                              steps=tc["steps"], lr=tc["lr"], map_steps=tc["map_steps"], map_lr=tc["map_lr"],
+                              seed=seed, callback=None if curve is None else curve(teacher, d.Xte, d.yte),
                               eval_every=max(1, (tc["map_steps"] + tc["steps"]) // npts), **teacher_kw)
-    q_t = tempered_teacher(q_t, tc, ctx)
+    return teacher, tempered_teacher(q_t, tc, ctx), hist, d
+
+
+def run_seed(cfg: dict[str, Any], seed: int, ctx: SeedContext) -> None:
+    """One seed: the teacher, then per student x fraction every method of ``cfg["methods"]`` (module doc)."""
+    methods = canonical_methods(cfg["methods"])
+    check_choices({"methods": methods}, {"methods": METHODS})
+    fit_kw = _fit_kw(cfg)
+    S = cfg["eval_samples"]
+    # ---- teacher (its rows and the students' carry no time_s: the teacher's fit_s is its MAP + SVI time)
+    teacher, q_t, hist, d = fit_teacher(cfg, seed, ctx, curve=lambda net, Z, t: accuracy_curve(ctx, net, Z, t,
+                                                                                               "teacher", "vi"))
+    X, y, Xte, yte = d.X, d.y, d.Xte, d.yte
     tp_test, tp_train = (metrics.predict(teacher, q_t, Z, num_samples=S, seed=seed) for Z in (Xte, X))
     ctx.log(f"teacher {teacher!r}")
     record_evaluation(ctx, teacher, q_t, Xte, yte, "teacher", "vi", None, S, seed,
