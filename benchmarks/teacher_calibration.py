@@ -40,11 +40,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from pyro_distill import metrics
+from pyro_distill.data.subsets import holdout_indices
 from pyro_distill.experiments.transformer import _data, fit_teacher
 from pyro_distill.predictions import predictive
 from pyro_distill.store import atomic_write_text
@@ -71,9 +70,9 @@ def _validation_split(cfg: dict[str, Any], seed: int) -> SimpleNamespace:
     of the rest 20% more for tuning (the split ``teacher.temperature`` was chosen on) -- the teacher is fitted on
     what remains and scored on the report rows. The test split is not read."""
     d, _ = _data(cfg, seed)
-    fit, report = train_test_split(np.arange(len(d.X)), test_size=0.2, random_state=seed, stratify=d.y.numpy())
+    fit, report = holdout_indices(len(d.X), seed, d.y)
     X, y = d.X[fit], d.y[fit]
-    rows, _tune = train_test_split(np.arange(len(X)), test_size=0.2, random_state=1000 + seed, stratify=y.numpy())
+    rows, _tune = holdout_indices(len(X), 1000 + seed, y)
     return SimpleNamespace(X=X[rows], y=y[rows], Xte=d.X[report], yte=d.y[report])
 
 

@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 
 import torch
-from sklearn.model_selection import train_test_split
 
 from pyro_distill import metrics
 from pyro_distill.curvature import subsampled_ggn
+from pyro_distill.data.subsets import holdout_indices
 from pyro_distill.evidence import optimize_prior, tune_posterior_scale
 from pyro_distill.experiments import core
 from pyro_distill.inference import fit_map, fit_posterior, laplace_family
@@ -100,10 +100,7 @@ _CHEAP_ALPHA = ("dense", "diag", "lowrank_precision", "kron")
 
 def _tune_split(n: int, seed: int, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(fit rows, tuning rows): 20% of the fitting data, seeded (stratified by ``labels`` when given)."""
-    idx = torch.arange(n).numpy()
-    fit, tune = train_test_split(idx, test_size=0.2, random_state=1000 + seed,
-                                 stratify=None if labels is None else labels.numpy())
-    return torch.as_tensor(fit), torch.as_tensor(tune)
+    return holdout_indices(n, 1000 + seed, labels)
 
 
 def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
@@ -115,8 +112,7 @@ def _family(name: str, quick: bool, seed: int, structures: list[str], svi: bool,
         from pyro_distill.experiments.transformer import _data
 
         d, shape = _data(cfg, seed)
-        idx = torch.arange(d.X.shape[0]).numpy()
-        fit, val = train_test_split(idx, test_size=0.2, random_state=seed, stratify=d.y.numpy())
+        fit, val = holdout_indices(d.X.shape[0], seed, d.y)
         X, y, Xv, yv = d.X[fit], d.y[fit], d.X[val], d.y[val]
         net = Transformer(**shape, **cfg["net"])
         tc = cfg["teacher"]

@@ -551,7 +551,7 @@ class ScaledGGN:
         if not scale > 0:
             raise ValueError(f"scale must be > 0, got {scale!r}")
         self.op, self.scale = op, float(scale)
-        self.p, self.dtype, self.device = op.p, op.dtype, op.device
+        self.p, self.dtype, self.device, self.N = op.p, op.dtype, op.device, op.N  # N: the rows it was built from
         self.eig_info: dict[str, Any] = {}
 
     def mv(self, v: torch.Tensor) -> torch.Tensor:

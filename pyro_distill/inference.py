@@ -630,8 +630,9 @@ def fit_posterior(
     structure (``to_lowrank(rank)``, the diagonal).
 
     ``curvature_rows``: the Laplace start's GGN from this many seeded random rows, scaled to the full sum
-    (:func:`pyro_distill.curvature.subsampled_ggn`; 0: all rows). Not for the ``"kron"`` structure, whose KFAC
-    factors cost one pass over all rows anyway.
+    (:func:`pyro_distill.curvature.subsampled_ggn`; 0: all rows); the rows it used are in
+    ``history.info["curvature_rows"]``. Not for the ``"kron"`` structure, whose KFAC factors cost one pass over all
+    rows anyway.
 
     ``start_temperature``: the SVI start's covariance times this (the Laplace or shrunk-prior start, or a given
     Gaussian ``init``), e.g. the temperature a held-out split chose for the Laplace Gaussian
@@ -706,6 +707,7 @@ def fit_posterior(
 
                 ggn_op = subsampled_ggn(net, w0, X, y, rows=curvature_rows, seed=seed or 0)
             start = laplace(net, X, w0, prior, kind=lk, rank=rank, seed=seed or 0, y=y, ggn_op=ggn_op)
+            history.info["curvature_rows"] = int(X.shape[0]) if ggn_op is None else ggn_op.N
             if lk != kind:
                 start = _convert_start(start, kind, rank)
         elif cov_init == "prior":

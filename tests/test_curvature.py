@@ -480,9 +480,10 @@ def test_subsampled_ggn_is_the_scaled_ggn_of_a_seeded_subset_and_feeds_the_lapla
         subsampled_ggn(net, w, X, y, rows=-1)
     # the Laplace start of fit_posterior from 3 of the 5 sequences (no MAP, no SVI: the start itself)
     prior = net.default_prior(D)
-    q, _ = fit_posterior(net, X, y, guide="diag", init=w, map_steps=0, steps=0, curvature_rows=3, seed=7, prior=prior,
-                         dtype=D, num_particles=1, elbo_eval_particles=1)
+    q, hist = fit_posterior(net, X, y, guide="diag", init=w, map_steps=0, steps=0, curvature_rows=3, seed=7,
+                            prior=prior, dtype=D, num_particles=1, elbo_eval_particles=1)
     expect = laplace(net, X, w, prior, kind="diag", y=y, ggn_op=op)
     torch.testing.assert_close(q.scale, expect.scale)
+    assert hist.info["curvature_rows"] == 3 == op.N  # the rows the start's curvature came from
     with pytest.raises(ValueError, match="kron"):
         fit_posterior(net, X, y, guide="diag", laplace_kind="kron", init=w, map_steps=0, steps=0, curvature_rows=3)

@@ -93,3 +93,16 @@ def test_real_fashion_mnist_files():
     assert ds.X.shape == (60000, 784) and ds.Xte.shape == (10000, 784)
     assert ds.X.dtype == torch.float32 and ds.y.dtype == torch.long and ds.num_classes == 10
     assert int(ds.y.min()) == 0 and int(ds.y.max()) == 9
+
+
+def test_holdout_indices_is_a_seeded_disjoint_stratified_split():
+    from pyro_distill.data.subsets import holdout_indices
+
+    y = torch.arange(10).repeat_interleave(20)  # 200 rows, 10 classes of 20
+    kept, held = holdout_indices(200, 3, y)
+    assert len(held) == 40 and torch.equal(torch.cat([kept, held]).sort().values, torch.arange(200))
+    assert torch.equal(torch.bincount(y[held], minlength=10), torch.full((10,), 4))  # 20% of every class
+    assert all(torch.equal(a, b) for a, b in zip(holdout_indices(200, 3, y), (kept, held)))  # seeded
+    assert not torch.equal(holdout_indices(200, 1003, y)[1], held)
+    kept, held = holdout_indices(50, 0, fraction=0.1)  # unstratified
+    assert len(held) == 5 and len(set(kept.tolist()) | set(held.tolist())) == 50

@@ -109,8 +109,8 @@ def _teacher(cfg: dict[str, Any], seed: int, ctx: SeedContext, task: SeqTask, te
                                    curvature_rows=T["curvature_rows"], start_temperature=T["start_temperature"],
                                    rank=T["rank"], seed=seed, dtype=dtype,
                                    elbo_eval_particles=2)
-    rows = T["curvature_rows"] if 0 < T["curvature_rows"] < len(X) else len(X)
-    how = (f"low-rank GGN Laplace at MAP, curvature from {rows} of {len(X)} sequences, {hist.laplace_time_s:.1f} s"
+    how = (f"low-rank GGN Laplace at MAP, curvature from {hist.info.get('curvature_rows')} of {len(X)} sequences, "
+           f"{hist.laplace_time_s:.1f} s"
            if T["cov_init"] == "laplace" else "the prior shrunk around MAP")
     scaled = f", covariance x {T['start_temperature']:g}" if T["start_temperature"] != 1 else ""
     ctx.log(f"teacher SVI start: {T['cov_init']} ({how}{scaled})")
